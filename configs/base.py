@@ -1,0 +1,130 @@
+"""Every loomax config key, with its default and what it means.
+
+Experiment files (`configs/*.py`) start from `get_config()` here and override keys.
+Command-line overrides: `python train.py --config configs/tiny.py --config.model.num_layers=4`.
+The config is locked, so a misspelt key is an error naming the key.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+
+  # --- run ---
+  c.steps = 1000                     # optimizer steps to train
+  c.batch_size = 16                  # global batch, in packed sequences
+  c.seq_len = 512                    # tokens per packed sequence
+  c.seed = 0                         # seeds params, data order and dropout-like RNG
+  c.log_every = 20                   # metrics row every N steps
+  c.eval_every = 200                 # held-out eval every N steps (0 = only at the end)
+  c.eval_batches = 8                 # batches per held-out eval
+  c.resume = ''                      # '' = fresh start, 'auto' = latest in workdir, or a path
+  c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
+  c.profile_start = 5                # first profiled step
+  c.progress = True                  # show a progress bar on process 0
+
+  # --- model ---
+  m = c.model = ml_collections.ConfigDict()
+  m.name = 'transformer'             # registry key: see modeling/registry.py
+  m.num_layers = 4
+  m.d_model = 256
+  m.num_heads = 4                    # query heads
+  m.num_kv_heads = 2                 # key/value heads (GQA); must divide num_heads
+  m.head_dim = 64
+  m.mlp_dim = 768                    # SwiGLU hidden width
+  m.vocab_size = 256                 # byte-level default
+  m.rope_theta = 10_000.0            # 0 disables rotary embeddings (NoPE)
+  m.tie_embeddings = True            # share the token embedding with the output head
+  m.norm_eps = 1e-6
+  m.init_std = 0.02                  # std of embeddings and projections
+  m.scan_layers = False              # one scanned layer stack instead of a Python loop
+  m.remat = 'none'                   # none | full | dots | dots_no_batch | save_attention_out
+  m.dtype = 'float32'                # activation/compute dtype
+  m.param_dtype = 'float32'
+  m.sliding_window = 0               # >0: every attention layer sees only the last N tokens
+  # Stochastic cross-layer KV routing (modeling/kv_routing.py); p=1 is off.
+  m.kv_routing = ml_collections.ConfigDict()
+  m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training
+  m.kv_routing.stop_gradient = False # borrowed K/V carry no gradient into their source layer
+  m.kv_routing.cache_every = 1       # inference plan: every g-th layer keeps a KV cache
+
+  # --- attention kernel on one device (the seam in modeling/attention.py) ---
+  a = c.attention = ml_collections.ConfigDict()
+  a.impl = 'xla'                     # xla | jax_nn (jax.nn.dot_product_attention; cuDNN on GPU) | blockwise
+  a.block_q = 512                    # blockwise: query block
+  a.block_kv = 512                   # blockwise: key/value block
+  a.loss_chunk = 0                   # >0: LM head + cross-entropy over sequence chunks of N tokens
+
+  # --- data (training/data/) ---
+  d = c.data = ml_collections.ConfigDict()
+  d.source = 'local_text'            # local_text | text | jsonl | array_record | synthetic | passkey | mqar
+  d.paths = ''                       # glob(s), comma-separated; '' with local_text = Python stdlib *.py
+  d.text_field = 'text'              # jsonl: field holding the document
+  d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
+  d.num_packing_bins = 16            # first-fit packing bins kept open
+  d.shuffle = True                   # seeded per-epoch shuffle of documents
+  d.worker_count = 0                 # grain worker processes (0 = in-process)
+  d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len)
+  d.mqar_num_pairs = 16              # mqar: key-value pairs per example
+
+  # --- optimizer (training/optimizer.py) ---
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.lr = 3e-3                        # peak learning rate
+  o.schedule = 'cosine'              # cosine | wsd | constant
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.1               # final lr = min_lr_ratio * lr
+  o.decay_fraction = 0.2             # wsd: share of steps spent decaying at the end
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.decay_norms_and_biases = False   # apply weight decay to norm scales and biases too
+  o.clip_norm = 1.0                  # global gradient-norm clip (0 = off)
+  o.grad_accum_steps = 1             # micro-batches per optimizer step (batch_size is per step)
+
+  # --- device mesh (parallelism/mesh.py); sizes, -1 = all remaining devices ---
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.context = 1
+  mesh.tensor = 1
+
+  # --- parallel strategies ---
+  p = c.parallelism = ml_collections.ConfigDict()
+  p.context_impl = 'none'            # none | allgather | ring | token_ring | auto
+  p.zigzag = True                    # causal load balance for ring/token_ring (data layout)
+  # Logical axis -> mesh axes. Model code names only the logical axes on the left.
+  p.rules = (
+      ('batch', ('data', 'fsdp')),   # activations' batch dimension
+      ('length', 'context'),         # activations' sequence dimension
+      ('act_embed', None),           # activations' model dimension
+      ('act_heads', 'tensor'),       # activations' head dimension
+      ('act_mlp', 'tensor'),         # activations' MLP hidden dimension
+      ('embed', 'fsdp'),             # parameters' model dimension
+      ('heads', 'tensor'),           # parameters' head dimension (q, and kv where divisible)
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),             # parameters' MLP hidden dimension
+      ('vocab', 'tensor'),
+      ('layers', None),              # the stacked-layer dimension under scan
+  )
+
+  # --- multi-process (jax.distributed) ---
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.coordinator = ''              # host:port; '' = single process (or env LOOMAX_COORDINATOR)
+  dist.num_processes = 1
+  dist.process_id = 0
+  dist.init_timeout_s = 120          # give up waiting for peers after this long
+
+  # --- checkpoints (checkpoint/) ---
+  ck = c.checkpoint = ml_collections.ConfigDict()
+  ck.every = 0                       # save every N steps (0 = only at the end)
+  ck.keep = 3                        # keep the last K checkpoints
+  ck.keep_every = 0                  # also keep every M-th step forever (0 = off)
+  ck.async_save = True
+
+  # --- performance accounting ---
+  perf = c.perf = ml_collections.ConfigDict()
+  perf.peak_flops = 0.0              # per-device FLOP/s for MFU; 0 = measure with a matmul at start
+  return c
