@@ -1,0 +1,80 @@
+"""The attention seam: every model computes core attention through one `AttendFn`.
+
+Which implementation runs (plain XLA, `jax.nn.dot_product_attention`, blockwise, or a
+context-parallel one from `parallelism/context/`) is chosen by config in `training/`
+and handed to the model, so one strategy serves every family.
+
+Masking is by segment ids and positions rather than by array index: token i may see
+token j when both are in the same segment and, if causal, pos_i >= pos_j (and, with a
+sliding window, pos_i - pos_j < window). That stays correct under packing and under any
+permutation of the sequence (the zigzag layout of ring attention).
+"""
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so fully masked rows give a uniform softmax instead of NaN (see JAX_NOTES).
+MASK_VALUE = -1e30
+
+
+class AttendFn(Protocol):
+
+  def __call__(self, q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+               q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+               q_positions: jax.Array, kv_positions: jax.Array,
+               causal: bool, window: int = 0) -> jax.Array:
+    """Softmax(q k^T / sqrt(D) + mask) v with H query heads sharing K key/value heads."""
+    ...
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
+                   window: int = 0) -> jax.Array:
+  """Boolean [B, L, S]: may query i attend to key j."""
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  delta = q_positions[:, :, None] - kv_positions[:, None, :]
+  if causal:
+    mask &= delta >= 0
+  if window:
+    mask &= delta < window
+    if not causal:
+      mask &= delta > -window
+  return mask
+
+
+def xla_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
+                  kv_positions, causal, window=0):
+  """Plain attention: materialises the [L, S] scores, softmax in float32."""
+  B, L, H, D = q_BLHD.shape
+  K = k_BSKD.shape[2]
+  q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
+  scores = jnp.einsum('blkgd,bskd->bkgls', q_BLKGD, k_BSKD,
+                      preferred_element_type=jnp.float32) * (D ** -0.5)
+  mask_BLS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                            causal=causal, window=window)
+  scores = jnp.where(mask_BLS[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+  out_BLKGD = jnp.einsum('bkgls,bskd->blkgd', probs, v_BSKD)
+  return out_BLKGD.reshape(B, L, H, D)
+
+
+def jax_nn_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
+                     kv_positions, causal, window=0, implementation=None):
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies)."""
+  mask_BLS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                            causal=causal, window=window)
+  return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_BLS[:, None],
+                                      implementation=implementation)
+
+
+def self_attention_kwargs(segment_ids_BL, positions_BL) -> dict:
+  return dict(q_segment_ids=segment_ids_BL, kv_segment_ids=segment_ids_BL,
+              q_positions=positions_BL, kv_positions=positions_BL)
+
+
+# Single-device kernels by `attention.impl`; training/ wraps them for context parallelism.
+KERNELS = {
+    'xla': xla_attention,
+    'jax_nn': jax_nn_attention,
+}

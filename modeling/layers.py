@@ -1,0 +1,83 @@
+"""Building blocks shared by every model family: parameters with logical axes, RMSNorm,
+rotary embeddings, the SwiGLU MLP and the token embedding."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from modeling import axes as ax
+
+
+def param(rngs: nnx.Rngs, init, shape, logical_axes: ax.Axes, dtype=jnp.float32) -> nnx.Param:
+  """A parameter annotated with logical axes; sharding is applied later, by the rules."""
+  assert len(shape) == len(logical_axes), (shape, logical_axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(logical_axes),
+                   eager_sharding=False)
+
+
+def normal(std: float):
+  return nnx.initializers.normal(std)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32 (Zhang & Sennrich, 2019)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), (ax.EMBED,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Su et al., 2021), half-split convention.
+
+  Rotation angles come from each token's position within its own document, so packed
+  documents each start at position 0.
+  """
+  d = x_BLHD.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angle_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angle_BLF)[:, :, None, :], jnp.cos(angle_BLF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHD.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """MLP(x) = (SiLU(x W_gate) * (x W_up)) W_down (Shazeer, 2020)."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, init_std: float, rngs: nnx.Rngs,
+               constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
+               param_dtype=jnp.float32, out_std: float | None = None):
+    self.w_gate = param(rngs, normal(init_std), (d_model, mlp_dim), (ax.EMBED, ax.MLP), param_dtype)
+    self.w_up = param(rngs, normal(init_std), (d_model, mlp_dim), (ax.EMBED, ax.MLP), param_dtype)
+    self.w_down = param(rngs, normal(out_std or init_std), (mlp_dim, d_model), (ax.MLP, ax.EMBED),
+                        param_dtype)
+    self.constrain = constrain
+    self.dtype = dtype
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x_BLD = x_BLD.astype(self.dtype)
+    gate_BLF = x_BLD @ self.w_gate[...].astype(self.dtype)
+    up_BLF = x_BLD @ self.w_up[...].astype(self.dtype)
+    h_BLF = self.constrain(jax.nn.silu(gate_BLF) * up_BLF, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
+    return h_BLF @ self.w_down[...].astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding; `attend` reuses the table as a tied output head."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, init_std: float, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.table = param(rngs, normal(init_std), (vocab_size, d_model), (ax.VOCAB, ax.EMBED),
+                       param_dtype)
+
+  def __call__(self, tokens_BL: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens_BL, axis=0).astype(dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    return x_BLD @ self.table[...].astype(x_BLD.dtype).T

@@ -1,0 +1,188 @@
+"""Dense decoder-only transformer: the GQA/RoPE/SwiGLU baseline every family is measured against.
+
+Pre-norm blocks, x <- x + Attn(RMSNorm(x)); x <- x + MLP(RMSNorm(x)), with grouped-query
+attention (Ainslie et al., 2023) and rotary positions (Su et al., 2021).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from modeling import axes as ax
+from modeling import layers
+from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What the composition root hands a model: how to attend and how to pin activations."""
+  attend: AttendFn = xla_attention
+  constrain: ax.Constrain = ax.unconstrained
+
+
+def dtype_of(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={name!r}; valid: {sorted(REMAT_POLICIES)}')
+  return REMAT_POLICIES[name]
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention; K/V projections are exposed for cache sharing."""
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime, causal: bool = True,
+               window: int = 0, use_rope: bool | None = None):
+    D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if H % K:
+      raise ValueError(f'model.num_kv_heads={K} must divide model.num_heads={H}')
+    pdt = dtype_of(cfg.param_dtype)
+    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.wq = layers.param(rngs, layers.normal(std), (D, H, Dh), (ax.EMBED, ax.HEADS, None), pdt)
+    self.wk = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
+    self.wv = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
+    self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED), pdt)
+    self.rope_theta = cfg.rope_theta if use_rope in (None, True) else 0.0
+    self.causal, self.window = causal, window
+    self.dtype = dtype_of(cfg.dtype)
+    self.runtime = runtime
+
+  def _rope(self, x_BLHD, positions_BL):
+    return layers.rotary(x_BLHD, positions_BL, self.rope_theta) if self.rope_theta else x_BLHD
+
+  def query(self, x_BLD, positions_BL):
+    q_BLHD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(self.dtype))
+    return self._rope(q_BLHD, positions_BL)
+
+  def key_value(self, x_BLD, positions_BL):
+    k_BLKD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(self.dtype))
+    v_BLKD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(self.dtype))
+    return self._rope(k_BLKD, positions_BL), v_BLKD
+
+  def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
+    """Returns (output, (k, v)); `kv` substitutes another layer's keys and values."""
+    c = self.runtime.constrain
+    x_BLD = x_BLD.astype(self.dtype)
+    q_BLHD = c(self.query(x_BLD, positions), (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    if kv is None:
+      kv = self.key_value(x_BLD, positions)
+    k_BLKD, v_BLKD = kv
+    o_BLHD = self.runtime.attend(q_BLHD, k_BLKD, v_BLKD, causal=self.causal, window=self.window,
+                                 **self_attention_kwargs(segment_ids, positions))
+    o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
+    out_BLD = jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(self.dtype))
+    return out_BLD, kv
+
+
+class Block(nnx.Module):
+  """One pre-norm transformer layer."""
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):
+    pdt = dtype_of(cfg.param_dtype)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+    self.attn = Attention(cfg, rngs=rngs, runtime=runtime, window=cfg.sliding_window)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, rngs=rngs,
+                             constrain=runtime.constrain, dtype=dtype_of(cfg.dtype),
+                             param_dtype=pdt,
+                             out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    self.constrain = runtime.constrain
+
+  def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
+    a_BLD, kv = self.attn(self.attn_norm(x_BLD), segment_ids=segment_ids, positions=positions,
+                          kv=kv)
+    x_BLD = x_BLD + a_BLD
+    x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), kv
+
+
+class Transformer(nnx.Module):
+  """Embedding -> N blocks (a Python loop, or one scanned stack) -> RMSNorm -> LM head."""
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    pdt = dtype_of(cfg.param_dtype)
+    self.cfg = cfg
+    self.runtime = runtime
+    self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, rngs=rngs,
+                                  param_dtype=pdt)
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs, runtime)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs, runtime=runtime)
+                              for _ in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+    if not cfg.tie_embeddings:
+      self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                               (ax.EMBED, ax.VOCAB), pdt)
+
+  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None):
+    """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary."""
+    del rng  # the dense model is deterministic
+    x_BLD = self.runtime.constrain(self.embed(tokens_BL, dtype_of(self.cfg.dtype)),
+                                   (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    x_BLD = apply_blocks(self.blocks, x_BLD, scanned=self.cfg.scan_layers,
+                         remat=self.cfg.remat, segment_ids=segment_ids, positions=positions)
+    return self.final_norm(x_BLD)
+
+  def head_matrix(self) -> jax.Array:
+    """The [D, V] output projection (the embedding table when tied)."""
+    return self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
+
+  def logits(self, h_BLD):
+    return h_BLD @ self.head_matrix().astype(h_BLD.dtype)
+
+
+def _stacked_blocks(cfg, rngs, runtime):
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+  def make(rngs):
+    return Block(cfg, rngs=rngs, runtime=runtime)
+  return make(rngs)
+
+
+def apply_blocks(blocks, x_BLD, *, scanned: bool, remat: str, **kwargs):
+  """Runs the layer stack, optionally scanned and rematerialised per layer."""
+  policy = remat_policy(remat)
+
+  def one(block, x):
+    return block(x, **kwargs)[0]
+
+  if not scanned:
+    step = nnx.remat(one, policy=policy) if policy is not None else one
+    for block in blocks:
+      x_BLD = step(block, x_BLD)
+    return x_BLD
+
+  graphdef, stacked = nnx.split(blocks)
+
+  def body(x, layer_state):
+    return one(nnx.merge(graphdef, layer_state), x), None
+
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
+  return x_BLD
+
+
+def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
+  """Model FLOPs of one forward pass per token (MEASURING.md): 2 x matmul params + attention."""
+  D, H, K, Dh, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
+  matmul_params = cfg.num_layers * per_layer + D * cfg.vocab_size
+  kv_len = min(cfg.sliding_window, seq_len) if cfg.sliding_window else seq_len
+  attn = 4 * kv_len * H * Dh * cfg.num_layers * (0.5 if causal and not cfg.sliding_window else 1)
+  return 2.0 * matmul_params + attn

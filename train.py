@@ -1,0 +1,23 @@
+"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where metrics, TensorBoard events and checkpoints go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
+  from training import loop  # after flag parsing, so --help stays fast
+  row = loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  logging.getLogger('loomax').info('done: %s', {k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in row.items()})
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,28 @@
+"""The composition root: picks the attention implementation and activation sharding for a run
+and hands them to the model (models never see a mesh)."""
+
+
+import ml_collections
+from jax.sharding import Mesh
+
+from modeling import attention as attention_lib
+from modeling.transformer import Runtime
+from parallelism import rules as rules_lib
+
+
+def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
+  impl = config.attention.impl
+  if impl not in attention_lib.KERNELS:
+    raise ValueError(f'attention.impl={impl!r}; valid: {sorted(attention_lib.KERNELS)}')
+  kernel = attention_lib.KERNELS[impl]
+  context_impl = config.parallelism.context_impl
+  if context_impl != 'none':
+    raise ValueError(f'parallelism.context_impl={context_impl!r} is not available yet; '
+                     "valid: 'none'")
+  del mesh
+  return kernel
+
+
+def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
+  return Runtime(attend=make_attend(config, mesh),
+                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules))

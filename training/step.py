@@ -1,0 +1,86 @@
+"""The pure train and eval steps: (state, batch) -> (state, metrics)."""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from training import loss as loss_lib
+from training.state import ModelSetup, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def loss_sum(params, graphdef, batch: Batch, rng) -> tuple[jax.Array, jax.Array]:
+  model = nnx.merge(graphdef, params)
+  h_BLD = model(batch['inputs'], segment_ids=batch['segment_ids'],
+                positions=batch['positions'], rng=rng)
+  return loss_lib.lm_loss_sum(model, h_BLD, batch['targets'])
+
+
+def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, constrain_micro):
+  """Sum of loss and gradients over micro-batches; rows i*A + a form micro-batch a, so each
+  micro-batch draws evenly from every data-parallel shard."""
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  if accum_steps == 1:
+    (total, count), grads = grad_fn(params, graphdef, batch, rng)
+    return total, count, grads
+
+  def split(x):
+    b = x.shape[0]
+    if b % accum_steps:
+      raise ValueError(f'batch rows {b} not divisible by optimizer.grad_accum_steps={accum_steps}')
+    return jnp.swapaxes(x.reshape(b // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+  micro = jax.tree.map(split, batch)
+
+  def body(carry, xs):
+    i, mb = xs
+    total, count, grads = carry
+    mb = jax.tree.map(constrain_micro, mb)
+    (t, c), g = grad_fn(params, graphdef, mb, jax.random.fold_in(rng, i))
+    return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, count, grads), _ = jax.lax.scan(
+      body, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(accum_steps), micro))
+  return total, count, grads
+
+
+def make_train_step(setup: ModelSetup, accum_steps: int = 1,
+                    constrain_micro: Callable = lambda x: x):
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    total, count, grads = _accumulated_grads(state.params, graphdef, batch, rng, accum_steps,
+                                             constrain_micro)
+    # Normalise by the global token count, so every split of the batch gives the same step.
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': total / denom,
+        'tokens': count,
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(params),
+        'lr': schedule(state.step),
+    }
+    model = nnx.merge(graphdef, params)
+    if hasattr(model, 'diagnostics'):
+      metrics.update(model.diagnostics())
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(setup: ModelSetup):
+  graphdef = setup.graphdef
+
+  def eval_step(params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    return loss_sum(params, graphdef, batch, None)
+
+  return eval_step
