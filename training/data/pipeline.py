@@ -45,7 +45,7 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
                      f'{process_index} of {process_count} (data.paths={config.data.paths!r}, '
                      f'data.eval_fraction={config.data.eval_fraction}).')
   if shuffle:
-    docs = docs.shuffle(seed=config.seed)  # reshuffled each epoch (grain adds the epoch to the seed)
+    docs = docs.shuffle(seed=config.seed)  # grain adds the epoch to the seed: new order each epoch
   docs = docs.repeat()
   # A few reader threads hide file latency; grain's default (16 threads, 500 docs) is too much here.
   read = grain.ReadOptions(num_threads=config.data.get('read_threads', 4),
@@ -87,7 +87,7 @@ def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
 
 
 def measure_tokens_per_sec(config, seconds: float = 3.0) -> float:
-  """Training-pipeline throughput on this process, in token positions (padding included) per second."""
+  """Training-pipeline throughput on this process, in token positions (padding included) per s."""
   it = make_train_iterator(config)
   next(it)  # exclude start-up (file listing, hashing, first reads)
   tokens, start = 0, time.perf_counter()
