@@ -333,3 +333,15 @@ def test_bad_configs(tmp_path):
   assert data.local_batch_size(make_config(), 2) == 2
   with pytest.raises(ValueError, match='data.eval_fraction'):
     data.make_eval_batches(make_config(paths=os.path.abspath(__file__)), num_batches=1)
+
+
+def test_worker_processes_match_in_process(corpus):
+  root, _ = corpus
+  c = make_config(paths=str(root / 'txt' / '*.txt'))
+  want = [next(data.make_train_iterator(c))]
+  c.data.worker_count = 1
+  it = data.make_train_iterator(c)
+  got = [next(it)]
+  it.close()  # stop the worker now rather than at interpreter exit
+  np.testing.assert_array_equal(got[0]['inputs'], want[0]['inputs'])
+  np.testing.assert_array_equal(got[0]['targets'], want[0]['targets'])
