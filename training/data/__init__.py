@@ -1,4 +1,4 @@
-"""loomax input pipeline (grain): packed next-token batches from text, ArrayRecord or generated tasks."""
+"""loomax input pipeline (grain): packed next-token batches from text, ArrayRecord or tasks."""
 
 from training.data.pipeline import (
     SOURCES,

@@ -14,7 +14,7 @@ _MAX_PIECES_PER_DOCUMENT = 2**31
 
 
 class SplitDocument(grain.experimental.FlatMapTransform):
-  """Document tokens t[0..n] -> pieces {inputs: t[i:j], targets: t[i+1:j+1]} with j - i <= seq_len."""
+  """Tokens t[0..n] -> pieces {inputs: t[i:j], targets: t[i+1:j+1]} with j - i <= seq_len."""
 
   max_fan_out = _MAX_PIECES_PER_DOCUMENT
 
@@ -24,15 +24,15 @@ class SplitDocument(grain.experimental.FlatMapTransform):
   def flat_map(self, element: np.ndarray) -> list[dict[str, np.ndarray]]:
     tokens = np.asarray(element, np.int32)
     n = len(tokens) - 1  # a document of one token (or none) has nothing to predict
-    return [dict(inputs=tokens[i:min(i + self._seq_len, n)],
-                 targets=tokens[i + 1:min(i + self._seq_len, n) + 1])
+    return [{'inputs': tokens[i:min(i + self._seq_len, n)],
+             'targets': tokens[i + 1:min(i + self._seq_len, n) + 1]}
             for i in range(0, max(n, 0), self._seq_len)]
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames grain's packed features to the batch keys the model reads."""
-  return dict(inputs=packed['inputs'], targets=packed['targets'],
-              segment_ids=packed['inputs_segment_ids'], positions=packed['inputs_positions'])
+  return {'inputs': packed['inputs'], 'targets': packed['targets'],
+          'segment_ids': packed['inputs_segment_ids'], 'positions': packed['inputs_positions']}
 
 
 def pack_documents(docs: grain.IterDataset, *, seq_len: int, num_packing_bins: int,

@@ -110,7 +110,7 @@ def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class JsonlSource:
-  """One document per non-blank line of JSON-lines files; the text is `text_field` of each object."""
+  """One document per non-blank line of JSON-lines files: the `text_field` of each object."""
 
   def __init__(self, files: Sequence[str], text_field: str):
     self._files = list(files)
@@ -146,14 +146,16 @@ class JsonlSource:
       raise ValueError(f'{where}: no field data.text_field={self._text_field!r} in this line.')
     text = record[self._text_field]
     if not isinstance(text, str):
-      raise ValueError(f'{where}: field {self._text_field!r} is {type(text).__name__}, not a string.')
+      raise TypeError(f'{where}: field {self._text_field!r} is {type(text).__name__}, '
+                      'not a string.')
     return tokenizer.encode(text)
 
   def key(self, index: int) -> str:
     return f'{self._file_keys[self._file_ids[index]]}:{self._line_numbers[index]}'
 
   def keys(self) -> list[str]:
-    return [f'{self._file_keys[f]}:{n}' for f, n in zip(self._file_ids, self._line_numbers)]
+    return [f'{self._file_keys[f]}:{n}'
+            for f, n in zip(self._file_ids, self._line_numbers, strict=True)]
 
 
 class ArrayRecordSource:
@@ -192,7 +194,7 @@ class ArrayRecordSource:
     return f'{self._file_keys[file_id]}:{record}'
 
   def keys(self) -> list[str]:
-    return [f'{k}:{r}' for k, reader in zip(self._file_keys, self._readers)
+    return [f'{k}:{r}' for k, reader in zip(self._file_keys, self._readers, strict=True)
             for r in range(len(reader))]
 
 

@@ -36,7 +36,8 @@ def make_row(stream: np.ndarray, loss_mask: np.ndarray, seq_len: int) -> dict[st
   targets[:n] = np.where(loss_mask, stream[1:], -1)
   segment_ids[:n] = 1
   positions[:n] = np.arange(n)
-  return dict(inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions)
+  return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
+          'positions': positions}
 
 
 class _IndexedTask:
@@ -72,8 +73,8 @@ class SyntheticSource(_IndexedTask):
     bitgen = np.random.Philox(key=self._seed, counter=[index, self._split_id, 0, 0])
     stream = np.random.Generator(bitgen).integers(
         0, self._vocab_size, self._seq_len + 1, dtype=np.int32)
-    return dict(inputs=stream[:-1], targets=stream[1:], segment_ids=self._segment_ids.copy(),
-                positions=self._positions.copy())
+    return {'inputs': stream[:-1], 'targets': stream[1:],
+            'segment_ids': self._segment_ids.copy(), 'positions': self._positions.copy()}
 
 
 class PasskeySource(_IndexedTask):
@@ -94,7 +95,10 @@ class PasskeySource(_IndexedTask):
     key = str(rng.integers(10**(PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS))
     # Whole filler sentences (cycling), then spaces to hit the exact length.
     sentences, used = [], 0
-    while used + len(s := _PASSKEY_FILLER[len(sentences) % len(_PASSKEY_FILLER)]) <= self._filler_len:
+    while True:
+      s = _PASSKEY_FILLER[len(sentences) % len(_PASSKEY_FILLER)]
+      if used + len(s) > self._filler_len:
+        break
       sentences.append(s)
       used += len(s)
     split = int(rng.integers(0, len(sentences) + 1))  # the needle goes between sentences
