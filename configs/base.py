@@ -115,7 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dist.coordinator = ''              # host:port; '' = single process (or env LOOMAX_COORDINATOR)
   dist.num_processes = 1
   dist.process_id = 0
-  dist.init_timeout_s = 120          # give up waiting for peers after this long
+  dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long
+  dist.heartbeat_timeout_s = 100     # a silent peer is declared dead (and the run stops) after this
 
   # --- checkpoints (checkpoint/) ---
   ck = c.checkpoint = ml_collections.ConfigDict()
