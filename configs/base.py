@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
+  d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)
+  d.read_threads = 2                 # file reader threads
+  d.read_prefetch = 32               # documents read ahead
   d.worker_count = 0                 # grain worker processes (0 = in-process)
   d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len)
   d.mqar_num_pairs = 16              # mqar: key-value pairs per example
