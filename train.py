@@ -1,4 +1,4 @@
-"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]"""
+"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VAL ...]"""
 
 import logging
 

@@ -52,15 +52,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()
-  a.impl = 'xla'                     # xla | jax_nn (jax.nn.dot_product_attention; cuDNN on GPU) | blockwise
+  # xla | jax_nn (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise
+  a.impl = 'xla'
   a.block_q = 512                    # blockwise: query block
   a.block_kv = 512                   # blockwise: key/value block
-  a.loss_chunk = 0                   # >0: LM head + cross-entropy over sequence chunks of N tokens
+  a.loss_chunk = 0                   # >0: LM head + loss over sequence chunks of N tokens
 
   # --- data (training/data/) ---
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'local_text'            # local_text | text | jsonl | array_record | synthetic | passkey | mqar
-  d.paths = ''                       # glob(s), comma-separated; '' with local_text = Python stdlib *.py
+  # local_text | text | jsonl | array_record | synthetic | passkey | mqar
+  d.source = 'local_text'
+  d.paths = ''                       # comma-separated globs; '' with local_text = stdlib *.py
   d.text_field = 'text'              # jsonl: field holding the document
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open

@@ -27,7 +27,7 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """What the composition root hands a model: how to attend and how to pin activations."""
+  """What the composition root hands a model: how to attend, how to pin activations."""
   attend: AttendFn = xla_attention
   constrain: ax.Constrain = ax.unconstrained
 
@@ -55,7 +55,8 @@ class Attention(nnx.Module):
     self.wq = layers.param(rngs, layers.normal(std), (D, H, Dh), (ax.EMBED, ax.HEADS, None), pdt)
     self.wk = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
     self.wv = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
-    self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED), pdt)
+    self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED),
+                           pdt)
     self.rope_theta = cfg.rope_theta if use_rope in (None, True) else 0.0
     self.causal, self.window = causal, window
     self.dtype = dtype_of(cfg.dtype)

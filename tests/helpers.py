@@ -6,10 +6,7 @@ import numpy as np
 
 from configs import tiny
 from parallelism import mesh as mesh_lib
-from training import step as step_lib
-from training.composition import make_runtime
-from training.loop import batch_sharding, to_global
-from training.state import init_train_state, setup_model
+from training.program import build_program
 
 
 def tiny_config(**overrides):
@@ -48,25 +45,18 @@ def random_batch(config, seed=0, num_docs=3):
 
 
 class Trainer:
-  """A config on a mesh: sharded state, a jitted step, and a way to feed host batches."""
+  """A config on a mesh: the compiled program, its state, and host batches fed through it."""
 
   def __init__(self, config, devices=None):
     self.config = config
-    self.mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-    runtime = make_runtime(config, self.mesh)
-    self.setup = setup_model(config, self.mesh, runtime)
-    self.state = init_train_state(config, self.setup, runtime)
-    self.b_sharding = batch_sharding(config, self.mesh)
-    constrain = lambda x: jax.lax.with_sharding_constraint(x, self.b_sharding)
-    self.step_fn = jax.jit(
-        step_lib.make_train_step(self.setup, config.optimizer.grad_accum_steps, constrain),
-        in_shardings=(self.setup.shardings, self.b_sharding),
-        out_shardings=(self.setup.shardings, None), donate_argnums=0)
+    self.program = build_program(config, mesh_lib.make_mesh(config.mesh, devices=devices))
+    self.mesh = self.program.mesh
+    self.state = self.program.init_state()
 
   def train(self, batches):
     losses = []
     for b in batches:
-      self.state, m = self.step_fn(self.state, to_global(b, self.b_sharding))
+      self.state, m = self.program.train_step(self.state, self.program.global_batch(b))
       losses.append(float(m['loss']))
     return losses
 

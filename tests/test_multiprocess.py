@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from tests.helpers import tiny_config
 from training import loop

@@ -1,4 +1,5 @@
-"""Training: the loss falls, accumulation is exact, the loop writes metrics/events, errors are clear."""
+"""Training: the loss falls, accumulation is exact, the loop writes metrics and events,
+and errors are clear."""
 
 import json
 import os

@@ -118,7 +118,8 @@ def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
   if config.data.source in sources.DOCUMENT_SOURCES:
     rows = local_batch_size(config, process_count)
     pieces = _eval_pieces(config, process_index, process_count, num_batches * rows)
-    docs = grain.MapDataset.source(pieces).repeat().to_iter_dataset(grain.ReadOptions(num_threads=0))
+    docs = grain.MapDataset.source(pieces).repeat().to_iter_dataset(
+        grain.ReadOptions(num_threads=0))
     ds = packing.pack_documents(docs, seq_len=config.seq_len,
                                 num_packing_bins=config.data.num_packing_bins,
                                 seed=(config.seed + _PACKING_SEED_SALT) % 2**32)
