@@ -119,7 +119,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.runtime = runtime
     self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, rngs=rngs,
-                                  param_dtype=pdt)
+                                  param_dtype=pdt, constrain=runtime.constrain)
     if cfg.scan_layers:
       self.blocks = _stacked_blocks(cfg, rngs, runtime)
     else:
@@ -133,8 +133,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BL, *, segment_ids, positions, rng=None):
     """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary."""
     del rng  # the dense model is deterministic
-    x_BLD = self.runtime.constrain(self.embed(tokens_BL, dtype_of(self.cfg.dtype)),
-                                   (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    x_BLD = self.embed(tokens_BL, dtype_of(self.cfg.dtype))
     x_BLD = apply_blocks(self.blocks, x_BLD, scanned=self.cfg.scan_layers,
                          remat=self.cfg.remat, segment_ids=segment_ids, positions=positions)
     return self.final_norm(x_BLD)
