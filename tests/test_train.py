@@ -71,7 +71,8 @@ def tiny_run(tmp_path_factory):
   """configs/tiny.py shrunk by overrides, through the real loop on 2 data-parallel devices."""
   workdir = str(tmp_path_factory.mktemp('run'))
   c = tiny_config(**{'mesh.data': -1, 'steps': 6, 'log_every': 2, 'eval_every': 4,
-                     'eval_batches': 1, 'batch_size': 8})
+                     'eval_batches': 1, 'batch_size': 8, 'profile_steps': 1,
+                     'profile_start': 2})
   row = loop.run(c, workdir)
   return workdir, row
 
@@ -92,6 +93,9 @@ def test_loop_writes_metrics_and_events(tiny_run):
                              rtol=1e-6)
   assert row['eval/loss'] == rows[-1]['eval/loss']
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['d_model'] == 64
+  traces = [f for _, _, files in os.walk(os.path.join(workdir, 'tb', 'plugins', 'profile'))
+            for f in files]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
 
 
 def test_loop_resumes_from_its_checkpoint(tiny_run, tmp_path):
