@@ -151,7 +151,9 @@ class Cart(nnx.Module):
     step = loop_step
     policy = remat_policy(c.remat_loop)
     if policy is not None:
-      step = nnx.remat(loop_step, policy=policy, prevent_cse=False)
+      # prevent_cse stays on: outside a scan, XLA would otherwise merge the recomputation
+      # back into the forward pass and keep every iteration's activations alive.
+      step = nnx.remat(loop_step, policy=policy)
     buf = (e_BLD,) * self.glue.slots
     for r in range(R):
       pe_C = None if pe_RC is None else pe_RC[r]

@@ -143,6 +143,24 @@ def test_stored_count_independent_of_R():
   assert s == eff == total + 2 * core
 
 
+def test_flops_count_every_core_application():
+  """forward_flops_per_token = 2 x matmul parameters (read off the model) + attention, with the
+  core's parameters and attention counted once per application."""
+  m = model_config(loops=6)
+  model = build(m)
+  count = lambda mod: sum(x.size for x in jax.tree.leaves(nnx.state(mod, nnx.Param)))
+  D, P, C = m.d_model, m.cart.prelude_layers, m.cart.coda_layers
+  norms = (2 * P + 2 + 2 * C + 1) * D
+  matmul_one = count(model) - norms - count(model.glue)   # the tied table is the head
+  attn = 4 * L * m.num_heads * m.head_dim * 0.5                      # causal, per layer
+  core = count(model.core) - 2 * D
+  expect = 2 * (matmul_one + 5 * core) + (P + C + 6) * attn
+  assert cart.forward_flops_per_token(m, L) == pytest.approx(expect)
+  m1 = model_config(loops=1)
+  assert (cart.forward_flops_per_token(m, L) - cart.forward_flops_per_token(m1, L)
+          == pytest.approx(5 * (2 * core + attn)))
+
+
 def test_core_gradient_is_sum_over_unrolled_copies():
   """The shared core's gradient equals the sum over an unrolled model's R tied copies (the
   unshared-core model fed the same parameters in every copy)."""
@@ -286,6 +304,11 @@ def test_remat_loop_changes_memory_not_values(base_model):
   (l0, grad0), (l1, grad1) = loss_and_grad(p0, g0, TOKENS), loss_and_grad(p0, g1, TOKENS)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad0, grad1)
+  # One rematerialised region per core application (what XLA:GPU/TPU then recompute; XLA:CPU
+  # expands the barriers and CSEs the recomputation away, see scripts/bench_cart_memory.py).
+  def jaxpr(g):
+    return str(jax.make_jaxpr(jax.grad(lm_loss), static_argnums=1)(p0, g, TOKENS))
+  assert jaxpr(g1).count('remat') == 2 and 'remat' not in jaxpr(g0)
   with pytest.raises(ValueError, match=r'model\.cart\.remat_loop'):
     build(model_config(remat_loop='bogus'))
 
