@@ -49,6 +49,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training
   m.kv_routing.stop_gradient = False # borrowed K/V carry no gradient into their source layer
   m.kv_routing.cache_every = 1       # inference plan: every g-th layer keeps a KV cache
+  # CART looped core (modeling/cart.py); read only when model.name='cart'.
+  m.cart = ml_collections.ConfigDict()
+  m.cart.prelude_layers = 6          # P: distinct causal self-attention layers before the loop
+  m.cart.coda_layers = 1             # distinct self-attention layers after the loop
+  m.cart.loops = 6                   # R: core applications in training (model called with rng)
+  m.cart.eval_loops = 0              # R when the model is called with rng=None (eval); 0 = loops
+  m.cart.max_loops = 16              # rows of the sinusoidal loop-index table: the largest R
+  m.cart.loop_embed_dim = 32         # width of the sinusoidal loop-index code
+  m.cart.kv_latent_dim = 0           # low-rank K/V latent width; 0 = d_model // 4
+  m.cart.hyper_connections = True    # softmax blend of the last hyper_slots states; False = newest
+  m.cart.hyper_slots = 3
+  m.cart.lti_gate = True             # h = sigmoid(a) * hh + block(hh); False: h = block(hh)
+  m.cart.lti_init = 0.9              # initial sigmoid(a) (the spectral radius rho at init)
+  m.cart.loop_embedding = True       # add W_lie @ pe[r] to the state before core application r
+  m.cart.recompute_kv = False        # ablation: K/V projected from the current state every loop
+  m.cart.shared_core = True          # False (ablation): R distinct core blocks, no weight tying
+  m.cart.remat_loop = 'none'         # remat policy per core application (names as model.remat)
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from checkpoint.manager import Checkpointer, config_json
+from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib
 from training import perf
@@ -66,6 +67,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = int(state.step)
   n_params = count_params(state.params)
   log.info('%s: %s parameters, starting at step %d', config.model.name, f'{n_params:,}', start)
+  describe = getattr(registry.get_family(config.model.name).build, 'describe', None)
+  if describe is not None:  # optional one-line family summary, e.g. CART's effective params
+    log.info('%s', describe(config.model))
 
   train_step, eval_step = program.train_step, program.eval_step
 
