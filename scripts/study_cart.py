@@ -124,7 +124,7 @@ def main():
   evaluate = make_evaluator(eval_batches)
 
   rows = []   # (name, stored, effective, seconds, eval loss, rho, {R': loss})
-  shared_graphdef = None   # every CART here has the same parameters; one graphdef, one compile per R'
+  shared_graphdef = None   # every CART here has the same parameters: one graphdef
   for loops in TRAIN_LOOPS:
     c = study_config(args, loops)
     stored, effective = cart.parameter_counts(c.model)
