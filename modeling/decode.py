@@ -83,8 +83,9 @@ def _extend(model, tokens_BT, cache: KVCache, plan: CachePlan):
   kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   # Slots not yet written are padding (segment 0); the new tokens are segment 1.
   kv_segment_ids_BS = (kv_positions_BS < start + T).astype(jnp.int32)
-  attend_kwargs = dict(q_segment_ids=jnp.ones((B, T), jnp.int32), kv_segment_ids=kv_segment_ids_BS,
-                       q_positions=positions_BT, kv_positions=kv_positions_BS)
+  attend_kwargs = {'q_segment_ids': jnp.ones((B, T), jnp.int32),
+                   'kv_segment_ids': kv_segment_ids_BS,
+                   'q_positions': positions_BT, 'kv_positions': kv_positions_BS}
   slot = {l: i for i, l in enumerate(plan.cached)}
   k_cache, v_cache = list(cache.k), list(cache.v)
 

@@ -12,7 +12,8 @@ A routed block is a pre-norm block with `attn_norm`, `attn` (a `transformer.Atte
 """
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ class CachePlan:
   @classmethod
   def of_layers(cls, num_layers: int, cached) -> 'CachePlan':
     """An explicit cache set S; every other layer reads the nearest cached layer below it."""
-    cached = sorted(set(int(l) for l in cached))
+    cached = sorted({int(l) for l in cached})
     if not cached or cached[0] != 0 or cached[-1] >= num_layers:
       raise ValueError(f'model.kv_routing.cache_layers={cached} must include layer 0 (it has no '
                        f'layer below to read) and lie in 0..{num_layers - 1}')
