@@ -16,19 +16,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import ml_collections
+from flax import nnx
 
-from checkpoint.manager import Checkpointer  # noqa: E402
-from modeling import decode  # noqa: E402
-from modeling.kv_routing import CachePlan  # noqa: E402
-from parallelism import mesh as mesh_lib  # noqa: E402
-from training import data as data_lib  # noqa: E402
-from training import loss as loss_lib  # noqa: E402
-from training.composition import make_runtime  # noqa: E402
-from training.loop import batch_sharding, to_global  # noqa: E402
-from training.state import setup_model  # noqa: E402
+from checkpoint.manager import Checkpointer
+from modeling import decode
+from modeling.kv_routing import CachePlan
+from parallelism import mesh as mesh_lib
+from training import data as data_lib
+from training import loss as loss_lib
+from training.composition import make_runtime
+from training.loop import batch_sharding, to_global
+from training.state import setup_model
 
 
 def load_run(checkpoint: str, step: int | None = None):

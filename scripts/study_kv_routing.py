@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import tiny  # noqa: E402
-from scripts.eval_kv_sharing import evaluate_plans, header, load_run  # noqa: E402
-from training import loop  # noqa: E402
+from configs import tiny
+from scripts.eval_kv_sharing import evaluate_plans, header, load_run
+from training import loop
 
 GROUPS = (1, 2, 4)   # 100%, 50%, 25% retention on 4 layers
 
@@ -75,7 +75,7 @@ def main(argv=None):
   for p, (plans, train_loss, train_s) in results.items():
     base = plans[0]['loss']
     cells = ''.join(f'{r["loss"]:>11.4f}{r["loss"] - base:>+8.4f}' for r in plans)
-    name = 'routed p=%g' % p if p < 1 else 'baseline p=1'
+    name = f'routed p={p:g}' if p < 1 else 'baseline p=1'
     print(f'{name:<14}{train_loss:>11.4f}{cells}{plans[-1]["cache_bytes"]:>11,}{train_s:>9.0f}')
   routed, baseline = results[args.p][0], results[1.0][0]
   delta = lambda plans, i: plans[i]['loss'] - plans[0]['loss']
