@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training
   m.kv_routing.stop_gradient = False # borrowed K/V carry no gradient into their source layer
   m.kv_routing.cache_every = 1       # inference plan: every g-th layer keeps a KV cache
+  m.kv_routing.cache_layers = ''     # or an explicit cache set, e.g. '0,2,3' (beats cache_every)
   # CART looped core (modeling/cart.py); read only when model.name='cart'.
   m.cart = ml_collections.ConfigDict()
   m.cart.prelude_layers = 6          # P: distinct causal self-attention layers before the loop

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import layers
+from modeling import kv_routing, layers
 from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
 
 REMAT_POLICIES = {
@@ -130,12 +130,17 @@ class Transformer(nnx.Module):
       self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                (ax.EMBED, ax.VOCAB), pdt)
 
-  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None):
-    """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary."""
-    del rng  # the dense model is deterministic
+  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None,
+               kv_plan: kv_routing.CachePlan | None = None):
+    """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary.
+
+    `rng` (training) draws K/V routes when model.kv_routing.p < 1; in eval the layers share
+    caches by `kv_plan`, by default the config's plan (see kv_routing.layer_routes).
+    """
     x_BLD = self.embed(tokens_BL, dtype_of(self.cfg.dtype))
     x_BLD = apply_blocks(self.blocks, x_BLD, scanned=self.cfg.scan_layers,
-                         remat=self.cfg.remat, segment_ids=segment_ids, positions=positions)
+                         remat=self.cfg.remat, segment_ids=segment_ids, positions=positions,
+                         kv_routes=kv_routing.layer_routes(self.cfg, rng, kv_plan))
     return self.final_norm(x_BLD)
 
   def head_matrix(self) -> jax.Array:
@@ -154,9 +159,16 @@ def _stacked_blocks(cfg, rngs, runtime):
   return make(rngs)
 
 
-def apply_blocks(blocks, x_BLD, *, scanned: bool, remat: str, **kwargs):
-  """Runs the layer stack, optionally scanned and rematerialised per layer."""
+def apply_blocks(blocks, x_BLD, *, scanned: bool, remat: str,
+                 kv_routes: kv_routing.Routes | None = None, **kwargs):
+  """Runs the layer stack, optionally scanned and rematerialised per layer.
+
+  `kv_routes` (None = each layer its own K/V) lets layers attend with other layers' K/V.
+  """
   policy = remat_policy(remat)
+  if kv_routes is not None:
+    return kv_routing.apply_routed_blocks(blocks, x_BLD, kv_routes, scanned=scanned,
+                                          policy=policy, **kwargs)
 
   def one(block, x):
     return block(x, **kwargs)[0]

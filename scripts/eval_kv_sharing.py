@@ -1,0 +1,116 @@
+"""Eval loss and KV-cache bytes of one trained checkpoint at several cache-retention levels.
+
+Serves the checkpoint under the grouped cache plans of "Stochastic KV Routing: Enabling Adaptive
+Depth-Wise Cache Sharing" (Filippova et al., 2026): every g-th layer keeps a cache and the others
+read their group leader's, g = 1..4 (100/50/33/25% retention).
+
+    python scripts/eval_kv_sharing.py --checkpoint runs/tiny [--step N] [--groups 1,2,3,4]
+
+--checkpoint is the run's workdir (holding config.json) or its checkpoints/ folder.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import ml_collections
+from flax import nnx
+
+from checkpoint.manager import Checkpointer
+from modeling import decode
+from modeling.kv_routing import CachePlan
+from parallelism import mesh as mesh_lib
+from training import data as data_lib
+from training import loss as loss_lib
+from training.composition import make_runtime
+from training.loop import batch_sharding, to_global
+from training.state import setup_model
+
+
+def load_run(checkpoint: str, step: int | None = None):
+  """(config, setup, params, step) of a run written by training/loop.py."""
+  workdir = os.path.abspath(checkpoint)
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    workdir = os.path.dirname(workdir)  # given workdir/checkpoints
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no config.json in it or its parent')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup = setup_model(config, mesh, make_runtime(config, mesh))
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
+  state, _ = ckpt.restore(step, setup.abstract, None)
+  ckpt.close()
+  return config, setup, mesh, state.params, step
+
+
+def evaluate_plans(config, setup, mesh, params, groups, num_batches: int) -> list[dict]:
+  """Per g: mean held-out next-token loss under CachePlan.every(L, g), and the cache bytes of
+  one `seq_len`-token sequence (K and V of the cached layers, in model.dtype)."""
+  sharding = batch_sharding(config, mesh)
+  batches = [to_global(b, sharding) for b in data_lib.make_eval_batches(
+      config, num_batches=num_batches)]
+  model = nnx.merge(setup.graphdef, params)
+
+  @nnx.jit(static_argnames='plan')
+  def loss_sum(model, batch, plan):
+    h = model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'],
+              kv_plan=plan)
+    return loss_lib.lm_loss_sum(model, h, batch['targets'])
+
+  rows = []
+  for g in groups:
+    plan = CachePlan.every(config.model.num_layers, g)
+    total = count = 0.0
+    for batch in batches:
+      t, c = loss_sum(model, batch, plan=plan)
+      total, count = total + float(t), count + float(c)
+    rows.append({'g': g, 'cached': plan.cached, 'retention': plan.retention,
+                 'loss': total / max(count, 1.0),
+                 'cache_bytes': decode.cache_bytes(model, plan, 1, config.seq_len)})
+  return rows
+
+
+def header(config, what: str) -> str:
+  m = config.model
+  dev = jax.devices()[0]
+  return (f'# {what} | backend {jax.default_backend()}, {dev.device_kind} x {jax.device_count()}, '
+          f'jax {jax.__version__} | model L={m.num_layers} d={m.d_model} H={m.num_heads} '
+          f'K={m.num_kv_heads} Dh={m.head_dim} {m.dtype}, seq_len {config.seq_len} | '
+          f'loss: mean next-token nats on held-out batches; '
+          f'cache: K+V bytes of one seq_len-token sequence')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', required=True, help='run workdir or its checkpoints/')
+  parser.add_argument('--step', type=int, default=None, help='default: the latest')
+  parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
+  parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
+  args = parser.parse_args(argv)
+  config, setup, mesh, params, step = load_run(args.checkpoint, args.step)
+  groups = [int(g) for g in args.groups.split(',')]
+  rows = evaluate_plans(config, setup, mesh, params, groups,
+                        args.eval_batches or config.eval_batches)
+  print(header(config, f'KV cache sharing: {args.checkpoint} step {step}, trained with '
+                       f'kv_routing.p={config.model.kv_routing.p}'))
+  print(f'{"g":>3} {"cached layers":<16} {"retention":>9} {"eval loss":>10} {"vs g=1":>8} '
+        f'{"cache bytes":>12}')
+  base = rows[0]['loss']
+  for r in rows:
+    print(f'{r["g"]:>3} {",".join(map(str, r["cached"])):<16} {r["retention"]:>9.0%} '
+          f'{r["loss"]:>10.4f} {r["loss"] - base:>+8.4f} {r["cache_bytes"]:>12,}')
+  print(' | '.join(f'{r["retention"]:.0%}: loss {r["loss"]:.4f}, {r["cache_bytes"]:,} B'
+                   for r in rows))
+
+
+if __name__ == '__main__':
+  main()
