@@ -1,4 +1,4 @@
-"""Stochastic cross-layer KV routing: train with random K/V sources, serve with depth-wise shared caches.
+"""Stochastic cross-layer KV routing: random K/V sources in training, shared caches in serving.
 
 Implements "Stochastic KV Routing: Enabling Adaptive Depth-Wise Cache Sharing" (Filippova,
 Grangier, Cuturi, Monteiro, 2026). In training, layer l attends with its own K/V with

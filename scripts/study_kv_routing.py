@@ -7,7 +7,7 @@ Sharing" (Filippova et al., 2026). The tiny model is narrowed to d_model 128 (se
 400 steps per run fit ~6 minutes in all on 2 shared CPU cores; at d_model 256 and 150 steps the
 deeper layers barely used attention yet, and sharing caches cost the baseline only ~0.015 nats.
 
-    python scripts/study_kv_routing.py [--steps 400] [--d_model 128] [--workdir /tmp/kv_routing_study]
+    python scripts/study_kv_routing.py [--steps 400] [--d_model 128] [--workdir /tmp/kvr]
 """
 
 import argparse
