@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from modeling import transformer
+from modeling import sambay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token),
+    'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token),
 }
 
 
