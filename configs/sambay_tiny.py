@@ -14,6 +14,7 @@ def get_config(arg: str | None = None):
   c.seq_len = 256
   c.log_every = 25
   c.eval_every = 100
+  c.optimizer.warmup_steps = 30
   m = c.model
   m.name = 'sambay'
   m.num_layers = 8          # the smallest depth with every role: M S M S | mem full | GMU cross
