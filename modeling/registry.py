@@ -6,8 +6,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from modeling import transformer
-from modeling import sambay
+from modeling import sambay, transformer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modeling import axes as ax
-from modeling import layers
-from modeling import ssm
+from modeling import layers, ssm
 from modeling.attention import self_attention_kwargs
 from modeling.transformer import Attention, Runtime, dtype_of, remat_policy
 
 MAMBA, SWA, MEMORY, FULL, GMU_ROLE, CROSS = 'mamba', 'swa', 'memory', 'full', 'gmu', 'cross'
+_SINGLE_DEVICE = Runtime()
 
 
 def layer_roles(num_layers: int) -> tuple[str, ...]:
@@ -148,7 +148,7 @@ class SambaY(nnx.Module):
   `model.sambay.scan_impl`.
   """
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime = Runtime(),
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime = _SINGLE_DEVICE,
                scan_fn: ssm.ScanFn | None = None):
     if cfg.scan_layers:
       raise ValueError('model.scan_layers=True is not supported by model.name=sambay (its '

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import sambay_tiny
-from modeling import layers, registry, sambay as sb, sambay_decode as sd
+from modeling import layers, registry
+from modeling import sambay as sb
+from modeling import sambay_decode as sd
 from modeling.transformer import Attention
 
 B, L = 2, 16

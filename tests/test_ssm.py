@@ -74,7 +74,8 @@ def test_unknown_scan_impl_names_the_key():
 def _cfg():
   c = ml_collections.ConfigDict()
   c.d_model, c.num_layers, c.init_std = 16, 2, 0.2
-  c.sambay = ml_collections.ConfigDict(dict(d_state=4, d_conv=4, expand=2, dt_rank=0))
+  c.sambay = ml_collections.ConfigDict({'d_state': 4, 'd_conv': 4, 'expand': 2,
+                                        'dt_rank': 0})
   return ml_collections.FrozenConfigDict(c)
 
 
