@@ -67,6 +67,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.cart.recompute_kv = False        # ablation: K/V projected from the current state every loop
   m.cart.shared_core = True          # False (ablation): R distinct core blocks, no weight tying
   m.cart.remat_loop = 'none'         # remat policy per core application (names as model.remat)
+  # SambaY (modeling/sambay.py, ssm.py): Mamba/SWA self-decoder, GMU/cross-attention cross-decoder.
+  m.sambay = ml_collections.ConfigDict()
+  m.sambay.window = 128              # sliding-window attention span (tokens) in the self-decoder
+  m.sambay.nope = True               # no rotary embeddings in any attention layer (Mamba gives order)
+  m.sambay.d_state = 16              # Mamba state size N per channel
+  m.sambay.d_conv = 4                # Mamba depthwise causal conv width
+  m.sambay.expand = 2                # Mamba inner width = expand * d_model (= the GMU memory width)
+  m.sambay.dt_rank = 0               # rank of the dt projection; 0 = ceil(d_model / 16)
+  m.sambay.scan_impl = 'chunked'     # chunked | associative | sequential (the reference)
+  m.sambay.scan_chunk = 64           # chunked: tokens per chunk (parallel inside, sequential across)
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from modeling import cart, transformer
+from modeling import cart, sambay, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token),
     'cart': Family(cart.Cart, cart.forward_flops_per_token),
+    'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token),
 }
 
 
