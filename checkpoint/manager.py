@@ -102,13 +102,16 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, arrays: dict[str, jax.Array], meta: dict[str, Any],
-           data_states: dict[int, dict] | None = None, *, force: bool = False) -> bool:
-    """Saves flat {path: array} (see metadata.flatten) with `meta` (metadata.describe)."""
+           data_states: dict[int, dict] | None = None, *, force: bool = False,
+           data_process_count: int | None = None) -> bool:
+    """Saves flat {path: array} (see metadata.flatten) with `meta` (metadata.describe) and
+    this process's data state(s) {process index: state} (of a run of `data_process_count`
+    processes; default: this run's)."""
     items = metadata.split_items(arrays)
     args = {item: ocp.args.PyTreeSave(metadata.nest(flat)) for item, flat in items.items()}
     args['meta'] = ocp.args.JsonSave({**meta, 'step': step, 'items': sorted(items)})
     if data_states is not None:
-      args['data'] = DataStatesSave(data_states, jax.process_count())
+      args['data'] = DataStatesSave(data_states, data_process_count or jax.process_count())
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def read_meta(self, step: int) -> dict[str, Any]:
