@@ -131,6 +131,8 @@ def test_export_npz(source, tmp_path):
   assert side['arrays']['blocks/attn/wk']['axes'] == ['layers', 'embed', 'kv_heads', None]
 
 
+# Orbax leaves a pending read coroutine behind when a corrupted array fails to decode.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_bad_input_fails_by_name_and_writes_nothing(source, tmp_path):
   # A target mesh that does not divide a dimension: kv_heads=2 over tensor=4.
   with pytest.raises(ValueError, match=r"attn.*wk.*not divisible by mesh tensor=4"):

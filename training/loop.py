@@ -83,9 +83,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_steps = time.perf_counter(), 0
   profiling = False
 
+  saved_step = start
+
   def save(step, force=False):
+    nonlocal saved_step
     universal.save_state(ckpt, step, state, ckpt_meta, {pid: train_iter.get_state()},
                          force=force)
+    saved_step = step
 
   def finish_step(step, metrics):
     nonlocal window_start, window_steps, last_row
@@ -144,7 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(final_step, {'eval/loss': eval_loss})
     last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
                 'params': n_params}
-    if final_step > start:
+    if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
       save(final_step, force=True)
   finally:
     if profiling:
@@ -196,4 +200,3 @@ def _install_signal_handlers():
     except ValueError:  # not the main thread (e.g. under some test runners)
       pass
   return lambda: flag['stop']
-
