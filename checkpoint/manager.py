@@ -1,47 +1,178 @@
-"""Orbax checkpoints of the train state, the data-iterator position and the run's config.
+"""Orbax checkpoints: arrays as global logical arrays, the data position per process, and JSON
+metadata, written asynchronously and atomically.
 
-Arrays are saved as global logical arrays (OCDBT), so where they are restored is decided by
-the shardings of the restore target, not by the mesh that wrote them.
+One step directory holds the items
+  params, opt_state, train   arrays (OCDBT), as plain string-keyed trees of their paths;
+  data                       one JSON file per writing process: its data-iterator state;
+  meta                       JSON: resolved config, layer layout, every array's logical axes,
+                             global shape and dtype (checkpoint/metadata.py).
+Orbax writes a step into a temporary directory and renames it when every item is complete, so a
+step cut short (a kill during the save) is never listed and the previous step is used. Where
+arrays are restored is decided by the shardings of the restore target only.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
 
-import grain
-import ml_collections
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from checkpoint import metadata
+from checkpoint.metadata import SEP
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, truncated or corrupted (names the file or array)."""
+
+
+class DataStatesHandler(ocp.CheckpointHandler):
+  """Per-process data-iterator states as JSON files process_<p>-of-<n>.json.
+
+  Every process saves its own state; restore returns the states of every process that wrote
+  one, so a run with another process count can map the position (training/data/position.py).
+  """
+
+  def save(self, directory: epath.Path, args: 'DataStatesSave') -> None:
+    for pid, state in args.states.items():
+      path = directory / f'process_{pid}-of-{args.process_count}.json'
+      path.write_text(json.dumps(state))
+
+  def restore(self, directory: epath.Path, args: 'DataStatesRestore | None' = None) -> dict:
+    del args
+    out = {}
+    for f in sorted(directory.glob('process_*-of-*.json')):
+      pid = int(f.name.split('_')[1].split('-')[0])
+      try:
+        out[pid] = json.loads(f.read_text())
+      except json.JSONDecodeError as e:
+        raise CheckpointError(f'{f}: data-iterator state is not valid JSON ({e})') from e
+    return out
+
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+  def finalize(self, directory: epath.Path) -> None:
+    del directory
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(DataStatesHandler, for_save=True)
+@dataclasses.dataclass
+class DataStatesSave(ocp.args.CheckpointArgs):
+  states: dict[int, dict]
+  process_count: int
+
+
+@ocp.args.register_with_handler(DataStatesHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStatesRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 class Checkpointer:
+  """Step directories under `directory`; keeps the last `keep` (and every `keep_every`-th)."""
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int | None = 3, keep_every: int = 0,
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f'{self.directory}: no such checkpoint directory')
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True)
-    handlers = {'state': ocp.StandardCheckpointHandler(),
-                'data': grain.checkpoint.CheckpointHandler(),
+        max_to_keep=None if read_only else keep, keep_period=keep_every or None,
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+    handlers = {'params': ocp.PyTreeCheckpointHandler(),
+                'opt_state': ocp.PyTreeCheckpointHandler(),
+                'train': ocp.PyTreeCheckpointHandler(),
+                'data': DataStatesHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator, meta: dict, *, force: bool = False) -> bool:
-    args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-    if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, arrays: dict[str, jax.Array], meta: dict[str, Any],
+           data_states: dict[int, dict] | None = None, *, force: bool = False,
+           data_process_count: int | None = None) -> bool:
+    """Saves flat {path: array} (see metadata.flatten) with `meta` (metadata.describe) and
+    this process's data state(s) {process index: state} (of a run of `data_process_count`
+    processes; default: this run's)."""
+    items = metadata.split_items(arrays)
+    args = {item: ocp.args.PyTreeSave(metadata.nest(flat)) for item, flat in items.items()}
+    args['meta'] = ocp.args.JsonSave({**meta, 'step': step, 'items': sorted(items)})
+    if data_states is not None:
+      args['data'] = DataStatesSave(data_states, data_process_count or jax.process_count())
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, dict]:
-    """Restores into `abstract_state`'s shardings; the iterator is restored in place."""
-    args = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
-    if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return out['state'], out['meta']
+  def read_meta(self, step: int) -> dict[str, Any]:
+    path = os.path.join(self.step_dir(step), 'meta')
+    if not os.path.isdir(path):
+      raise CheckpointError(f'{path}: missing (not a loomax checkpoint, or truncated)')
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
+      raise CheckpointError(f'{path}: could not be read ({type(e).__name__}: {e})') from e
+    meta = meta['meta']
+    if not isinstance(meta, dict) or 'arrays' not in meta:
+      raise CheckpointError(f'{path}: has no universal metadata (written by an older loomax?)')
+    if meta.get('universal_checkpoint_version', 0) > metadata.VERSION:
+      raise CheckpointError(f'{path}: universal_checkpoint_version '
+                            f'{meta["universal_checkpoint_version"]} is newer than this loomax '
+                            f'reads ({metadata.VERSION})')
+    return meta
+
+  def read_arrays(self, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
+    """Reads the arrays named in `targets` into their shardings (dtype as in the checkpoint)."""
+    by_item = metadata.split_items(targets)
+    args = {}
+    for item, flat in by_item.items():
+      tree = metadata.nest(flat)
+      args[item] = ocp.args.PyTreeRestore(
+          item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+      self._check_item_present(step, item)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - reported with the array that fails to read
+      raise self._pinpoint(step, by_item, e) from e
+    return metadata.join_items({item: metadata.flatten(out[item]) for item in by_item})
+
+  def read_data(self, step: int) -> dict[int, dict] | None:
+    path = os.path.join(self.step_dir(step), 'data')
+    if not os.path.isdir(path):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(data=DataStatesRestore()))['data']
+
+  def _check_item_present(self, step: int, item: str) -> None:
+    path = os.path.join(self.step_dir(step), item)
+    if not os.path.isdir(path):
+      raise CheckpointError(f'{path}: missing (truncated checkpoint?)')
+
+  def _pinpoint(self, step: int, by_item: dict, error: Exception) -> CheckpointError:
+    """Restores arrays one at a time to name the one that fails."""
+    for item, flat in by_item.items():
+      for inner, target in flat.items():
+        tree = metadata.nest({inner: target})
+        try:
+          self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+              item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+              partial_restore=True)}))
+        except Exception as e:  # noqa: BLE001
+          name = inner if item == 'train' else f'{item}{SEP}{inner}'
+          return CheckpointError(f'{self.step_dir(step)}/{item}: array {name} could not be read '
+                                 f'(corrupted or truncated checkpoint): {type(e).__name__}: '
+                                 f'{str(e)[:500]}')
+    return CheckpointError(f'{self.step_dir(step)}: could not be read (corrupted or truncated '
+                           f'checkpoint): {type(error).__name__}: {str(error)[:500]}')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -51,5 +182,5 @@ class Checkpointer:
     self.manager.close()
 
 
-def config_json(config: ml_collections.ConfigDict) -> str:
+def config_json(config) -> str:
   return json.dumps(config.to_dict(), default=str, indent=1)

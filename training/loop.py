@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from checkpoint import metadata as ckpt_metadata
+from checkpoint import universal
 from checkpoint.manager import Checkpointer, config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
@@ -63,7 +63,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                       keep_every=config.checkpoint.keep_every,
                       async_save=config.checkpoint.async_save)
-  state = _restore_or_init(config, program, ckpt, train_iter)
+  state, train_iter = _restore_or_init(config, program, ckpt, train_iter)
+  ckpt_meta = ckpt_metadata.describe(config, ckpt_metadata.state_arrays(program.setup), mesh,
+                                     nproc)
   start = int(state.step)
   n_params = count_params(state.params)
   log.info('%s: %s parameters, starting at step %d', config.model.name, f'{n_params:,}', start)
@@ -85,9 +87,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_steps = time.perf_counter(), 0
   profiling = False
 
+  saved_step = start
+
   def save(step, force=False):
-    meta = {'config': config.to_dict(), 'step': step}
-    ckpt.save(step, state, train_iter, meta=_jsonable(meta), force=force)
+    nonlocal saved_step
+    universal.save_state(ckpt, step, state, ckpt_meta, {pid: train_iter.get_state()},
+                         force=force)
+    saved_step = step
 
   def finish_step(step, metrics):
     nonlocal window_start, window_steps, last_row
@@ -146,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(final_step, {'eval/loss': eval_loss})
     last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
                 'params': n_params}
-    if final_step > start:
+    if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
       save(final_step, force=True)
   finally:
     if profiling:
@@ -158,17 +164,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):
+  """(state, train iterator): restored onto this config's mesh and layout, or fresh."""
   resume = config.resume
   if resume:
-    source = ckpt if resume == 'auto' else Checkpointer(resume, async_save=False)
+    source = ckpt if resume == 'auto' else Checkpointer(resume, read_only=True)
     step = source.latest_step()
     if step is not None:
-      state, _ = source.restore(step, program.setup.abstract, train_iter)
-      log.info('resumed from %s at step %d', source.directory, step)
-      return state
+      state, meta, data_states = universal.restore_state(source, step, config, program.setup,
+                                                         program.mesh)
+      if data_states:
+        train_iter, how = data_lib.resume_train_iterator(
+            config, data_states, process_index=jax.process_index(),
+            process_count=jax.process_count())
+      else:
+        how = 'not saved: starting the data stream afresh'
+      log.info('resumed from %s at step %d (written on mesh %s by %d process(es); data %s)',
+               source.directory, step, meta['written_by']['mesh'],
+               meta['written_by']['process_count'], how)
+      return state, train_iter
     if resume != 'auto':
       raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
-  return program.init_state()
+  return program.init_state(), train_iter
 
 
 def _install_signal_handlers():
@@ -188,13 +204,3 @@ def _install_signal_handlers():
     except ValueError:  # not the main thread (e.g. under some test runners)
       pass
   return lambda: flag['stop']
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.generic, jnp.ndarray)):
-    return np.asarray(x).tolist()
-  return x

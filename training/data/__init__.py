@@ -7,6 +7,7 @@ from training.data.pipeline import (
     make_train_dataset,
     make_train_iterator,
     measure_tokens_per_sec,
+    resume_train_iterator,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     'make_train_dataset',
     'make_train_iterator',
     'measure_tokens_per_sec',
+    'resume_train_iterator',
 ]

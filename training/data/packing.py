@@ -11,37 +11,59 @@ import numpy as np
 
 # Sets no real limit: the iterator-level flat map keeps only one document's pieces in memory.
 _MAX_PIECES_PER_DOCUMENT = 2**31
+TRACKING_KEYS = ('doc', 'pieces')  # per-token position tags of tracked documents (padding -1)
+
+
+def num_pieces(num_tokens: int, seq_len: int) -> int:
+  """How many pieces SplitDocument cuts a document of `num_tokens` tokens into."""
+  return -(-max(num_tokens - 1, 0) // seq_len)
 
 
 class SplitDocument(grain.experimental.FlatMapTransform):
-  """Tokens t[0..n] -> pieces {inputs: t[i:j], targets: t[i+1:j+1]} with j - i <= seq_len."""
+  """Tokens t[0..n] -> pieces {inputs: t[i:j], targets: t[i+1:j+1]} with j - i <= seq_len.
+
+  A tracked document ({'tokens', 'doc'}: its stream position) also tags every token of its
+  pieces with `doc` and the document's piece count `pieces`, so the consumer can tell when a
+  document has been emitted completely (training/data/position.py).
+  """
 
   max_fan_out = _MAX_PIECES_PER_DOCUMENT
 
   def __init__(self, seq_len: int):
     self._seq_len = seq_len
 
-  def flat_map(self, element: np.ndarray) -> list[dict[str, np.ndarray]]:
-    tokens = np.asarray(element, np.int32)
+  def flat_map(self, element) -> list[dict[str, np.ndarray]]:
+    tracked = isinstance(element, dict)
+    tokens = np.asarray(element['tokens'] if tracked else element, np.int32)
     n = len(tokens) - 1  # a document of one token (or none) has nothing to predict
-    return [{'inputs': tokens[i:min(i + self._seq_len, n)],
-             'targets': tokens[i + 1:min(i + self._seq_len, n) + 1]}
-            for i in range(0, max(n, 0), self._seq_len)]
+    pieces = [{'inputs': tokens[i:min(i + self._seq_len, n)],
+               'targets': tokens[i + 1:min(i + self._seq_len, n) + 1]}
+              for i in range(0, max(n, 0), self._seq_len)]
+    if tracked:
+      for p in pieces:
+        p['doc'] = np.full(len(p['inputs']), element['doc'], np.int32)
+        p['pieces'] = np.full(len(p['inputs']), len(pieces), np.int32)
+    return pieces
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames grain's packed features to the batch keys the model reads."""
-  return {'inputs': packed['inputs'], 'targets': packed['targets'],
-          'segment_ids': packed['inputs_segment_ids'], 'positions': packed['inputs_positions']}
+  row = {'inputs': packed['inputs'], 'targets': packed['targets'],
+         'segment_ids': packed['inputs_segment_ids'], 'positions': packed['inputs_positions']}
+  for key in TRACKING_KEYS:
+    if key in packed:
+      row[key] = packed[key]
+  return row
 
 
 def pack_documents(docs: grain.IterDataset, *, seq_len: int, num_packing_bins: int,
-                   seed: int, shuffle_window: int = 0) -> grain.IterDataset:
+                   seed: int, shuffle_window: int = 0, tracked: bool = False) -> grain.IterDataset:
   """Documents (int32 token arrays) -> rows of `seq_len` with segment_ids and positions.
 
   Padding (at the end of a row) has input 0, target -1, segment 0 and position 0.
   `shuffle_window` > 0 shuffles pieces within a window, so a long document's pieces spread
-  over many batches instead of filling consecutive ones.
+  over many batches instead of filling consecutive ones. `tracked`: documents are
+  {'tokens', 'doc'} and rows keep the per-token TRACKING_KEYS.
   """
   if num_packing_bins < 1:
     raise ValueError(f'data.num_packing_bins={num_packing_bins} must be >= 1.')
@@ -50,7 +72,11 @@ def pack_documents(docs: grain.IterDataset, *, seq_len: int, num_packing_bins: i
     pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=shuffle_window,
                                                          seed=seed)
   length: Any = {'inputs': seq_len, 'targets': seq_len}
+  padding: Any = {'inputs': 0, 'targets': -1}
+  if tracked:
+    length.update({k: seq_len for k in TRACKING_KEYS})
+    padding.update({k: -1 for k in TRACKING_KEYS})
   packed = grain.experimental.FirstFitPackIterDataset(
       pieces, length_struct=length, num_packing_bins=num_packing_bins, seed=seed,
-      padding_struct={'inputs': 0, 'targets': -1})
+      padding_struct=padding)
   return packed.map(_to_row)

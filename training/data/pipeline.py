@@ -5,12 +5,13 @@ grain.checkpoint.CheckpointSave/CheckpointRestore).
 """
 
 import time
+from typing import Callable
 
 import grain
 import numpy as np
 from absl import flags
 
-from training.data import packing, sources, tasks
+from training.data import packing, position, sources, tasks
 
 SOURCES = sources.DOCUMENT_SOURCES + tasks.TASK_SOURCES
 _EVAL_OVERSAMPLE = 64  # windows read per window used: a wide sample, bounded reads
@@ -31,34 +32,50 @@ def _check_source(config) -> None:
 
 
 def _rows(config, split: str, process_index: int, process_count: int, *,
-          shuffle: bool) -> grain.IterDataset:
-  """Unbatched, endless rows of one process's shard of `split`."""
+          shuffle: bool, start: int = 0) -> tuple[grain.IterDataset, Callable[[int], int]]:
+  """Unbatched, endless rows of one process's share of `split`, tagged with stream positions.
+
+  The stream is global (its order does not depend on the process count): process p takes
+  global positions start + p + n*j (see training/data/position.py). Returns the rows and a
+  function giving the piece count of local document j (for the position tracker).
+  """
   _check_source(config)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
   if config.data.source in tasks.TASK_SOURCES:
     # Examples are random by index already; the split picks a disjoint random stream.
     rows = grain.MapDataset.source(tasks.make_task_source(config, split))
+    rows = rows.repeat()[start + process_index::process_count].map_with_index(_tag_row)
     # Generation is CPU-bound Python: reader threads only fight over the GIL (measured 8x slower
     # with grain's default 16 threads).
-    return rows[process_index::process_count].to_iter_dataset(grain.ReadOptions(num_threads=0))
+    return rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), lambda j: 1
   docs = grain.MapDataset.source(sources.make_document_source(config, split))
-  docs = docs[process_index::process_count]  # shard before shuffling: shards stay disjoint
   if len(docs) == 0:
-    raise ValueError(f'data.source={config.data.source!r} has no {split} documents for process '
-                     f'{process_index} of {process_count} (data.paths={config.data.paths!r}, '
+    raise ValueError(f'data.source={config.data.source!r} has no {split} documents '
+                     f'(data.paths={config.data.paths!r}, '
                      f'data.eval_fraction={config.data.eval_fraction}).')
   if shuffle:
-    docs = docs.shuffle(seed=config.seed)  # grain adds the epoch to the seed: new order each epoch
-  docs = docs.repeat()
+    # Shuffle globally, then shard: the order is the same for any process count. grain adds
+    # the epoch to the seed under repeat(): a new order each epoch.
+    docs = docs.shuffle(seed=config.seed)
+  local = docs.repeat()[start + process_index::process_count]
   # A few reader threads hide file latency; grain's default (16 threads, 500 docs) is too much here.
   read = grain.ReadOptions(num_threads=config.data.get('read_threads', 2),
                            prefetch_buffer_size=config.data.get('read_prefetch', 32))
-  return packing.pack_documents(
-      docs.to_iter_dataset(read), seq_len=config.seq_len,
+  rows = packing.pack_documents(
+      local.map_with_index(_tag_document).to_iter_dataset(read), seq_len=config.seq_len,
       num_packing_bins=config.data.num_packing_bins,
       seed=(config.seed + _PACKING_SEED_SALT) % 2**32,
-      shuffle_window=config.data.shuffle_window if shuffle else 0)
+      shuffle_window=config.data.shuffle_window if shuffle else 0, tracked=True)
+  return rows, lambda j: packing.num_pieces(len(local[j]), config.seq_len)
+
+
+def _tag_document(index: int, tokens) -> dict:
+  return {'tokens': tokens, 'doc': index}
+
+
+def _tag_row(index: int, row: dict) -> dict:
+  return {**row, 'doc': np.int32(index), 'pieces': np.int32(1)}
 
 
 def _eval_pieces(config, process_index: int, process_count: int, needed: int) -> list:
@@ -86,10 +103,14 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
   return [windows[k] for k in picked]
 
 
-def make_train_dataset(config, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """The training pipeline as a grain IterDataset (iterate it for batches)."""
-  ds = _rows(config, 'train', process_index, process_count, shuffle=config.data.shuffle)
+def make_train_dataset(config, *, process_index: int = 0, process_count: int = 1,
+                       start: int = 0) -> grain.IterDataset:
+  """The training pipeline as a grain IterDataset (iterate it for batches).
+
+  `start`: the global stream position this run begins at (0, or a resume point).
+  """
+  ds, count_pieces = _rows(config, 'train', process_index, process_count,
+                           shuffle=config.data.shuffle, start=start)
   ds = ds.batch(local_batch_size(config, process_count), drop_remainder=True)
   if config.data.worker_count > 0:
     # grain's workers read absl flags; a caller that never parsed flags (a script, a notebook)
@@ -97,19 +118,40 @@ def make_train_dataset(config, *, process_index: int = 0,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
-  return ds
+  return position.PositionTracker(ds, start=start, process_index=process_index,
+                                  process_count=process_count, count_pieces=count_pieces)
 
 
-def make_train_iterator(config, *, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
+                        start: int = 0) -> grain.DatasetIterator:
   """Infinite iterator of host-local batches.
 
   Each batch is a dict of int32 arrays [batch_size // process_count, seq_len]: inputs, targets
   (-1 = no loss), segment_ids (0 = padding) and positions. The iterator has get_state/set_state
-  and works with grain.checkpoint.CheckpointSave/CheckpointRestore.
+  and works with grain.checkpoint.CheckpointSave/CheckpointRestore; `position()` gives its
+  place in the global stream (training/data/position.py).
   """
   return iter(make_train_dataset(config, process_index=process_index,
-                                 process_count=process_count))
+                                 process_count=process_count, start=start))
+
+
+def resume_train_iterator(config, saved: dict[int, dict], *, process_index: int = 0,
+                          process_count: int = 1) -> tuple[grain.DatasetIterator, str]:
+  """The training iterator continued from per-process states `saved` ({process: get_state()}).
+
+  Same process count: each process restores its own state exactly ('exact'). Otherwise the
+  stream restarts at the saved resume point with empty buffers ('remapped'); what that
+  guarantees is stated in training/data/position.py.
+  """
+  mine = saved.get(process_index)
+  if mine is not None and mine['position']['process_count'] == process_count:
+    it = make_train_iterator(config, process_index=process_index, process_count=process_count,
+                             start=mine['position']['start'])
+    it.set_state(mine)
+    return it, 'exact'
+  start = position.resume_point(saved)
+  return make_train_iterator(config, process_index=process_index, process_count=process_count,
+                             start=start), 'remapped'
 
 
 def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
@@ -124,9 +166,10 @@ def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
                                 num_packing_bins=config.data.num_packing_bins,
                                 seed=(config.seed + _PACKING_SEED_SALT) % 2**32)
   else:
-    ds = _rows(config, 'eval', process_index, process_count, shuffle=False)
+    ds = _rows(config, 'eval', process_index, process_count, shuffle=False)[0]
   it = iter(ds.batch(local_batch_size(config, process_count), drop_remainder=True))
-  return [next(it) for _ in range(num_batches)]
+  return [{k: v for k, v in next(it).items() if k not in packing.TRACKING_KEYS}
+          for _ in range(num_batches)]
 
 
 def measure_tokens_per_sec(config, seconds: float = 3.0) -> float:
