@@ -17,6 +17,7 @@ import numpy as np
 
 from checkpoint.manager import Checkpointer, config_json
 from parallelism import distributed, mesh as mesh_lib, rules as rules_lib
+from parallelism.context import layout as context_layout
 from training import data as data_lib
 from training import perf, step as step_lib
 from training.composition import make_runtime
@@ -69,7 +70,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   setup = setup_model(config, mesh, runtime)
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
   b_sharding = batch_sharding(config, mesh)
-  eval_batches = [to_global(b, b_sharding) for b in data_lib.make_eval_batches(
+  layout = context_layout.host_layout(config, mesh)  # zigzag for context parallelism, else id
+  eval_batches = [to_global(layout(b), b_sharding) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
@@ -82,11 +84,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   constrain_micro = lambda x: jax.lax.with_sharding_constraint(x, b_sharding)
   train_step = jax.jit(step_lib.make_train_step(setup, config.optimizer.grad_accum_steps,
-                                                constrain_micro),
+                                                constrain_micro, config.attention.loss_chunk),
                        in_shardings=(setup.shardings, b_sharding),
                        out_shardings=(setup.shardings, rules_lib.replicated(mesh)),
                        donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(setup),
+  eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
                       in_shardings=(setup.shardings.params, b_sharding))
 
   tokens_per_step = config.batch_size * config.seq_len
@@ -137,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = to_global(next(train_iter), b_sharding)
+      batch = to_global(layout(next(train_iter)), b_sharding)
       state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
