@@ -7,9 +7,9 @@ backward pass recompute each block's probabilities from the saved log-sum-exp in
 storing them.
 
 Masking is by segment ids and positions (see `modeling/attention.py`). A block pair is skipped
-(`lax.cond`) when its [min, max] summaries prove every entry is masked: segment ranges that do
-not overlap, every query position before every key position (causal), or every pair further
-apart than the sliding window. The proof is conservative, so skipping never changes results;
+(`lax.cond`) when per-block summaries prove every entry is masked (`block_table`): segment
+ranges that do not overlap, every query before every key in (segment, position) order
+(causal), or every pair further apart than the sliding window. The proof is conservative, so skipping never changes results;
 it is made for the whole local batch at once, so a block is computed if any row needs it.
 
 `flash_forward` / `flash_backward` are also the per-step kernels of ring attention and
@@ -38,26 +38,36 @@ def fit_block(length: int, block: int, key: str) -> int:
 
 
 def _summaries(segment_ids_BL, positions_BL, block: int):
-  """Per block: (min segment, max segment, min position, max position), each [B, n]."""
+  """Per block, each [B, n]: min/max segment, min/max position, and the (segment, position)
+  pairs that are smallest and largest in lexicographic order (segment first)."""
   B, L = segment_ids_BL.shape
-  seg = segment_ids_BL.reshape(B, L // block, block)
-  pos = positions_BL.reshape(B, L // block, block)
-  return seg.min(-1), seg.max(-1), pos.min(-1), pos.max(-1)
+  seg = jnp.asarray(segment_ids_BL, jnp.int32).reshape(B, L // block, block)
+  pos = jnp.asarray(positions_BL, jnp.int32).reshape(B, L // block, block)
+  s0, s1 = seg.min(-1), seg.max(-1)
+  big = jnp.iinfo(jnp.int32).max
+  p_at_s0 = jnp.where(seg == s0[..., None], pos, big).min(-1)
+  p_at_s1 = jnp.where(seg == s1[..., None], pos, -big).max(-1)
+  return dict(s0=s0, s1=s1, p0=pos.min(-1), p1=pos.max(-1), p_at_s0=p_at_s0, p_at_s1=p_at_s1)
 
 
 def block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
                 window: int, block_q: int, block_kv: int):
-  """Bool [nq, nk]: may any query of block i (in any batch row) see any key of block j."""
-  qs0, qs1, qp0, qp1 = (x[:, :, None] for x in _summaries(q_segment_ids, q_positions, block_q))
-  ks0, ks1, kp0, kp1 = (x[:, None, :] for x in _summaries(kv_segment_ids, kv_positions,
-                                                          block_kv))
-  live = (qs0 <= ks1) & (ks0 <= qs1)
+  """Bool [nq, nk]: may any query of block i (in any batch row) see any key of block j.
+
+  A pair is dead when the segment ranges do not overlap; when causal, also when every query
+  comes before every key in (segment, position) order (this proves packed rows' blocks dead
+  across a document boundary, where positions alone restart); with a window, when every
+  query is a window or more past every key (or, not causal, before).
+  """
+  q = {k: v[:, :, None] for k, v in _summaries(q_segment_ids, q_positions, block_q).items()}
+  k = {k: v[:, None, :] for k, v in _summaries(kv_segment_ids, kv_positions, block_kv).items()}
+  live = (q['s0'] <= k['s1']) & (k['s0'] <= q['s1'])
   if causal:
-    live &= qp1 >= kp0
+    live &= (q['s1'] > k['s0']) | ((q['s1'] == k['s0']) & (q['p_at_s1'] >= k['p_at_s0']))
   if window:
-    live &= qp0 - kp1 < window
+    live &= q['p0'] - k['p1'] < window
     if not causal:
-      live &= kp0 - qp1 < window
+      live &= k['p0'] - q['p1'] < window
   return live.any(axis=0)
 
 
