@@ -47,7 +47,7 @@ def _summaries(segment_ids_BL, positions_BL, block: int):
   big = jnp.iinfo(jnp.int32).max
   p_at_s0 = jnp.where(seg == s0[..., None], pos, big).min(-1)
   p_at_s1 = jnp.where(seg == s1[..., None], pos, -big).max(-1)
-  return dict(s0=s0, s1=s1, p0=pos.min(-1), p1=pos.max(-1), p_at_s0=p_at_s0, p_at_s1=p_at_s1)
+  return {'s0': s0, 's1': s1, 'p0': pos.min(-1), 'p1': pos.max(-1), 'p_at_s0': p_at_s0, 'p_at_s1': p_at_s1}
 
 
 def block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,

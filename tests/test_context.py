@@ -10,7 +10,8 @@ original order: outputs within 1e-5, dq/dk/dv within 1e-4. A 3-step training run
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import base
 from modeling.attention import KERNELS, self_attention_kwargs, xla_attention
@@ -117,7 +118,7 @@ def test_zigzag_layout_round_trip_and_balance():
   L = 1024
   seg, pos = np.ones((1, L), np.int32), np.arange(L)[None]
   for n in (2, 4, 8):
-    kw = dict(heads=1, head_dim=1, block=32)
+    kw = {'heads': 1, 'head_dim': 1, 'block': 32}
     zig = balance.imbalance(balance.attention_flops(seg, layout.to_zigzag(pos, n), n, **kw))
     tok = balance.imbalance(balance.attention_flops(seg, layout.to_zigzag(pos, n), n,
                                                     owner='key', **kw))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from modeling import blockwise
+from modeling.attention import MASK_VALUE
 from parallelism.context.sharded import ContextAxis, merge
 
 
@@ -38,16 +39,19 @@ def _kernel_kwargs(st: Static):
 
 def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
   kw = _kernel_kwargs(st)
-  o, lse = blockwise.flash_forward(q, k, v, qseg, kseg, qpos, kpos, **kw)
 
-  def step(_, carry):
+  def step(s, carry):
     o, lse, kv = carry
-    kv = st.axis.shift(kv, +1)  # now holding the block of device (i - s) mod N
+    # From step 1 on, hold the block of device (i - s) mod N. (A cond, not a peeled step 0,
+    # so the kernel is traced once.)
+    kv = jax.lax.cond(s > 0, lambda kv: st.axis.shift(kv, +1), lambda kv: kv, kv)
     o_s, lse_s = blockwise.flash_forward(q, kv[0], kv[1], qseg, kv[2], qpos, kv[3], **kw)
     o, lse = merge(o, lse, o_s, lse_s)
     return o, lse, kv
 
-  o, lse, _ = jax.lax.fori_loop(1, st.axis.size, step, (o, lse, (k, v, kseg, kpos)))
+  o0 = jnp.zeros(q.shape, jnp.float32)
+  lse0 = jnp.full(q.shape[:3], MASK_VALUE, jnp.float32)
+  o, lse, _ = jax.lax.fori_loop(0, st.axis.size, step, (o0, lse0, (k, v, kseg, kpos)))
   return o, lse
 
 
@@ -66,26 +70,23 @@ def _ring_bwd(st: Static, res, do):
   q, k, v, qseg, kseg, qpos, kpos, o, lse = res
   kw = _kernel_kwargs(st)
   delta = blockwise.output_delta(o, do)
+  last = st.axis.size - 1
 
-  def grads_here(kv, dq, dkv):
+  def step(s, carry):
+    dq, kv, dkv = carry
     k_, v_, kseg_, kpos_ = kv
     dq_s, dk_s, dv_s = blockwise.flash_backward(q, k_, v_, qseg, kseg_, qpos, kpos_, lse, delta,
                                                 do, **kw)
-    return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
-
-  def step(_, carry):
-    dq, kv, dkv = carry
-    dq, dkv = grads_here(kv, dq, dkv)
-    kv, dkv = st.axis.shift((kv, dkv), +1)
+    dq, dkv = dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+    # (K, V, dK, dV) move on together; the N-th hop brings dK/dV home and K/V need not travel.
+    kv, dkv = jax.lax.cond(s < last, lambda kv, dkv: st.axis.shift((kv, dkv), +1),
+                           lambda kv, dkv: (kv, st.axis.shift(dkv, +1)), kv, dkv)
     return dq, kv, dkv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dq, kv, dkv = jax.lax.fori_loop(0, st.axis.size - 1, step,
-                                  (jnp.zeros(q.shape, jnp.float32), (k, v, kseg, kpos),
-                                   (zeros, zeros)))
-  dq, dkv = grads_here(kv, dq, dkv)
-  if st.axis.size > 1:
-    dkv = st.axis.shift(dkv, +1)  # the N-th hop brings dK/dV home; K/V need not travel
+  dq, _, dkv = jax.lax.fori_loop(0, st.axis.size, step,
+                                 (jnp.zeros(q.shape, jnp.float32), (k, v, kseg, kpos),
+                                  (zeros, zeros)))
   return (dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype),
           None, None, None, None)
 
