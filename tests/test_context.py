@@ -34,8 +34,8 @@ def _config(impl: str, context: int, **mesh):
   return c
 
 
-# Context size -> the rest of the mesh: tensor-parallel heads and data-parallel batch too.
-MESHES = {2: {'data': 2, 'tensor': 2}, 4: {'data': 2}, 8: {}}
+# Context size -> the rest of the mesh: batch over data or fsdp, heads over tensor.
+MESHES = {2: {'data': 2, 'tensor': 2}, 4: {'fsdp': 2}, 8: {}}
 
 
 def _loss(attend, q, k, v, seg, pos, causal, window):
@@ -176,11 +176,12 @@ def _batches():
   return out
 
 
-def _train(c, devices):
+def _train(c, devices, state=None):
   mesh = mesh_lib.make_mesh(c.mesh, devices)
   runtime = make_runtime(c, mesh)
   setup = setup_model(c, mesh, runtime)
-  state = init_train_state(c, setup, runtime)
+  if state is None:
+    state = init_train_state(c, setup, runtime)
   b_sharding = rules_lib.named_sharding((BATCH, SEQ), ('batch', 'length'), c.parallelism.rules,
                                         mesh, 'batch')
   step = jax.jit(step_lib.make_train_step(setup, loss_chunk=c.attention.loss_chunk),
@@ -192,7 +193,7 @@ def _train(c, devices):
     batch = {k: jax.device_put(v, b_sharding) for k, v in to_host_layout(b).items()}
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
-  return np.array(losses), jax.device_get(state.params)
+  return np.array(losses), jax.device_get(state.params), state
 
 
 @pytest.fixture(scope='module')
@@ -202,10 +203,21 @@ def single_device_run():
   return _train(c, jax.devices()[:1])
 
 
+@pytest.fixture(scope='module')
+def initial_state():
+  """One initialisation on mesh (data=2, context=4) for every implementation: the parameter
+  shardings do not depend on the attention implementation."""
+  c = _train_config('ring', data=2, context=4)
+  mesh = mesh_lib.make_mesh(c.mesh)
+  runtime = make_runtime(c, mesh)
+  return init_train_state(c, setup_model(c, mesh, runtime), runtime)
+
+
 @pytest.mark.parametrize('impl', ['allgather', 'ring', 'token_ring'])
-def test_training_run_matches_single_device(impl, single_device_run):
-  ref_losses, ref_params = single_device_run
-  losses, params = _train(_train_config(impl, data=2, context=4), jax.devices())
+def test_training_run_matches_single_device(impl, single_device_run, initial_state):
+  ref_losses, ref_params, _ = single_device_run
+  losses, params, _ = _train(_train_config(impl, data=2, context=4), jax.devices(),
+                             initial_state)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(ref_params)):

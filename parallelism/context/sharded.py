@@ -33,6 +33,8 @@ class ContextAxis:
 
   def send(self, tree, pairs):
     """ppermute along (source, destination) pairs; devices no pair reaches receive zeros."""
+    if self.size == 1:  # nothing to send (a context axis of one device)
+      return tree
     pairs = [(s % self.size, d % self.size) for s, d in pairs]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, self._name(), pairs), tree)
 
@@ -92,6 +94,9 @@ def shard_attend(local_fn: LocalFn, mesh: Mesh, rules):
       return local_fn(q, k, v, qseg, kseg, qpos, kpos, axis=axis, causal=causal,
                       window=int(window))
 
+    # check_vma=False: the bodies branch on the device index (lax.cond, jnp.where) and use
+    # partial permutations; their custom VJPs do their own collectives, so JAX's
+    # varying-manual-axes tracking has nothing to add.
     return jax.shard_map(body, mesh=mesh,
                          in_specs=(q_spec, q_spec, q_spec, ids_spec, ids_spec, ids_spec, ids_spec),
                          out_specs=q_spec, check_vma=False)(
