@@ -1,8 +1,9 @@
-"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]"""
+"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VAL ...]"""
 
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -13,6 +14,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain narrate every step at INFO
   from training import loop  # after flag parsing, so --help stays fast
   row = loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.getLogger('loomax').info('done: %s', {k: round(v, 4) if isinstance(v, float) else v

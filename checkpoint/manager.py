@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 

@@ -49,22 +49,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training
   m.kv_routing.stop_gradient = False # borrowed K/V carry no gradient into their source layer
   m.kv_routing.cache_every = 1       # inference plan: every g-th layer keeps a KV cache
+  # CART looped core (modeling/cart.py); read only when model.name='cart'.
+  m.cart = ml_collections.ConfigDict()
+  m.cart.prelude_layers = 6          # P: distinct causal self-attention layers before the loop
+  m.cart.coda_layers = 1             # distinct self-attention layers after the loop
+  m.cart.loops = 6                   # R: core applications in training (model called with rng)
+  m.cart.eval_loops = 0              # R when the model is called with rng=None (eval); 0 = loops
+  m.cart.max_loops = 16              # rows of the sinusoidal loop-index table: the largest R
+  m.cart.loop_embed_dim = 32         # width of the sinusoidal loop-index code
+  m.cart.kv_latent_dim = 0           # low-rank K/V latent width; 0 = d_model // 4
+  m.cart.hyper_connections = True    # softmax blend of the last hyper_slots states; False = newest
+  m.cart.hyper_slots = 3
+  m.cart.lti_gate = True             # h = sigmoid(a) * hh + block(hh); False: h = block(hh)
+  m.cart.lti_init = 0.9              # initial sigmoid(a) (the spectral radius rho at init)
+  m.cart.loop_embedding = True       # add W_lie @ pe[r] to the state before core application r
+  m.cart.recompute_kv = False        # ablation: K/V projected from the current state every loop
+  m.cart.shared_core = True          # False (ablation): R distinct core blocks, no weight tying
+  m.cart.remat_loop = 'none'         # remat policy per core application (names as model.remat)
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()
-  a.impl = 'xla'                     # xla | jax_nn (jax.nn.dot_product_attention; cuDNN on GPU) | blockwise
+  # xla | jax_nn (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise
+  a.impl = 'xla'
   a.block_q = 512                    # blockwise: query block
   a.block_kv = 512                   # blockwise: key/value block
-  a.loss_chunk = 0                   # >0: LM head + cross-entropy over sequence chunks of N tokens
+  a.loss_chunk = 0                   # >0: LM head + loss over sequence chunks of N tokens
 
   # --- data (training/data/) ---
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'local_text'            # local_text | text | jsonl | array_record | synthetic | passkey | mqar
-  d.paths = ''                       # glob(s), comma-separated; '' with local_text = Python stdlib *.py
+  # local_text | text | jsonl | array_record | synthetic | passkey | mqar
+  d.source = 'local_text'
+  d.paths = ''                       # comma-separated globs; '' with local_text = stdlib *.py
   d.text_field = 'text'              # jsonl: field holding the document
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
+  d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)
+  d.read_threads = 2                 # file reader threads
+  d.read_prefetch = 32               # documents read ahead
   d.worker_count = 0                 # grain worker processes (0 = in-process)
   d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len)
   d.mqar_num_pairs = 16              # mqar: key-value pairs per example
@@ -116,7 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dist.coordinator = ''              # host:port; '' = single process (or env LOOMAX_COORDINATOR)
   dist.num_processes = 1
   dist.process_id = 0
-  dist.init_timeout_s = 120          # give up waiting for peers after this long
+  dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long
+  dist.heartbeat_timeout_s = 100     # a silent peer is declared dead (and the run stops) after this
 
   # --- checkpoints (checkpoint/) ---
   ck = c.checkpoint = ml_collections.ConfigDict()

@@ -72,12 +72,17 @@ class Embedding(nnx.Module):
   """Token embedding; `attend` reuses the table as a tied output head."""
 
   def __init__(self, vocab_size: int, d_model: int, *, init_std: float, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, constrain: ax.Constrain = ax.unconstrained):
     self.table = param(rngs, normal(init_std), (vocab_size, d_model), (ax.VOCAB, ax.EMBED),
                        param_dtype)
+    self.constrain = constrain
 
   def __call__(self, tokens_BL: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.table[...], tokens_BL, axis=0).astype(dtype)
+    # Gather the whole table first (as FSDP does for every weight): a lookup into a table
+    # sharded over vocab and embed makes the partitioner replicate activations instead.
+    table_VD = self.constrain(self.table[...], (None, None))
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     return x_BLD @ self.table[...].astype(x_BLD.dtype).T

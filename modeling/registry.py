@@ -6,7 +6,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from modeling import transformer
+from modeling import cart, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token),
+    'cart': Family(cart.Cart, cart.forward_flops_per_token),
 }
 
 

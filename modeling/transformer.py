@@ -27,7 +27,7 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """What the composition root hands a model: how to attend and how to pin activations."""
+  """What the composition root hands a model: how to attend, how to pin activations."""
   attend: AttendFn = xla_attention
   constrain: ax.Constrain = ax.unconstrained
 
@@ -55,7 +55,8 @@ class Attention(nnx.Module):
     self.wq = layers.param(rngs, layers.normal(std), (D, H, Dh), (ax.EMBED, ax.HEADS, None), pdt)
     self.wk = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
     self.wv = layers.param(rngs, layers.normal(std), (D, K, Dh), (ax.EMBED, ax.KV_HEADS, None), pdt)
-    self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED), pdt)
+    self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED),
+                           pdt)
     self.rope_theta = cfg.rope_theta if use_rope in (None, True) else 0.0
     self.causal, self.window = causal, window
     self.dtype = dtype_of(cfg.dtype)
@@ -118,7 +119,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.runtime = runtime
     self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, rngs=rngs,
-                                  param_dtype=pdt)
+                                  param_dtype=pdt, constrain=runtime.constrain)
     if cfg.scan_layers:
       self.blocks = _stacked_blocks(cfg, rngs, runtime)
     else:
@@ -132,8 +133,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BL, *, segment_ids, positions, rng=None):
     """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary."""
     del rng  # the dense model is deterministic
-    x_BLD = self.runtime.constrain(self.embed(tokens_BL, dtype_of(self.cfg.dtype)),
-                                   (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    x_BLD = self.embed(tokens_BL, dtype_of(self.cfg.dtype))
     x_BLD = apply_blocks(self.blocks, x_BLD, scanned=self.cfg.scan_layers,
                          remat=self.cfg.remat, segment_ids=segment_ids, positions=positions)
     return self.final_norm(x_BLD)

@@ -34,4 +34,5 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
   # Only the CPU backend reads this; it must be set before any backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
-                             initialization_timeout=int(dist.init_timeout_s))
+                             initialization_timeout=int(dist.init_timeout_s),
+                             heartbeat_timeout_seconds=int(dist.heartbeat_timeout_s))

@@ -159,19 +159,9 @@ def _mesh(c):
 
 
 def train_step_program(c):
-  mesh = _mesh(c)
-  runtime = make_runtime(c, mesh)
-  setup = setup_model(c, mesh, runtime)
-  b_sharding = rules_lib.named_sharding((c.batch_size, c.seq_len), ('batch', 'length'),
-                                        c.parallelism.rules, mesh, 'batch')
-  step = jax.jit(step_lib.make_train_step(setup, loss_chunk=c.attention.loss_chunk),
-                 in_shardings=(setup.shardings, b_sharding),
-                 out_shardings=(setup.shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  abstract_batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), np.int32,
-                                            sharding=b_sharding)
-                    for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  compiled = step.lower(setup.abstract, abstract_batch).compile()
-  return compiled, (mesh, runtime, setup, b_sharding)
+  """The compiled train step (compile only) and its TrainProgram."""
+  program = build_program(c, _mesh(c))
+  return program.compiled_train_step(), program
 
 
 def attention_program(c):
@@ -194,21 +184,19 @@ def attention_program(c):
       int_arg).compile()
 
 
-def random_batch(c, b_sharding):
+def random_batch(c, program):
   r = np.random.RandomState(0)
   L = c.seq_len
   inputs = r.randint(0, c.model.vocab_size, (1, L)).astype(np.int32)
-  batch = {'inputs': inputs, 'targets': np.roll(inputs, -1, 1),
-           'segment_ids': np.ones((1, L), np.int32), 'positions': np.arange(L, dtype=np.int32)[None]}
-  return {k: jax.device_put(v, b_sharding) for k, v in
-          layout.host_layout(c, _mesh(c))(batch).items()}
+  return program.global_batch({  # zigzag layout when context parallel
+      'inputs': inputs, 'targets': np.roll(inputs, -1, 1),
+      'segment_ids': np.ones((1, L), np.int32), 'positions': np.arange(L, dtype=np.int32)[None]})
 
 
-def time_step(c, compiled, ctx, repeats: int, warmup: bool = True):
+def time_step(c, compiled, program, repeats: int, warmup: bool = True):
   """(median, min, max) seconds of `repeats` steps after an untimed warm-up, and the loss."""
-  _, runtime, setup, b_sharding = ctx
-  state = init_train_state(c, setup, runtime)
-  batch = random_batch(c, b_sharding)
+  state = program.init_state()
+  batch = random_batch(c, program)
   times = []
   for i in range(repeats + int(warmup)):
     t0 = time.perf_counter()

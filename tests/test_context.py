@@ -8,20 +8,16 @@ original order: outputs within 1e-5, dq/dk/dv within 1e-4. A 3-step training run
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from configs import base
 from modeling.attention import KERNELS, self_attention_kwargs, xla_attention
 from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
 from parallelism.context import balance, cost, layout, make_context_attend
 from tests import attention_data as data
-from training import step as step_lib
-from training.composition import make_runtime
-from training.state import init_train_state, setup_model
+from training.program import build_program
 
 
 def _config(impl: str, context: int, **mesh):
@@ -177,23 +173,14 @@ def _batches():
 
 
 def _train(c, devices, state=None):
-  mesh = mesh_lib.make_mesh(c.mesh, devices)
-  runtime = make_runtime(c, mesh)
-  setup = setup_model(c, mesh, runtime)
-  if state is None:
-    state = init_train_state(c, setup, runtime)
-  b_sharding = rules_lib.named_sharding((BATCH, SEQ), ('batch', 'length'), c.parallelism.rules,
-                                        mesh, 'batch')
-  step = jax.jit(step_lib.make_train_step(setup, loss_chunk=c.attention.loss_chunk),
-                 in_shardings=(setup.shardings, b_sharding),
-                 out_shardings=(setup.shardings, NamedSharding(mesh, P())))
-  to_host_layout = layout.host_layout(c, mesh)
+  program = build_program(c, mesh_lib.make_mesh(c.mesh, devices))
+  # The step donates its state: train on a copy, so a shared initial state stays usable.
+  state = program.init_state() if state is None else jax.tree.map(jnp.copy, state)
   losses = []
   for b in _batches():
-    batch = {k: jax.device_put(v, b_sharding) for k, v in to_host_layout(b).items()}
-    state, metrics = step(state, batch)
+    state, metrics = program.train_step(state, program.global_batch(b))  # zigzag if context
     losses.append(float(metrics['loss']))
-  return np.array(losses), jax.device_get(state.params), state
+  return np.array(losses), jax.device_get(state.params)
 
 
 @pytest.fixture(scope='module')
@@ -208,15 +195,13 @@ def initial_state():
   """One initialisation on mesh (data=2, context=4) for every implementation: the parameter
   shardings do not depend on the attention implementation."""
   c = _train_config('ring', data=2, context=4)
-  mesh = mesh_lib.make_mesh(c.mesh)
-  runtime = make_runtime(c, mesh)
-  return init_train_state(c, setup_model(c, mesh, runtime), runtime)
+  return build_program(c, mesh_lib.make_mesh(c.mesh)).init_state()
 
 
 @pytest.mark.parametrize('impl', ['allgather', 'ring', 'token_ring'])
 def test_training_run_matches_single_device(impl, single_device_run, initial_state):
-  ref_losses, ref_params, _ = single_device_run
-  losses, params, _ = _train(_train_config(impl, data=2, context=4), jax.devices(),
+  ref_losses, ref_params = single_device_run
+  losses, params = _train(_train_config(impl, data=2, context=4), jax.devices(),
                              initial_state)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),

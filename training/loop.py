@@ -16,30 +16,19 @@ import ml_collections
 import numpy as np
 
 from checkpoint.manager import Checkpointer, config_json
-from parallelism import distributed, mesh as mesh_lib, rules as rules_lib
-from parallelism.context import layout as context_layout
+from modeling import registry
+from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib
-from training import perf, step as step_lib
-from training.composition import make_runtime
+from training import perf
 from training.monitor import MetricWriter, Progress
-from training.state import count_params, init_train_state, setup_model
+from training.program import build_program
+from training.state import count_params
 
 log = logging.getLogger('loomax')
 
 
 class NonFiniteLoss(RuntimeError):
   pass
-
-
-def batch_sharding(config, mesh):
-  return rules_lib.named_sharding((config.batch_size, config.seq_len), ('batch', 'length'),
-                                  config.parallelism.rules, mesh, 'batch')
-
-
-def to_global(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Host-local rows -> one global array per key (each process passes only its rows)."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -66,30 +55,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
            mesh.devices.size, nproc)
 
-  runtime = make_runtime(config, mesh)
-  setup = setup_model(config, mesh, runtime)
+  program = build_program(config, mesh)
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
-  b_sharding = batch_sharding(config, mesh)
-  layout = context_layout.host_layout(config, mesh)  # zigzag for context parallelism, else id
-  eval_batches = [to_global(layout(b), b_sharding) for b in data_lib.make_eval_batches(
+  eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                       keep_every=config.checkpoint.keep_every,
                       async_save=config.checkpoint.async_save)
-  state = _restore_or_init(config, setup, runtime, ckpt, train_iter)
+  state = _restore_or_init(config, program, ckpt, train_iter)
   start = int(state.step)
   n_params = count_params(state.params)
   log.info('%s: %s parameters, starting at step %d', config.model.name, f'{n_params:,}', start)
+  describe = getattr(registry.get_family(config.model.name).build, 'describe', None)
+  if describe is not None:  # optional one-line family summary, e.g. CART's effective params
+    log.info('%s', describe(config.model))
 
-  constrain_micro = lambda x: jax.lax.with_sharding_constraint(x, b_sharding)
-  train_step = jax.jit(step_lib.make_train_step(setup, config.optimizer.grad_accum_steps,
-                                                constrain_micro, config.attention.loss_chunk),
-                       in_shardings=(setup.shardings, b_sharding),
-                       out_shardings=(setup.shardings, rules_lib.replicated(mesh)),
-                       donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
-                      in_shardings=(setup.shardings.params, b_sharding))
+  train_step, eval_step = program.train_step, program.eval_step
 
   tokens_per_step = config.batch_size * config.seq_len
   flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
@@ -139,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = to_global(layout(next(train_iter)), b_sharding)
+      batch = program.global_batch(next(train_iter))
       state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
@@ -175,18 +157,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return last_row
 
 
-def _restore_or_init(config, setup, runtime, ckpt: Checkpointer, train_iter):
+def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):
   resume = config.resume
   if resume:
     source = ckpt if resume == 'auto' else Checkpointer(resume, async_save=False)
     step = source.latest_step()
     if step is not None:
-      state, _ = source.restore(step, setup.abstract, train_iter)
+      state, _ = source.restore(step, program.setup.abstract, train_iter)
       log.info('resumed from %s at step %d', source.directory, step)
       return state
     if resume != 'auto':
       raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
-  return init_train_state(config, setup, runtime)
+  return program.init_state()
 
 
 def _install_signal_handlers():

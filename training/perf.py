@@ -1,5 +1,7 @@
 """Model FLOPs, measured matmul peak and MFU, counted as ../shared/MEASURING.md says."""
 
+import math
+import re
 import time
 
 import jax
@@ -51,3 +53,69 @@ def compiled_memory_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
              - m.alias_size_in_bytes)
+
+
+_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+_INSTR = re.compile(r'=\s*(.*?)\s(' + '|'.join(_COLLECTIVES) + r')(-start)?\((.*)$')
+_SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+_GROUPS_LIST = re.compile(r'replica_groups=\{\{([\d,]*)\}')
+_GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]')
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\].*?\}?\s*\{([^}]*)\}")
+
+
+def _shapes_bytes(text: str) -> list[int]:
+  return [_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+          for dtype, dims in _SHAPE.findall(text)]
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+  if m := _GROUPS_MESH.search(attrs):
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+  if m := _GROUPS_LIST.search(attrs):
+    return len(m.group(1).split(','))
+  if m := _GROUPS_IOTA.search(attrs):
+    return int(m.group(2))
+  return num_devices
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
+  """Bytes each device sends per step, by collective kind, from optimized HLO text.
+
+  From each collective's per-device result of R bytes in a group of N devices, counted as a
+  bandwidth-optimal ring moves them: all-reduce 2(N-1)/N R, all-gather and all-to-all
+  (N-1)/N R, reduce-scatter (N-1) R (its input is N R), collective-permute R.
+  """
+  out = {k: 0.0 for k in _COLLECTIVES}
+  for line in hlo_text.splitlines():
+    m = _INSTR.search(line)
+    if not m:
+      continue
+    result_type, kind, is_async, attrs = m.groups()
+    sizes = _shapes_bytes(result_type)
+    if not sizes:
+      continue
+    # An async start returns (operand, output, ...): the largest buffer is the output.
+    r = max(sizes) if is_async else sum(sizes)
+    n = _group_size(attrs, num_devices)
+    if n <= 1:
+      continue
+    factor = {'all-reduce': 2 * (n - 1) / n, 'all-gather': (n - 1) / n,
+              'reduce-scatter': n - 1, 'all-to-all': (n - 1) / n, 'collective-permute': 1.0}[kind]
+    out[kind] += factor * r
+  out['total'] = sum(out.values())
+  return out
+
+
+def time_call(fn, repeats: int = 5) -> dict[str, float]:
+  """Median/min/max seconds of `fn()` (which must block), after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return {'median': float(np.median(times)), 'min': float(np.min(times)),
+          'max': float(np.max(times))}

@@ -68,8 +68,8 @@ def make_train_step(setup: ModelSetup, accum_steps: int = 1,
     metrics = {
         'loss': total / denom,
         'tokens': count,
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
         'lr': schedule(state.step),
     }
     model = nnx.merge(graphdef, params)

@@ -36,14 +36,19 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pack_documents(docs: grain.IterDataset, *, seq_len: int, num_packing_bins: int,
-                   seed: int) -> grain.IterDataset:
+                   seed: int, shuffle_window: int = 0) -> grain.IterDataset:
   """Documents (int32 token arrays) -> rows of `seq_len` with segment_ids and positions.
 
   Padding (at the end of a row) has input 0, target -1, segment 0 and position 0.
+  `shuffle_window` > 0 shuffles pieces within a window, so a long document's pieces spread
+  over many batches instead of filling consecutive ones.
   """
   if num_packing_bins < 1:
     raise ValueError(f'data.num_packing_bins={num_packing_bins} must be >= 1.')
   pieces = grain.experimental.FlatMapIterDataset(docs, SplitDocument(seq_len))
+  if shuffle_window > 0:
+    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=shuffle_window,
+                                                         seed=seed)
   length: Any = {'inputs': seq_len, 'targets': seq_len}
   packed = grain.experimental.FirstFitPackIterDataset(
       pieces, length_struct=length, num_packing_bins=num_packing_bins, seed=seed,

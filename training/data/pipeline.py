@@ -13,6 +13,7 @@ from absl import flags
 from training.data import packing, sources, tasks
 
 SOURCES = sources.DOCUMENT_SOURCES + tasks.TASK_SOURCES
+_EVAL_OVERSAMPLE = 64  # windows read per window used: a wide sample, bounded reads
 _PACKING_SEED_SALT = 0x9E3779B9  # packing's bin shuffle must not reuse the document-order seed
 
 
@@ -56,7 +57,33 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
   return packing.pack_documents(
       docs.to_iter_dataset(read), seq_len=config.seq_len,
       num_packing_bins=config.data.num_packing_bins,
-      seed=(config.seed + _PACKING_SEED_SALT) % 2**32)
+      seed=(config.seed + _PACKING_SEED_SALT) % 2**32,
+      shuffle_window=config.data.shuffle_window if shuffle else 0)
+
+
+def _eval_pieces(config, process_index: int, process_count: int, needed: int) -> list:
+  """Held-out windows of seq_len + 1 tokens drawn across the whole eval split.
+
+  Taking the first documents in order would measure a handful of files; instead every
+  document is cut into windows and a fixed-seed sample of all windows is kept.
+  """
+  docs = sources.make_document_source(config, 'eval')
+  order = np.random.default_rng(config.seed).permutation(len(docs))[process_index::process_count]
+  if len(order) == 0:
+    raise ValueError(f'data.source={config.data.source!r} has no eval documents for process '
+                     f'{process_index} of {process_count} (data.eval_fraction='
+                     f'{config.data.eval_fraction}).')
+  L = config.seq_len
+  windows, cap = [], _EVAL_OVERSAMPLE * needed
+  for i in order:
+    tokens = np.asarray(docs[int(i)], np.int32)
+    windows.extend(tokens[j:j + L + 1] for j in range(0, max(len(tokens) - 1, 0), L))
+    if len(windows) >= cap:
+      break
+  if not windows:
+    raise ValueError('the eval split has no document of 2 or more tokens')
+  picked = np.random.default_rng(config.seed + 1).permutation(len(windows))
+  return [windows[k] for k in picked]
 
 
 def make_train_dataset(config, *, process_index: int = 0,
@@ -88,7 +115,16 @@ def make_train_iterator(config, *, process_index: int = 0,
 def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """Deterministic held-out batches (the same every call); cycles if the eval split is small."""
-  ds = _rows(config, 'eval', process_index, process_count, shuffle=False)
+  if config.data.source in sources.DOCUMENT_SOURCES:
+    rows = local_batch_size(config, process_count)
+    pieces = _eval_pieces(config, process_index, process_count, num_batches * rows)
+    docs = grain.MapDataset.source(pieces).repeat().to_iter_dataset(
+        grain.ReadOptions(num_threads=0))
+    ds = packing.pack_documents(docs, seq_len=config.seq_len,
+                                num_packing_bins=config.data.num_packing_bins,
+                                seed=(config.seed + _PACKING_SEED_SALT) % 2**32)
+  else:
+    ds = _rows(config, 'eval', process_index, process_count, shuffle=False)
   it = iter(ds.batch(local_batch_size(config, process_count), drop_remainder=True))
   return [next(it) for _ in range(num_batches)]
 
