@@ -9,8 +9,9 @@ storing them.
 Masking is by segment ids and positions (see `modeling/attention.py`). A block pair is skipped
 (`lax.cond`) when per-block summaries prove every entry is masked (`block_table`): segment
 ranges that do not overlap, every query before every key in (segment, position) order
-(causal), or every pair further apart than the sliding window. The proof is conservative, so skipping never changes results;
-it is made for the whole local batch at once, so a block is computed if any row needs it.
+(causal), or every pair further apart than the sliding window. The proof is conservative,
+so skipping never changes results; it is made for the whole local batch at once, so a block
+is computed if any row needs it.
 
 `flash_forward` / `flash_backward` are also the per-step kernels of ring attention and
 TokenRing (`parallelism/context/`), which merge partial results by their log-sum-exp.
@@ -47,7 +48,8 @@ def _summaries(segment_ids_BL, positions_BL, block: int):
   big = jnp.iinfo(jnp.int32).max
   p_at_s0 = jnp.where(seg == s0[..., None], pos, big).min(-1)
   p_at_s1 = jnp.where(seg == s1[..., None], pos, -big).max(-1)
-  return {'s0': s0, 's1': s1, 'p0': pos.min(-1), 'p1': pos.max(-1), 'p_at_s0': p_at_s0, 'p_at_s1': p_at_s1}
+  return {'s0': s0, 's1': s1, 'p0': pos.min(-1), 'p1': pos.max(-1), 'p_at_s0': p_at_s0,
+          'p_at_s1': p_at_s1}
 
 
 def block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
@@ -110,7 +112,7 @@ def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posit
 
     def kv_step(j, carry):
       def compute(carry):
-        m, l, acc = carry
+        m, row_sum, acc = carry
         mask = attention_mask(qseg, kseg_blk[j], qpos, kpos_blk[j], causal=causal, window=window)
         s = _scores(q, k_blk[j], mask, scale)
         m_new = jnp.maximum(m, s.max(-1))
@@ -120,15 +122,16 @@ def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posit
         corr = jnp.exp(m - m_new)
         pv = jnp.einsum('bkgqs,bskd->bkgqd', p.astype(v_blk.dtype), v_blk[j],
                         preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+        return m_new, row_sum * corr + p.sum(-1), acc * corr[..., None] + pv
       return jax.lax.cond(live_row[j], compute, lambda c: c, carry)
 
     init = (jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
             jnp.zeros((B, K, G, bq, D), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, S // bk, kv_step, init)
-    seen = l > 0
-    o = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    m, row_sum, acc = jax.lax.fori_loop(0, S // bk, kv_step, init)
+    seen = row_sum > 0
+    safe_sum = jnp.where(seen, row_sum, 1.0)
+    o = acc / safe_sum[..., None]
+    lse = jnp.where(seen, m + jnp.log(safe_sum), MASK_VALUE)
     # [B, K, G, bq, D] -> [B, bq, H, D]
     return o.transpose(0, 3, 1, 2, 4).reshape(B, bq, H, D), lse.transpose(0, 3, 1, 2).reshape(
         B, bq, H)

@@ -44,9 +44,8 @@ from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
 from parallelism.context import balance, layout
 from training import perf
-from training import step as step_lib
-from training.composition import make_attend, make_runtime
-from training.state import init_train_state, setup_model
+from training.composition import make_attend
+from training.program import build_program
 
 GiB, MiB = 2 ** 30, 2 ** 20
 

@@ -19,15 +19,16 @@ front query half to only some devices, 3/4 of a shard on average, but every step
 device that sends a whole shard, so the model counts whole shards.) Training counts
 forward + backward; ties go to ring.
 
-When each wins (training, bytes per token per step, H query heads of dim D, K kv heads):
+When each wins (training, bytes per token per step; H query heads of dim D, K kv heads;
+TR = token_ring with a full-duplex / half-duplex link):
 
-  | dtype | D   | H/K (GQA group) | ring  | token_ring duplex | token_ring half | winner (duplex / half) |
-  |-------|-----|-----------------|-------|-------------------|-----------------|------------------------|
-  | f32   | 64  | 1 (MHA), H=8    | 12304 | 6248              | 10352           | token_ring / token_ring |
-  | f32   | 64  | 2, H=8          | 6160  | 6248              | 10352           | ring / ring            |
-  | f32   | 64  | 8, H=8          | 1552  | 6248              | 10352           | ring / ring            |
-  | bf16  | 128 | 1 (MHA), H=32   | 65552 | 33160             | 57744           | token_ring / token_ring |
-  | bf16  | 128 | 4, H=32         | 16400 | 33160             | 57744           | ring / ring            |
+  | dtype | D   | H  | H/K     | ring  | TR duplex | TR half | winner duplex / half |
+  |-------|-----|----|---------|-------|-----------|---------|----------------------|
+  | f32   | 64  | 8  | 1 (MHA) | 12304 | 6248      | 10352   | token_ring / token_ring |
+  | f32   | 64  | 8  | 2       | 6160  | 6248      | 10352   | ring / ring          |
+  | f32   | 64  | 8  | 8       | 1552  | 6248      | 10352   | ring / ring          |
+  | bf16  | 128 | 32 | 1 (MHA) | 65552 | 33160     | 57744   | token_ring / token_ring |
+  | bf16  | 128 | 32 | 4       | 16400 | 33160     | 57744   | ring / ring          |
 
 In short: TokenRing wins only for multi-head attention (H = K), where K/V are twice the size
 of Q and ring uses one link direction; with any GQA grouping (H/K >= 2) ring wins, because
