@@ -13,7 +13,10 @@ inside a segment): if the owner's index is above j, both query halves attend to 
 K/V half only; otherwise only the owner's back query half attends, to all of j's K/V. So the
 front query half travels (and its result returns) only while it is still needed, and every
 step computes two half x half blocks. This relies on the zigzag layout being in force
-(`parallelism.zigzag`); without it, or when not causal, whole query shards travel.
+(`parallelism.zigzag`); without it, or when not causal, whole query shards travel. The
+pipeline's padding (segment 0, every token at position 0) breaks the index-order premise:
+padding queries then miss padding keys of later chunks, which changes only padding outputs
+(no targets, and only padding attends to padding), so losses and gradients stay exact.
 
 Trainable (the public code is forward-only): the backward pass moves (q, dO, lse, delta) the
 same way and returns dQ partials directly; dK/dV accumulate where K/V live, so they never move.
