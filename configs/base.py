@@ -128,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p = c.parallelism = ml_collections.ConfigDict()
   p.context_impl = 'none'            # none | allgather | ring | token_ring | auto
   p.zigzag = True                    # causal load balance for ring/token_ring (data layout)
+  p.context_full_duplex = True       # auto: links carry both directions at once (NVLink/ICI)
   # Logical axis -> mesh axes. Model code names only the logical axes on the left.
   p.rules = (
       ('batch', ('data', 'fsdp')),   # activations' batch dimension

@@ -78,8 +78,15 @@ def self_attention_kwargs(segment_ids_BL, positions_BL) -> dict:
               q_positions=positions_BL, kv_positions=positions_BL)
 
 
+def blockwise_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs):
+  """Flash-style attention in O(L x block) memory (`modeling/blockwise.py`)."""
+  from modeling import blockwise  # imported here: blockwise builds on this module
+  return blockwise.blockwise_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs)
+
+
 # Single-device kernels by `attention.impl`; training/ wraps them for context parallelism.
 KERNELS = {
     'xla': xla_attention,
     'jax_nn': jax_nn_attention,
+    'blockwise': blockwise_attention,
 }

@@ -1,12 +1,14 @@
 """The composition root: picks the attention implementation and activation sharding for a run
 and hands them to the model (models never see a mesh)."""
 
+import functools
 
 import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
 from modeling.transformer import Runtime
+from parallelism import context as context_lib
 from parallelism import rules as rules_lib
 
 
@@ -15,12 +17,12 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   if impl not in attention_lib.KERNELS:
     raise ValueError(f'attention.impl={impl!r}; valid: {sorted(attention_lib.KERNELS)}')
   kernel = attention_lib.KERNELS[impl]
-  context_impl = config.parallelism.context_impl
-  if context_impl != 'none':
-    raise ValueError(f'parallelism.context_impl={context_impl!r} is not available yet; '
-                     "valid: 'none'")
-  del mesh
-  return kernel
+  if impl == 'blockwise':
+    kernel = functools.partial(kernel, block_q=config.attention.block_q,
+                               block_kv=config.attention.block_kv)
+  if config.parallelism.context_impl == 'none':
+    return kernel
+  return context_lib.make_context_attend(config, mesh, kernel)
 
 
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:

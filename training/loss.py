@@ -1,4 +1,10 @@
-"""Next-token cross-entropy, summed (not averaged) so micro-batches and devices add up exactly."""
+"""Next-token cross-entropy, summed (not averaged) so micro-batches and devices add up exactly.
+
+With `attention.loss_chunk` > 0 the LM head and the loss run over sequence chunks under
+`jax.checkpoint` inside a scan, so the [tokens, vocab] logits exist one chunk at a time in
+the forward pass and are recomputed chunk by chunk in the backward pass: memory grows as
+chunk x vocab, not length x vocab.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +21,32 @@ def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax
   return nll.sum(), valid.sum().astype(jnp.float32)
 
 
-def lm_loss_sum(model, h_BLD: jax.Array, targets_BL: jax.Array):
-  """The LM head and the loss together: the place a chunked head slots in."""
+def chunked_cross_entropy_sum(h_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array,
+                              chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy_sum(h @ head, targets)` computed `chunk` tokens per row at a time."""
+  B, L, D = h_BLD.shape
+  if L % chunk:
+    raise ValueError(f'attention.loss_chunk={chunk} does not divide the sequence length {L}')
+  n = L // chunk
+  # Chunk t holds tokens t, t + n, t + 2n, ...: strided, so when the sequence is sharded over
+  # the context axis every chunk stays spread over all its devices.
+  h_NBCD = h_BLD.reshape(B, chunk, n, D).transpose(2, 0, 1, 3)
+  targets_NBC = targets_BL.reshape(B, chunk, n).transpose(2, 0, 1)
+
+  @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward pass
+  def chunk_loss(h_BCD, targets_BC):
+    return cross_entropy_sum(h_BCD @ head_DV.astype(h_BCD.dtype), targets_BC)
+
+  def body(carry, xs):
+    total, count = chunk_loss(*xs)
+    return (carry[0] + total, carry[1] + count), None
+
+  (total, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (h_NBCD, targets_NBC))
+  return total, count
+
+
+def lm_loss_sum(model, h_BLD: jax.Array, targets_BL: jax.Array, *, chunk: int = 0):
+  """The LM head and the loss together; `chunk` > 0 (attention.loss_chunk) chunks both."""
+  if chunk and chunk < h_BLD.shape[1]:
+    return chunked_cross_entropy_sum(h_BLD, model.head_matrix(), targets_BL, chunk)
   return cross_entropy_sum(model.logits(h_BLD), targets_BL)

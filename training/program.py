@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from modeling.transformer import Runtime
 from parallelism import rules as rules_lib
+from parallelism.context import layout as context_layout
 from training import step as step_lib
 from training.composition import make_runtime
 from training.state import ModelSetup, TrainState, init_train_state, setup_model
@@ -30,7 +31,9 @@ class TrainProgram:
     return init_train_state(self.config, self.setup, self.runtime)
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local rows -> one global array per key (each process passes only its rows)."""
+    """Host-local rows -> one global array per key (each process passes only its rows),
+    in the data layout of the run (zigzag under context parallelism)."""
+    local_batch = context_layout.host_layout(self.config, self.mesh)(local_batch)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
@@ -55,9 +58,10 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainProgram
   b_sharding = batch_sharding(config, mesh)
   constrain_micro = lambda x: jax.lax.with_sharding_constraint(x, b_sharding)
   train_step = jax.jit(
-      step_lib.make_train_step(setup, config.optimizer.grad_accum_steps, constrain_micro),
+      step_lib.make_train_step(setup, config.optimizer.grad_accum_steps, constrain_micro,
+                               config.attention.loss_chunk),
       in_shardings=(setup.shardings, b_sharding),
       out_shardings=(setup.shardings, rules_lib.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(setup),
+  eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
                       in_shardings=(setup.shardings.params, b_sharding))
   return TrainProgram(config, mesh, runtime, setup, b_sharding, train_step, eval_step)

@@ -1,5 +1,6 @@
 """The pure train and eval steps: (state, batch) -> (state, metrics)."""
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -13,17 +14,19 @@ from training.state import ModelSetup, TrainState
 Batch = dict[str, jax.Array]
 
 
-def loss_sum(params, graphdef, batch: Batch, rng) -> tuple[jax.Array, jax.Array]:
+def loss_sum(params, graphdef, batch: Batch, rng,
+             loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   model = nnx.merge(graphdef, params)
   h_BLD = model(batch['inputs'], segment_ids=batch['segment_ids'],
                 positions=batch['positions'], rng=rng)
-  return loss_lib.lm_loss_sum(model, h_BLD, batch['targets'])
+  return loss_lib.lm_loss_sum(model, h_BLD, batch['targets'], chunk=loss_chunk)
 
 
-def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, constrain_micro):
+def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, constrain_micro,
+                       loss_chunk: int = 0):
   """Sum of loss and gradients over micro-batches; rows i*A + a form micro-batch a, so each
   micro-batch draws evenly from every data-parallel shard."""
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_sum, loss_chunk=loss_chunk), has_aux=True)
   if accum_steps == 1:
     (total, count), grads = grad_fn(params, graphdef, batch, rng)
     return total, count, grads
@@ -50,13 +53,13 @@ def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, co
 
 
 def make_train_step(setup: ModelSetup, accum_steps: int = 1,
-                    constrain_micro: Callable = lambda x: x):
+                    constrain_micro: Callable = lambda x: x, loss_chunk: int = 0):
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     rng = jax.random.fold_in(state.rng, state.step)
     total, count, grads = _accumulated_grads(state.params, graphdef, batch, rng, accum_steps,
-                                             constrain_micro)
+                                             constrain_micro, loss_chunk)
     # Normalise by the global token count, so every split of the batch gives the same step.
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -77,10 +80,10 @@ def make_train_step(setup: ModelSetup, accum_steps: int = 1,
   return train_step
 
 
-def make_eval_step(setup: ModelSetup):
+def make_eval_step(setup: ModelSetup, loss_chunk: int = 0):
   graphdef = setup.graphdef
 
   def eval_step(params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    return loss_sum(params, graphdef, batch, None)
+    return loss_sum(params, graphdef, batch, None, loss_chunk)
 
   return eval_step

@@ -1,0 +1,49 @@
+"""Context parallelism: attention over a sequence split across the mesh's context axis.
+
+`parallelism.context_impl` picks the strategy behind the attention seam:
+  allgather   gather K/V, local queries (`allgather.py`)
+  ring        K/V travel a ring, custom-VJP backward (`ring.py`)
+  token_ring  queries travel, partial outputs come straight back (`token_ring.py`)
+  auto        ring or token_ring per layer by a communication-cost model (`cost.py`)
+The causal load balance is the zigzag data layout (`layout.py`), applied once on the host.
+"""
+
+import ml_collections
+from jax.sharding import Mesh
+
+from modeling.attention import AttendFn
+from parallelism.context import allgather, cost, ring, token_ring
+from parallelism.context.sharded import shard_attend
+
+IMPLS = ('none', 'allgather', 'ring', 'token_ring', 'auto')
+
+
+def _auto_local(block_q: int, block_kv: int, zigzag: bool, full_duplex: bool):
+  impls = {'ring': ring.make_local(block_q, block_kv, zigzag),
+           'token_ring': token_ring.make_local(block_q, block_kv, zigzag)}
+
+  def local(q, k, v, *args, **kwargs):
+    # Per call, so each layer (its own heads, kv heads, head dim, dtype) gets its own choice.
+    pick = cost.choose(q.shape[2], k.shape[2], q.shape[3], q.dtype.itemsize,
+                       full_duplex=full_duplex)
+    return impls[pick](q, k, v, *args, **kwargs)
+
+  return local
+
+
+def make_context_attend(config: ml_collections.ConfigDict, mesh: Mesh,
+                        kernel: AttendFn) -> AttendFn:
+  """The context-parallel `AttendFn` for `config.parallelism.context_impl` (not 'none')."""
+  p, a = config.parallelism, config.attention
+  impl = p.context_impl
+  if impl == 'allgather':
+    local = allgather.make_local(kernel)
+  elif impl == 'ring':
+    local = ring.make_local(a.block_q, a.block_kv, p.zigzag)
+  elif impl == 'token_ring':
+    local = token_ring.make_local(a.block_q, a.block_kv, p.zigzag)
+  elif impl == 'auto':
+    local = _auto_local(a.block_q, a.block_kv, p.zigzag, p.context_full_duplex)
+  else:
+    raise ValueError(f'parallelism.context_impl={impl!r}; valid: {list(IMPLS)}')
+  return shard_attend(local, mesh, p.rules)

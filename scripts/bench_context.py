@@ -1,0 +1,322 @@
+"""Context-parallel attention: memory, communication, balance and time per sequence length.
+
+    python scripts/bench_context.py                      # the full table (compile-only rows)
+    python scripts/bench_context.py --run_length=131072  # + run one 131K train step on 1 device
+
+For each sequence length x context size (1, 2, 4, 8 devices, one sequence per step) x
+implementation, on fake CPU devices, float32, model: 2 layers, d=384, 6 heads (2 kv heads,
+head dim 64), SwiGLU 1536, vocab 8192, blockwise attention, chunked loss, parameters sharded
+over (fsdp, context). Columns (see ../shared/MEASURING.md):
+  mem GiB     per-device memory of the compiled train step (memory_analysis: temp + args +
+              outputs - aliased); compile only, so long lengths cost no execution
+  attn MiB/l  bytes one device sends per layer for attention, forward + backward, from the
+              optimized HLO of the attention op alone: collective-permute operand bytes for
+              each (source, target) pair the device is a source of, all-gather operand x
+              (N - 1), reduce-scatter output x (N - 1), all-reduce 2 (N - 1) / N x buffer; ops
+              inside while loops x their known trip count, inside an N-way conditional x 1/N
+              (TokenRing's per-step switch takes each branch once); mean (max) over devices
+  step MiB    the same count over the whole train step (adds parameter gathers, gradient
+              reductions)
+  flops max/mean  per-device forward attention FLOPs from the blockwise kernel's block
+              schedule in the data layout used (zigzag), and for the contiguous layout
+  fwd+bwd s   train-step time, median of 5 after a warm-up (min-max), only for --time_lengths
+"""
+
+import argparse
+import os
+import re
+import resource
+import sys
+import time
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from modeling.attention import self_attention_kwargs
+from parallelism import mesh as mesh_lib
+from parallelism import rules as rules_lib
+from parallelism.context import balance, layout
+from training import perf
+from training.composition import make_attend
+from training.program import build_program
+
+GiB, MiB = 2 ** 30, 2 ** 20
+
+
+def bench_config(seq_len: int, context: int, impl: str, remat: str = 'none'):
+  c = base.get_config()
+  c.seq_len, c.batch_size, c.steps = seq_len, 1, 10
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = 2, 384, 6, 2, 64
+  m.mlp_dim, m.vocab_size, m.remat = 1536, 8192, remat
+  c.attention.impl = 'blockwise'
+  c.attention.block_q = c.attention.block_kv = 1024
+  c.attention.loss_chunk = 4096
+  c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, context, 1
+  c.parallelism.context_impl = impl if context > 1 else 'none'
+  c.parallelism.rules = tuple((n, ('fsdp', 'context')) if n == 'embed' else (n, a)
+                              for n, a in c.parallelism.rules)
+  return c
+
+
+# ---------------------------------------------------------------- HLO collective bytes
+
+_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+_COLLECTIVES = ('collective-permute', 'all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all')
+
+
+def _type_bytes(type_text: str) -> int:
+  total = 0
+  for dtype, dims in _SHAPE.findall(type_text):
+    total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
+  return total
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head and not line.startswith(' '):
+      name = 'ENTRY' if head.group(1) else head.group(2)
+      comps[name] = []
+    elif name is not None and line.startswith('  '):
+      comps[name].append(line)
+  return comps
+
+
+def collective_bytes_per_device(hlo: str, num_devices: int) -> np.ndarray:
+  """Bytes each device sends in one execution of the program (see the module docstring)."""
+  comps = _computations(hlo)
+  sent = np.zeros(num_devices)
+
+  def visit(name: str, weight: float):
+    for line in comps.get(name, []):
+      line = re.sub(r', metadata=\{.*?\}(?=, |$)', '', line)
+      m = re.match(r'\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([\w\-]+)\(', line)
+      if not m:
+        continue
+      result_type, op = m.groups()
+      if op == 'while':
+        body = re.search(r'body=%?([\w.\-]+)', line).group(1)
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+        if trip is None:
+          raise ValueError(f'while loop without a known trip count: {line[:200]}')
+        visit(body, weight * int(trip.group(1)))
+      elif op == 'conditional':
+        branches = re.search(r'branch_computations=\{([^}]*)\}', line)
+        names = ([b.strip().lstrip('%') for b in branches.group(1).split(',')] if branches else
+                 [re.search(f'{k}=%?([\\w.\\-]+)', line).group(1)
+                  for k in ('true_computation', 'false_computation')])
+        for b in names:
+          visit(b, weight / len(names))
+      elif op in ('call', 'fusion'):
+        called = re.search(r'(?:to_apply|calls)=%?([\w.\-]+)', line)
+        if called:
+          visit(called.group(1), weight)
+      base_op = op.removesuffix('-start')
+      if base_op not in _COLLECTIVES:
+        continue
+      size = _type_bytes(result_type)
+      if op.endswith('-start') and base_op != 'all-reduce':
+        size = _type_bytes(result_type) // 2  # start ops return (operand, result) tuples
+      if base_op == 'collective-permute':
+        for src, _ in re.findall(r'\{(\d+),(\d+)\}', re.search(
+            r'source_target_pairs=\{(.*?)\}\}', line).group(0)):
+          sent[int(src)] += weight * size
+        continue
+      groups = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
+      group = len(groups.group(1).split(',')) if groups else num_devices
+      iota = re.search(r'replica_groups=\[\d+,(\d+)\]', line)
+      group = int(iota.group(1)) if iota else group
+      if base_op == 'all-gather':
+        per = size / group * (group - 1)
+      elif base_op == 'reduce-scatter':
+        per = size * (group - 1)
+      elif base_op == 'all-reduce':
+        per = 2 * (group - 1) / group * size
+      else:
+        per = size * (group - 1) / group
+      sent[:] += weight * per
+
+  visit('ENTRY', 1.0)
+  return sent
+
+
+# ---------------------------------------------------------------- programs
+
+def _mesh(c):
+  return mesh_lib.make_mesh(c.mesh, jax.devices()[:c.mesh.context])
+
+
+def train_step_program(c):
+  """The compiled train step (compile only) and its TrainProgram."""
+  program = build_program(c, _mesh(c))
+  return program.compiled_train_step(), program
+
+
+def attention_program(c):
+  """One layer's attention, forward + backward, alone: its collectives are the attention's."""
+  mesh = _mesh(c)
+  attend = make_attend(c, mesh)
+  m = c.model
+  q_spec = rules_lib.logical_to_spec(('batch', 'length', 'act_heads', None),
+                                     c.parallelism.rules, mesh)
+  ids = NamedSharding(mesh, P(q_spec[0], q_spec[1]))
+  shape = lambda h: jax.ShapeDtypeStruct((1, c.seq_len, h, m.head_dim), np.float32,
+                                         sharding=NamedSharding(mesh, q_spec))
+  int_arg = jax.ShapeDtypeStruct((1, c.seq_len), np.int32, sharding=ids)
+
+  def f(q, k, v, seg, pos):
+    return attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos)).sum()
+
+  return jax.jit(jax.grad(f, (0, 1, 2))).lower(
+      shape(m.num_heads), shape(m.num_kv_heads), shape(m.num_kv_heads), int_arg,
+      int_arg).compile()
+
+
+def random_batch(c, program):
+  r = np.random.RandomState(0)
+  L = c.seq_len
+  inputs = r.randint(0, c.model.vocab_size, (1, L)).astype(np.int32)
+  return program.global_batch({  # zigzag layout when context parallel
+      'inputs': inputs, 'targets': np.roll(inputs, -1, 1),
+      'segment_ids': np.ones((1, L), np.int32), 'positions': np.arange(L, dtype=np.int32)[None]})
+
+
+def time_step(c, compiled, program, repeats: int, warmup: bool = True):
+  """(median, min, max) seconds of `repeats` steps after an untimed warm-up, and the loss."""
+  state = program.init_state()
+  batch = random_batch(c, program)
+  times = []
+  for i in range(repeats + int(warmup)):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    if i or not warmup:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times)), min(times), max(times), float(metrics['loss'])
+
+
+def flops_balance(c, zigzag: bool) -> float:
+  n, L = c.mesh.context, c.seq_len
+  if n == 1:
+    return 1.0
+  pos = np.arange(L)[None]
+  pos = layout.to_zigzag(pos, n) if zigzag else pos
+  owner = 'key' if c.parallelism.context_impl == 'token_ring' else 'query'
+  return balance.imbalance(balance.attention_flops(
+      np.ones((1, L), np.int32), pos, n, heads=c.model.num_heads, head_dim=c.model.head_dim,
+      block=c.attention.block_q, owner=owner))
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--lengths', default='4096,16384,65536,131072,262144')
+  ap.add_argument('--contexts', default='1,2,4,8')
+  ap.add_argument('--impls', default='allgather,ring,token_ring')
+  ap.add_argument('--time_lengths', default='4096', help='also time these lengths ("" = none)')
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--budget_gib', type=float, default=20.0)
+  ap.add_argument('--run_length', type=int, default=0,
+                  help='also run one train step at this length on ONE device (slow)')
+  ap.add_argument('--search', action='store_true', help='longest length fitting 1 device')
+  args = ap.parse_args()
+  lengths = [int(x) for x in args.lengths.split(',')]
+  contexts = [int(x) for x in args.contexts.split(',')]
+  impls = args.impls.split(',')
+  timed = {int(x) for x in args.time_lengths.split(',') if x}
+
+  print(f'# bench_context | backend {jax.default_backend()} | {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
+  print('# model: 2 layers, d=384, 6 heads (2 kv), head dim 64, mlp 1536, vocab 8192, remat=none,'
+        ' batch 1 sequence, blockwise attention (block 1024), loss_chunk 4096, params over '
+        '(fsdp, context), zigzag layout for context > 1; causal attention FLOPs')
+  header = (f'{"seq_len":>8} {"ctx":>3} {"impl":<10} {"mem GiB":>8} {"vs 1 dev":>8} '
+            f'{"attn MiB/l mean (max)":>22} {"step MiB":>9} {"flops max/mean":>14} '
+            f'{"contig.":>7} {"fwd+bwd s (min-max)":>22}')
+  print(header)
+  print('-' * len(header))
+  single_mem, results = {}, []
+  for L in lengths:
+    for n in contexts:
+      for impl in (['none'] if n == 1 else impls):
+        c = bench_config(L, n, impl)
+        compiled, ctx = train_step_program(c)
+        mem = perf.compiled_memory_bytes(compiled)
+        if n == 1:
+          single_mem[L] = mem
+        step_bytes = collective_bytes_per_device(compiled.as_text(), n)
+        attn = collective_bytes_per_device(attention_program(c).as_text(), n)
+        timing = ''
+        if L in timed:
+          med, lo, hi, _ = time_step(c, compiled, ctx, args.repeats)
+          timing = f'{med:.2f} ({lo:.2f}-{hi:.2f})'
+        ratio = mem / single_mem[L] if L in single_mem else float('nan')
+        zig, contiguous = flops_balance(c, True), flops_balance(c, False)
+        results.append((L, n, impl, mem, ratio, zig, contiguous))
+        print(f'{L:>8} {n:>3} {impl:<10} {mem / GiB:>8.3f} {ratio:>8.3f} '
+              f'{attn.mean() / MiB:>10.2f} ({attn.max() / MiB:>8.2f}) '
+              f'{step_bytes.mean() / MiB:>9.1f} {zig:>14.3f} {contiguous:>7.3f} {timing:>22}',
+              flush=True)
+        del compiled, ctx
+
+  longest = None
+  if args.search:
+    L, fits = lengths[-1], []
+    while True:
+      mem = perf.compiled_memory_bytes(train_step_program(bench_config(L, 1, 'none'))[0])
+      print(f'# 1 device, seq_len {L}: {mem / GiB:.2f} GiB '
+            f'({"fits" if mem <= args.budget_gib * GiB else "over"} {args.budget_gib:g} GiB)',
+            flush=True)
+      if mem > args.budget_gib * GiB:
+        break
+      fits.append(L)
+      L *= 2
+    lo, hi = (fits[-1] if fits else 0), L
+    while hi - lo > 16384:
+      mid = (lo + hi) // 2 // 16384 * 16384
+      mem = perf.compiled_memory_bytes(train_step_program(bench_config(mid, 1, 'none'))[0])
+      print(f'# 1 device, seq_len {mid}: {mem / GiB:.2f} GiB', flush=True)
+      lo, hi = (mid, hi) if mem <= args.budget_gib * GiB else (lo, mid)
+    longest = lo
+    print(f'# longest sequence whose train step fits {args.budget_gib:g} GiB on one device: '
+          f'{longest:,} tokens (16K granularity)')
+
+  run_note = ''
+  if args.run_length:
+    c = bench_config(args.run_length, 1, 'none')
+    t0 = time.perf_counter()
+    compiled, ctx = train_step_program(c)
+    compile_s = time.perf_counter() - t0
+    mem = perf.compiled_memory_bytes(compiled)
+    med, _, _, loss = time_step(c, compiled, ctx, repeats=1, warmup=False)  # compiled already
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    run_note = (f'{args.run_length:,}-token train step on 1 CPU device: compiled {mem / GiB:.2f} '
+                f'GiB, process peak RSS {rss:.2f} GiB, compile {compile_s:.0f} s, step '
+                f'{med:.0f} s, loss {loss:.3f}')
+    print('# ' + run_note, flush=True)
+
+  last = max(r[0] for r in results)
+  best8 = [r for r in results if r[0] == last and r[1] == max(contexts)]
+  worst_zig = max(r[5] for r in results if r[1] > 1) if len(contexts) > 1 else 1.0
+  contig = max(r[6] for r in results if r[1] > 1) if len(contexts) > 1 else 1.0
+  print(f'summary: at {last:,} tokens, context={max(contexts)} per-device memory / 1 device = '
+        + ', '.join(f'{r[2]} {r[4]:.3f}' for r in best8)
+        + f' | flops max/mean zigzag <= {worst_zig:.3f} (contiguous up to {contig:.3f})'
+        + (f' | longest 1-device fit {longest:,}' if longest else '')
+        + (f' | {run_note}' if run_note else ''))
+
+
+if __name__ == '__main__':
+  main()
