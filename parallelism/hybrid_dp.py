@@ -137,59 +137,66 @@ class Plan:
     return 1.0 - float(self.lengths.sum()) / slots
 
 
-def _pack(lengths, degrees, capacity, cost: CostModel) -> list[Unit]:
-  """Alg. 1: long documents best-fit into groups of their degree, split over the group; then
-  short ones best-fit whole onto one member of any unit with room (free: a group's ring moves
-  its whole buffer anyway), or onto a new single-device unit."""
+def _pack_long(lengths, degrees, capacity, cost: CostModel) -> list[Unit]:
+  """Alg. 1 for documents longer than C: best-fit into groups of their degree, each split
+  over its whole group."""
   units: list[Unit] = []
-  order = sorted(range(len(lengths)), key=lambda i: (-degrees[i], -lengths[i], i))
-  for i in order:
+  for i in sorted(np.flatnonzero(degrees > 1), key=lambda i: (-degrees[i], -lengths[i], i)):
     s, g = int(lengths[i]), int(degrees[i])
-    if g > 1:
-      t = per_device_tokens(s, g)
-      fits = [u for u in units if u.g == g and u.used.max() + t <= capacity]
-      u = min(fits, key=lambda u: capacity - u.used.max() - t) if fits else None
-      if u is None:
-        u = Unit(g)
-        units.append(u)
-      u.docs.append((i, -1))
-      u.used += t
-      u.cost += split_cost(s, g, cost)
-      continue
-    fits = [(capacity - u.used[m] - s, u.g, k, m) for k, u in enumerate(units)
-            for m in range(u.g) if u.used[m] + s <= capacity]
-    if fits:
-      _, _, k, m = min(fits)
-      u = units[k]
-    else:
-      u, m = Unit(1), 0
+    t = per_device_tokens(s, g)
+    fits = [u for u in units if u.g == g and u.used.max() + t <= capacity]
+    u = min(fits, key=lambda u: capacity - u.used.max() - t) if fits else None
+    if u is None:
+      u = Unit(g)
       units.append(u)
-    u.docs.append((i, m))
-    u.used[m] += s
-    u.cost[m] += cost.doc(s)
+    u.docs.append((int(i), -1))
+    u.used += t
+    u.cost += split_cost(s, g, cost)
   return units
 
 
-def _balance(units: list[Unit], n: int, slack: float) -> tuple[list[MicroBatch], np.ndarray]:
-  """Alg. 2 (DP-balance): largest per-device cost first, each to the aligned group whose
-  load after taking it peaks lowest; among groups within `slack` x mean load of that one, the
-  group with the fewest micro-batches of this size (fewer, fuller micro-batches)."""
-  load = np.zeros(n)
+def _balance_long(units: list[Unit], n: int, load: np.ndarray) -> list[MicroBatch]:
+  """Alg. 2 for the groups: largest per-device cost first, each to the aligned group whose
+  load after taking it peaks lowest (ties: fewer micro-batches of that size)."""
   slots: dict[int, list[list[Unit]]] = {}
   for u in sorted(units, key=lambda u: (-u.cost.max(), -u.g)):
     per_group = slots.setdefault(u.g, [[] for _ in range(n // u.g)])
     peak = (load.reshape(n // u.g, u.g) + u.cost).max(axis=1)
-    tol = slack * max(load.mean(), 1e-30)
-    near = np.flatnonzero(peak <= peak.min() + tol)
-    j = int(min(near, key=lambda j: (len(per_group[j]), peak[j], j)))
+    j = int(min(range(n // u.g), key=lambda j: (peak[j], len(per_group[j]), j)))
     per_group[j].append(u)
     load[j * u.g:(j + 1) * u.g] += u.cost
   micro = []
   for g in sorted(slots, reverse=True):
     per_group = slots[g]
     for k in range(max(len(q) for q in per_group)):
-      micro.append(MicroBatch(g, [q[k] if k < len(q) else None for q in per_group]))
-  return micro, load
+      micro.append(MicroBatch(g, [q[k] if k < len(q) else Unit(g) for q in per_group]))
+  return micro
+
+
+def _place_short(order, lengths, capacity, cost: CostModel, micro: list[MicroBatch],
+                 load: np.ndarray, slack: float) -> None:
+  """Alg. 2 for documents of at most C, largest first, each whole onto one device: the least
+  loaded one, or any within `slack` x mean load of it where the document fits space already
+  in a micro-batch (best fit: fewer, fuller micro-batches); otherwise a new single-device
+  micro-batch on the least-loaded device."""
+  n = len(load)
+  for i in order:
+    s, c = int(lengths[i]), cost.doc(int(lengths[i]))
+    tol = slack * load.mean()
+    near = np.flatnonzero(load <= load.min() + tol)
+    fits = [(capacity - u.used[d % mb.g] - s, load[d], d, k) for k, mb in enumerate(micro)
+            for d in near for u in [mb.groups[d // mb.g]] if u.used[d % mb.g] + s <= capacity]
+    if fits:
+      _, _, d, k = min(fits)
+    else:
+      d, k = int(np.argmin(load)), len(micro)
+      micro.append(MicroBatch(1, [Unit(1) for _ in range(n)]))
+    mb = micro[k]
+    u, m = mb.groups[d // mb.g], d % mb.g
+    u.docs.append((int(i), m))
+    u.used[m] += s
+    u.cost[m] += c
+    load[d] += c
 
 
 def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
@@ -203,8 +210,11 @@ def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
   if (lengths < 1).any():
     raise ValueError('hybrid_dp: every document needs at least one token')
   degrees = np.array([degree(int(s), capacity, layouts) for s in lengths], np.int64)
-  units = _pack(lengths, degrees, capacity, cost)
-  micro, load = _balance(units, num_devices, slack)
+  load = np.zeros(num_devices)
+  micro = _balance_long(_pack_long(lengths, degrees, capacity, cost), num_devices, load)
+  short = sorted(np.flatnonzero(degrees == 1), key=lambda i: (-lengths[i], i))
+  _place_short(short, lengths, capacity, cost, micro, load, slack)
+  micro = [MicroBatch(mb.g, [u if u.docs else None for u in mb.groups]) for mb in micro]
   return Plan(num_devices, capacity, lengths, degrees, micro, load)
 
 
