@@ -54,7 +54,7 @@ def per_device_tokens(s: int, g: int) -> int:
 
 
 def check_layouts(layouts: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  out = tuple(sorted(set(int(g) for g in layouts)))
+  out = tuple(sorted({int(g) for g in layouts}))
   bad = [g for g in out if g < 1 or num_devices % g]
   if bad or 1 not in out:
     raise ValueError(f'parallelism.hybrid_dp.layouts={tuple(layouts)}: group sizes must divide '

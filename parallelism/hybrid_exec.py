@@ -28,9 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from modeling import registry
 from modeling.transformer import Runtime
+from parallelism import hybrid_dp
 from parallelism.context import ring
 from parallelism.context.sharded import ContextAxis
-from parallelism import hybrid_dp
 from training import step as step_lib
 from training.state import ModelSetup, TrainState
 

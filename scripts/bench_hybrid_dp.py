@@ -1,10 +1,10 @@
 """Hybrid data parallelism vs static data x context and plain packing, on one long-tail batch.
 
     python scripts/bench_hybrid_dp.py                    # defaults below (~minutes on CPU)
-    python scripts/bench_hybrid_dp.py --capacity=128 --docs=48
+    python scripts/bench_hybrid_dp.py --dist=lognormal --scale=96 --shape=1.3 --docs=64
 
-One global batch of documents with lognormal lengths (median --median tokens, sigma --sigma,
-rounded up, capped at 8 x C) on 8 fake CPU devices, float32, the same documents for all three:
+One global batch of documents with long-tail lengths (default Pareto: 32 x (1 + Lomax(1.2)),
+rounded up, capped at 8 x C; or --dist=lognormal) on 8 fake CPU devices, float32, the same documents for all three:
   hdp      parallelism/hybrid_dp.py: per-document group size in {1,2,4,8}, C tokens per device
            per micro-batch, zigzag ring inside each group; micro-batches of one group size each
   static   mesh context=8 (data=1): documents first-fit packed into rows of 8C, every row over
@@ -65,9 +65,15 @@ def bench_config(capacity: int, block: int):
   return c
 
 
-def make_docs(n: int, median: float, sigma: float, cap: int, seed: int):
+def make_docs(n: int, dist: str, scale: float, shape: float, cap: int, seed: int):
   r = np.random.RandomState(seed)
-  lengths = np.minimum(np.ceil(r.lognormal(np.log(median), sigma, n)), cap).astype(int)
+  if dist == 'pareto':  # scale x (1 + Lomax(shape)): density ~ s^-(shape+1) above `scale`
+    raw = scale * (1 + r.pareto(shape, n))
+  elif dist == 'lognormal':  # median `scale`, sigma `shape`
+    raw = r.lognormal(np.log(scale), shape, n)
+  else:
+    raise ValueError(f'--dist={dist!r}; valid: pareto, lognormal')
+  lengths = np.minimum(np.ceil(raw), cap).astype(int)
   lengths = np.maximum(lengths, 2)
   return [r.randint(1, 256, s).astype(np.int32) for s in lengths]
 
@@ -192,15 +198,16 @@ def run_static(c, docs, cost, state0, repeats, context: int):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--capacity', type=int, default=256, help='C: tokens per device')
-  ap.add_argument('--docs', type=int, default=64)
-  ap.add_argument('--median', type=float, default=96.0)
-  ap.add_argument('--sigma', type=float, default=1.3)
+  ap.add_argument('--docs', type=int, default=128)
+  ap.add_argument('--dist', default='pareto', help='pareto | lognormal')
+  ap.add_argument('--scale', type=float, default=32.0, help='pareto: minimum; lognormal: median')
+  ap.add_argument('--shape', type=float, default=1.2, help='pareto: alpha; lognormal: sigma')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--repeats', type=int, default=2)
   args = ap.parse_args()
   C = args.capacity
   c = bench_config(C, block=min(64, C // 2))
-  docs = make_docs(args.docs, args.median, args.sigma, N * C, args.seed)
+  docs = make_docs(args.docs, args.dist, args.scale, args.shape, N * C, args.seed)
   lengths = np.array([len(d) for d in docs])
   cost = hybrid_dp.CostModel.for_model(c.model)
   one = mesh_lib.make_mesh(c.mesh)
@@ -214,8 +221,9 @@ def main():
         f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
   print(f'# model: 2 layers, d=64, 4 heads (2 kv), head dim 16, mlp 128, vocab 256, blockwise '
         f'attention (block {c.attention.block_q}); C={C} tokens/device, 8 devices')
-  print(f'# batch: {len(docs)} docs, lengths ceil(lognormal(ln {args.median:g}, {args.sigma:g}))'
-        f' capped at 8C={N * C}, seed {args.seed}: {lengths.sum()} tokens, min {lengths.min()} '
+  dist = (f'{args.scale:g} x (1 + Lomax({args.shape:g})) (Pareto)' if args.dist == 'pareto'
+          else f'lognormal(median {args.scale:g}, sigma {args.shape:g})')
+  print(f'# batch: {len(docs)} docs, lengths ceil({dist}) capped at 8C={N * C}, seed {args.seed}: {lengths.sum()} tokens, min {lengths.min()} '
         f'median {int(np.median(lengths))} max {lengths.max()}, {(lengths > C).sum()} docs > C')
   print(f'# hdp micro-batches per group size: {rows["hdp"]["counts"]}; plan + buffers on host '
         f'{rows["hdp"]["plan_s"] * 1e3:.0f} ms; slack {c.parallelism.hybrid_dp.slack}')

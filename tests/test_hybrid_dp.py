@@ -13,7 +13,6 @@ import pytest
 from configs import base
 from parallelism import hybrid_dp, hybrid_exec
 from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
 from training import step as step_lib
 from training.composition import make_runtime
 from training.state import init_train_state, setup_model

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from checkpoint.manager import Checkpointer, config_json
-from parallelism import distributed, mesh as mesh_lib, rules as rules_lib
+from parallelism import distributed, hybrid_data, mesh as mesh_lib, rules as rules_lib
 from parallelism.context import layout as context_layout
 from training import data as data_lib
 from training import perf, step as step_lib
@@ -69,6 +69,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   runtime = make_runtime(config, mesh)
   setup = setup_model(config, mesh, runtime)
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
+  hybrid = config.parallelism.hybrid_dp.enabled  # whole documents, planned per batch
+  if hybrid:
+    hybrid_data.check_config(config, mesh)
+    train_iter = hybrid_data.make_train_iterator(config)
   b_sharding = batch_sharding(config, mesh)
   layout = context_layout.host_layout(config, mesh)  # zigzag for context parallelism, else id
   eval_batches = [to_global(layout(b), b_sharding) for b in data_lib.make_eval_batches(
@@ -88,6 +92,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        in_shardings=(setup.shardings, b_sharding),
                        out_shardings=(setup.shardings, rules_lib.replicated(mesh)),
                        donate_argnums=0)
+  prepare = lambda b: to_global(layout(b), b_sharding)
+  if hybrid:
+    train_step, prepare = hybrid_data.TrainStep(config, mesh, setup), lambda documents: documents
   eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
                       in_shardings=(setup.shardings.params, b_sharding))
 
@@ -139,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = to_global(layout(next(train_iter)), b_sharding)
+      batch = prepare(next(train_iter))
       state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
