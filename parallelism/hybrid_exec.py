@@ -139,7 +139,10 @@ class Executor:
     return step_lib.apply_gradients(self.setup, state, total.sum(), count.sum(), grads)
 
   def put(self, buffers: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.device_put(v, self.per_device) for k, v in buffers.items()}
+    """Global [pool, C] arrays; every process holds the whole plan's buffers and hands each of
+    its devices its own row (so this also works with several processes)."""
+    return {k: jax.make_array_from_callback(v.shape, self.per_device, lambda idx, v=v: v[idx])
+            for k, v in buffers.items()}
 
   def gradients(self, params, rng, micro_batches):
     """(loss sums, token counts, gradients) per device [pool, ...], summed over the
