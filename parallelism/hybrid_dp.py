@@ -3,9 +3,9 @@ context-parallel degree.
 
 ByteScale (Ge et al., "ByteScale: Efficient Scaling of LLM Training with a 2048K Context
 Length on More Than 12,000 GPUs", 2025), sections 4 and 5: the data and context axes form one
-pool of N devices, each holding at most C tokens per micro-batch. A sequence longer than C spans D(s) >= ceil(s / C) devices
-(an aligned group of a size in `layouts`); such sequences are best-fit packed into groups of
-their size (Alg. 1). The balance scheduler (Alg. 2, DP-balance) then works largest cost first
+pool of N devices, each holding at most C tokens per micro-batch. A sequence longer than C
+spans D(s) >= ceil(s / C) devices (an aligned group of a size in `layouts`); such sequences
+are best-fit packed into groups of their size (Alg. 1). The balance scheduler (Alg. 2, DP-balance) then works largest cost first
 (sorting by cost stands in for the paper's equal-FLOP buckets, taken first to last): each group
 goes to the aligned devices whose load would peak lowest, then each short sequence, whole, to
 the least-loaded device, preferring (within `slack` x mean load) space already open in a

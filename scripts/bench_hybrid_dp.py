@@ -4,7 +4,8 @@
     python scripts/bench_hybrid_dp.py --dist=lognormal --scale=96 --shape=1.3 --docs=64
 
 One global batch of documents with long-tail lengths (default Pareto: 32 x (1 + Lomax(1.2)),
-rounded up, capped at 8 x C; or --dist=lognormal) on 8 fake CPU devices, float32, the same documents for all three:
+rounded up, capped at 8 x C; or --dist=lognormal) on 8 fake CPU devices, float32, the same
+documents for all three:
   hdp      parallelism/hybrid_dp.py: per-document group size in {1,2,4,8}, C tokens per device
            per micro-batch, zigzag ring inside each group; micro-batches of one group size each
   static   mesh context=8 (data=1): documents first-fit packed into rows of 8C, every row over
@@ -223,7 +224,8 @@ def main():
         f'attention (block {c.attention.block_q}); C={C} tokens/device, 8 devices')
   dist = (f'{args.scale:g} x (1 + Lomax({args.shape:g})) (Pareto)' if args.dist == 'pareto'
           else f'lognormal(median {args.scale:g}, sigma {args.shape:g})')
-  print(f'# batch: {len(docs)} docs, lengths ceil({dist}) capped at 8C={N * C}, seed {args.seed}: {lengths.sum()} tokens, min {lengths.min()} '
+  print(f'# batch: {len(docs)} docs, lengths ceil({dist}) capped at 8C={N * C}, seed '
+        f'{args.seed}: {lengths.sum()} tokens, min {lengths.min()} '
         f'median {int(np.median(lengths))} max {lengths.max()}, {(lengths > C).sum()} docs > C')
   print(f'# hdp micro-batches per group size: {rows["hdp"]["counts"]}; plan + buffers on host '
         f'{rows["hdp"]["plan_s"] * 1e3:.0f} ms; slack {c.parallelism.hybrid_dp.slack}')
@@ -236,7 +238,8 @@ def main():
           f'{r["padding"]:8.3f} {r["programs"]:8d} {r["step_s"]:7.2f} {r["loss"]:7.4f}')
   h, s = rows['hdp'], rows['static']
   print(f'# summary: hdp sends {(h["ring"] + h["grad"]) / (s["ring"] + s["grad"]):.2f}x the '
-        f'static data x context bytes, per-device FLOP imbalance {h["flops"].max() / h["flops"].mean():.3f}'
+        f'static data x context bytes, per-device FLOP imbalance '
+        f'{h["flops"].max() / h["flops"].mean():.3f}'
         f' (static {s["flops"].max() / s["flops"].mean():.3f}, packing '
         f'{rows["packing"]["flops"].max() / rows["packing"]["flops"].mean():.3f}); same loss '
         f'{abs(h["loss"] - s["loss"]) < 1e-4 and abs(h["loss"] - rows["packing"]["loss"]) < 1e-4}')
