@@ -5,12 +5,13 @@ ByteScale (Ge et al., "ByteScale: Efficient Scaling of LLM Training with a 2048K
 Length on More Than 12,000 GPUs", 2025), sections 4 and 5: the data and context axes form one
 pool of N devices, each holding at most C tokens per micro-batch. A sequence longer than C
 spans D(s) >= ceil(s / C) devices (an aligned group of a size in `layouts`); such sequences
-are best-fit packed into groups of their size (Alg. 1). The balance scheduler (Alg. 2, DP-balance) then works largest cost first
-(sorting by cost stands in for the paper's equal-FLOP buckets, taken first to last): each group
-goes to the aligned devices whose load would peak lowest, then each short sequence, whole, to
-the least-loaded device, preferring (within `slack` x mean load) space already open in a
-micro-batch over a new one. Devices may run different numbers of micro-batches (idle slots are
-empty buffers). Pure Python/numpy on length metadata: every process computes the same plan.
+are best-fit packed into groups of their size (Alg. 1). The balance scheduler (Alg. 2,
+DP-balance) then works largest cost first (sorting by cost stands in for the paper's
+equal-FLOP buckets, taken first to last): each group goes to the aligned devices whose load
+would peak lowest, then each short sequence, whole, to the least-loaded device, preferring
+(within `slack` x mean load) space already open in a micro-batch over a new one. Devices may
+run different numbers of micro-batches (idle slots are empty buffers). Pure Python/numpy on
+length metadata: every process computes the same plan.
 
 Execution (`hybrid_exec.py`) runs micro-batches of one group size g at a time (one compiled
 program per g). Inside a group each document is cut into 2g pieces and device i holds pieces
