@@ -129,6 +129,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.context_impl = 'none'            # none | allgather | ring | token_ring | auto
   p.zigzag = True                    # causal load balance for ring/token_ring (data layout)
   p.context_full_duplex = True       # auto: links carry both directions at once (NVLink/ICI)
+  # Hybrid data parallelism (parallelism/hybrid_dp.py): data x context devices form one pool;
+  # per batch, each document spans its own aligned group of devices (ring inside the group).
+  p.hybrid_dp = ml_collections.ConfigDict()
+  p.hybrid_dp.enabled = False        # plan whole documents per batch instead of a static mesh
+  p.hybrid_dp.capacity = 4096        # tokens per device per micro-batch (even)
+  p.hybrid_dp.layouts = (1, 2, 4, 8) # group sizes compiled (each divides the pool; 1 required)
+  p.hybrid_dp.slack = 0.02           # short docs may go within slack x mean load of the least loaded
   # Logical axis -> mesh axes. Model code names only the logical axes on the left.
   p.rules = (
       ('batch', ('data', 'fsdp')),   # activations' batch dimension

@@ -17,7 +17,7 @@ from checkpoint import metadata as ckpt_metadata
 from checkpoint import universal
 from checkpoint.manager import Checkpointer, config_json
 from modeling import registry
-from parallelism import distributed, mesh as mesh_lib
+from parallelism import distributed, hybrid_data, mesh as mesh_lib
 from training import data as data_lib
 from training import perf
 from training.monitor import MetricWriter, Progress
@@ -57,6 +57,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   program = build_program(config, mesh)
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
+  hybrid = config.parallelism.hybrid_dp.enabled  # whole documents, planned per batch
+  if hybrid:
+    hybrid_data.check_config(config, mesh)
+    train_iter = hybrid_data.make_train_iterator(config)
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
 
@@ -74,6 +78,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log.info('%s', describe(config.model))
 
   train_step, eval_step = program.train_step, program.eval_step
+  prepare = program.global_batch
+  if hybrid:
+    train_step = hybrid_data.TrainStep(config, mesh, program.setup)
+    prepare = lambda documents: documents
 
   tokens_per_step = config.batch_size * config.seq_len
   flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
@@ -127,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = program.global_batch(next(train_iter))
+      batch = prepare(next(train_iter))
       state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
@@ -172,7 +180,10 @@ def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):
     if step is not None:
       state, meta, data_states = universal.restore_state(source, step, config, program.setup,
                                                          program.mesh)
-      if data_states:
+      if data_states and config.parallelism.hybrid_dp.enabled:
+        train_iter.set_state(data_states[jax.process_index()])  # every process reads it all
+        how = 'exact (hybrid data parallel document stream)'
+      elif data_states:
         train_iter, how = data_lib.resume_train_iterator(
             config, data_states, process_index=jax.process_index(),
             process_count=jax.process_count())

@@ -52,30 +52,37 @@ def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, co
   return total, count, grads
 
 
+def apply_gradients(setup: ModelSetup, state: TrainState, total, count,
+                    grads) -> tuple[TrainState, dict[str, Any]]:
+  """The update from summed loss, token count and gradients (shared with hybrid_dp)."""
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+  # Normalise by the global token count, so every split of the batch gives the same step.
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': total / denom,
+      'tokens': count,
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'lr': schedule(state.step),
+  }
+  model = nnx.merge(graphdef, params)
+  if hasattr(model, 'diagnostics'):
+    metrics.update(model.diagnostics())
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(setup: ModelSetup, accum_steps: int = 1,
                     constrain_micro: Callable = lambda x: x, loss_chunk: int = 0):
-  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+  graphdef = setup.graphdef
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     rng = jax.random.fold_in(state.rng, state.step)
     total, count, grads = _accumulated_grads(state.params, graphdef, batch, rng, accum_steps,
                                              constrain_micro, loss_chunk)
-    # Normalise by the global token count, so every split of the batch gives the same step.
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        'loss': total / denom,
-        'tokens': count,
-        'grad_norm': optax.tree.norm(grads),
-        'param_norm': optax.tree.norm(params),
-        'lr': schedule(state.step),
-    }
-    model = nnx.merge(graphdef, params)
-    if hasattr(model, 'diagnostics'):
-      metrics.update(model.diagnostics())
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return apply_gradients(setup, state, total, count, grads)
 
   return train_step
 

@@ -1,0 +1,275 @@
+"""Hybrid data parallelism: a per-batch host planner that gives each sequence its own
+context-parallel degree.
+
+ByteScale (Ge et al., "ByteScale: Efficient Scaling of LLM Training with a 2048K Context
+Length on More Than 12,000 GPUs", 2025), sections 4 and 5: the data and context axes form one
+pool of N devices, each holding at most C tokens per micro-batch. A sequence longer than C
+spans D(s) >= ceil(s / C) devices (an aligned group of a size in `layouts`); such sequences
+are best-fit packed into groups of their size (Alg. 1). The balance scheduler (Alg. 2,
+DP-balance) then works largest cost first (sorting by cost stands in for the paper's
+equal-FLOP buckets, taken first to last): each group goes to the aligned devices whose load
+would peak lowest, then each short sequence, whole, to the least-loaded device, preferring
+(within `slack` x mean load) space already open in a micro-batch over a new one. Devices may
+run different numbers of micro-batches (idle slots are empty buffers). Pure Python/numpy on
+length metadata: every process computes the same plan.
+
+Execution (`hybrid_exec.py`) runs micro-batches of one group size g at a time (one compiled
+program per g). Inside a group each document is cut into 2g pieces and device i holds pieces
+i and 2g-1-i (zigzag per document, ByteScale section 5.3), so every member does the same
+causal work.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+FIELDS = ('inputs', 'targets', 'segment_ids', 'positions')
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """Training FLOPs of one document: linear per token + attention per (query, key) pair."""
+  linear: float = 1.0
+  pair: float = 0.0
+
+  def doc(self, s: int) -> float:
+    return self.linear * s + self.pair * s * (s + 1) / 2  # causal: s(s+1)/2 pairs
+
+  @classmethod
+  def for_model(cls, model_cfg) -> 'CostModel':
+    """From `forward_flops_per_token` (MEASURING.md): x3 for forward + backward."""
+    D, H, K, Dh, F = (model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads,
+                      model_cfg.head_dim, model_cfg.mlp_dim)
+    per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
+    matmul = model_cfg.num_layers * per_layer + D * model_cfg.vocab_size
+    return cls(linear=3 * 2.0 * matmul, pair=3 * 4.0 * H * Dh * model_cfg.num_layers)
+
+
+def padded_length(s: int, g: int) -> int:
+  """Tokens a document of length s takes in a group of g: a multiple of 2g (zigzag pieces)."""
+  return s if g == 1 else -(-s // (2 * g)) * 2 * g
+
+
+def per_device_tokens(s: int, g: int) -> int:
+  return padded_length(s, g) // g
+
+
+def check_layouts(layouts: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  out = tuple(sorted({int(g) for g in layouts}))
+  bad = [g for g in out if g < 1 or num_devices % g]
+  if bad or 1 not in out:
+    raise ValueError(f'parallelism.hybrid_dp.layouts={tuple(layouts)}: group sizes must divide '
+                     f'the pool of {num_devices} devices and include 1 (bad: {bad})')
+  return out
+
+
+def degree(s: int, capacity: int, layouts: Sequence[int]) -> int:
+  """D(s): the smallest group size in `layouts` whose members each hold <= capacity tokens."""
+  for g in sorted(layouts):
+    if per_device_tokens(s, g) <= capacity:
+      return g
+  raise ValueError(
+      f'a sequence of {s} tokens needs {math.ceil(s / capacity)} devices of '
+      f'parallelism.hybrid_dp.capacity={capacity} tokens, but the largest group in '
+      f'parallelism.hybrid_dp.layouts={tuple(sorted(layouts))} is {max(layouts)}: raise the '
+      'capacity, add a larger layout (dividing the pool), or cap the data length')
+
+
+def _member_takes(L: int, g: int) -> list[np.ndarray]:
+  """Indices of a padded document that group member m holds: pieces m and 2g-1-m of 2g."""
+  if g == 1:
+    return [np.arange(L)]
+  p = L // (2 * g)
+  return [np.r_[m * p:(m + 1) * p, (2 * g - 1 - m) * p:(2 * g - m) * p] for m in range(g)]
+
+
+def split_cost(s: int, g: int, cost: CostModel) -> np.ndarray:
+  """[g] FLOPs of each member for a document split over a group: real tokens and causal
+  (query, key) pairs of its own queries (padding at the document's end makes it uneven)."""
+  L = padded_length(s, g)
+  out = np.zeros(g)
+  for m, take in enumerate(_member_takes(L, g)):
+    real = take[take < s]
+    out[m] = cost.linear * len(real) + cost.pair * float((real + 1).sum())
+  return out
+
+
+@dataclasses.dataclass
+class Unit:
+  """Documents sharing one aligned group of g devices in one micro-batch: each either split
+  over the whole group (member -1) or held whole by one member."""
+  g: int
+  docs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  used: np.ndarray = None    # [g] tokens per member
+  cost: np.ndarray = None    # [g] FLOPs per member
+
+  def __post_init__(self):
+    self.used = np.zeros(self.g, np.int64) if self.used is None else self.used
+    self.cost = np.zeros(self.g) if self.cost is None else self.cost
+
+
+@dataclasses.dataclass
+class MicroBatch:
+  g: int
+  groups: list[Unit | None]  # aligned group j = devices j*g .. (j+1)*g - 1; None = idle
+
+
+@dataclasses.dataclass
+class Plan:
+  num_devices: int
+  capacity: int
+  lengths: np.ndarray
+  degrees: np.ndarray
+  micro_batches: list[MicroBatch]
+  device_cost: np.ndarray   # modelled FLOPs per device over the step
+
+  @property
+  def layouts_used(self) -> tuple[int, ...]:
+    return tuple(sorted({mb.g for mb in self.micro_batches}))
+
+  def micro_batch_counts(self) -> dict[int, int]:
+    return {g: sum(mb.g == g for mb in self.micro_batches) for g in self.layouts_used}
+
+  def imbalance(self) -> float:
+    return float(self.device_cost.max() / self.device_cost.mean())
+
+  def padding_fraction(self) -> float:
+    slots = len(self.micro_batches) * self.num_devices * self.capacity
+    return 1.0 - float(self.lengths.sum()) / slots
+
+
+def _pack_long(lengths, degrees, capacity, cost: CostModel) -> list[Unit]:
+  """Alg. 1 for documents longer than C: best-fit into groups of their degree, each split
+  over its whole group."""
+  units: list[Unit] = []
+  for i in sorted(np.flatnonzero(degrees > 1), key=lambda i: (-degrees[i], -lengths[i], i)):
+    s, g = int(lengths[i]), int(degrees[i])
+    t = per_device_tokens(s, g)
+    fits = [u for u in units if u.g == g and u.used.max() + t <= capacity]
+    u = min(fits, key=lambda u: capacity - u.used.max() - t) if fits else None
+    if u is None:
+      u = Unit(g)
+      units.append(u)
+    u.docs.append((int(i), -1))
+    u.used += t
+    u.cost += split_cost(s, g, cost)
+  return units
+
+
+def _balance_long(units: list[Unit], n: int, load: np.ndarray) -> list[MicroBatch]:
+  """Alg. 2 for the groups: largest per-device cost first, each to the aligned group whose
+  load after taking it peaks lowest (ties: fewer micro-batches of that size)."""
+  slots: dict[int, list[list[Unit]]] = {}
+  for u in sorted(units, key=lambda u: (-u.cost.max(), -u.g)):
+    per_group = slots.setdefault(u.g, [[] for _ in range(n // u.g)])
+    peak = (load.reshape(n // u.g, u.g) + u.cost).max(axis=1)
+    j = int(min(range(n // u.g), key=lambda j: (peak[j], len(per_group[j]), j)))
+    per_group[j].append(u)
+    load[j * u.g:(j + 1) * u.g] += u.cost
+  micro = []
+  for g in sorted(slots, reverse=True):
+    per_group = slots[g]
+    for k in range(max(len(q) for q in per_group)):
+      micro.append(MicroBatch(g, [q[k] if k < len(q) else Unit(g) for q in per_group]))
+  return micro
+
+
+def _place_short(order, lengths, capacity, cost: CostModel, micro: list[MicroBatch],
+                 load: np.ndarray, slack: float) -> None:
+  """Alg. 2 for documents of at most C, largest first, each whole onto one device: the least
+  loaded one, or any within `slack` x mean load of it where the document fits space already
+  in a micro-batch (best fit: fewer, fuller micro-batches); otherwise a new single-device
+  micro-batch on the least-loaded device."""
+  n = len(load)
+  for i in order:
+    s, c = int(lengths[i]), cost.doc(int(lengths[i]))
+    tol = slack * load.mean()
+    near = np.flatnonzero(load <= load.min() + tol)
+    fits = [(capacity - u.used[d % mb.g] - s, load[d], d, k) for k, mb in enumerate(micro)
+            for d in near for u in [mb.groups[d // mb.g]] if u.used[d % mb.g] + s <= capacity]
+    if fits:
+      _, _, d, k = min(fits)
+    else:
+      d, k = int(np.argmin(load)), len(micro)
+      micro.append(MicroBatch(1, [Unit(1) for _ in range(n)]))
+    mb = micro[k]
+    u, m = mb.groups[d // mb.g], d % mb.g
+    u.docs.append((int(i), m))
+    u.used[m] += s
+    u.cost[m] += c
+    load[d] += c
+
+
+def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
+         layouts: Sequence[int] = (1, 2, 4, 8), slack: float = 0.02,
+         cost: CostModel = CostModel()) -> Plan:
+  """The plan of one global batch from its document lengths (deterministic)."""
+  if capacity % 2:
+    raise ValueError(f'parallelism.hybrid_dp.capacity={capacity} must be even (zigzag halves)')
+  layouts = check_layouts(layouts, num_devices)
+  lengths = np.asarray(lengths, np.int64)
+  if (lengths < 1).any():
+    raise ValueError('hybrid_dp: every document needs at least one token')
+  degrees = np.array([degree(int(s), capacity, layouts) for s in lengths], np.int64)
+  load = np.zeros(num_devices)
+  micro = _balance_long(_pack_long(lengths, degrees, capacity, cost), num_devices, load)
+  short = sorted(np.flatnonzero(degrees == 1), key=lambda i: (-lengths[i], i))
+  _place_short(short, lengths, capacity, cost, micro, load, slack)
+  micro = [MicroBatch(mb.g, [u if u.docs else None for u in mb.groups]) for mb in micro]
+  return Plan(num_devices, capacity, lengths, degrees, micro, load)
+
+
+# ------------------------------------------------------------------ host buffers
+
+def _doc_arrays(tokens: np.ndarray, seg: int, g: int) -> dict[str, np.ndarray]:
+  """One document as next-token rows, padded to a multiple of 2g (segment 0 = padding)."""
+  s = len(tokens)
+  L = padded_length(s, g)
+  out = {k: np.zeros(L, np.int32) for k in FIELDS}
+  out['inputs'][:s] = tokens
+  out['targets'][:] = -1
+  out['targets'][:s - 1] = tokens[1:]
+  out['segment_ids'][:s] = seg
+  out['positions'][:] = np.arange(L)
+  return out
+
+
+def device_buffers(micro: MicroBatch, docs: Sequence[np.ndarray], num_devices: int,
+                   capacity: int) -> dict[str, np.ndarray]:
+  """int32 [num_devices, capacity] per field: device d's tokens in micro-batch `micro`. A
+  document split over a group is cut into 2g pieces, member i holding pieces i and 2g-1-i."""
+  out = {k: np.zeros((num_devices, capacity), np.int32) for k in FIELDS}
+  out['targets'][:] = -1
+  g = micro.g
+  for j, unit in enumerate(micro.groups):
+    if unit is None:
+      continue
+    fill = np.zeros(g, np.int64)
+    for seg, (i, member) in enumerate(unit.docs, start=1):
+      split = member < 0
+      d = _doc_arrays(np.asarray(docs[i]), seg, g if split else 1)
+      takes = _member_takes(len(d['inputs']), g if split else 1)
+      for m, take in zip(range(g) if split else [member], takes):
+        dev, f = j * g + m, fill[m]
+        for k in FIELDS:
+          out[k][dev, f:f + len(take)] = d[k][take]
+        fill[m] += len(take)
+  return out
+
+
+def batch_buffers(p: Plan, docs: Sequence[np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+  """(group size, buffers) per micro-batch, in execution order."""
+  if len(docs) != len(p.lengths) or any(len(d) != s for d, s in zip(docs, p.lengths)):
+    raise ValueError('hybrid_dp: documents do not match the lengths the plan was made from')
+  return [(mb.g, device_buffers(mb, docs, p.num_devices, p.capacity)) for mb in p.micro_batches]
+
+
+def buffer_flops(buffers: dict[str, np.ndarray], cost: CostModel) -> np.ndarray:
+  """Per-device FLOPs measured from the buffers themselves (not the plan's model): real tokens
+  x linear + causal (query, key) pairs x pair cost, pairs counted at the query's device (ring
+  attention computes the pairs of its local queries)."""
+  real = buffers['segment_ids'] > 0
+  pairs = np.where(real, buffers['positions'] + 1, 0).sum(axis=1)
+  return cost.linear * real.sum(axis=1) + cost.pair * pairs
