@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from checkpoint.manager import Checkpointer, config_json
-from parallelism import distributed, mesh as mesh_lib, rules as rules_lib
+from parallelism import disaggregation, distributed, mesh as mesh_lib, rules as rules_lib
 from parallelism.context import layout as context_layout
 from training import data as data_lib
 from training import perf, step as step_lib
@@ -71,6 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
   b_sharding = batch_sharding(config, mesh)
   layout = context_layout.host_layout(config, mesh)  # zigzag for context parallelism, else id
+  layout = disaggregation.with_plan(config, mesh, layout)  # + 'dca_*' plan when disaggregated
   eval_batches = [to_global(layout(b), b_sharding) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
 
