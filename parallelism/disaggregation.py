@@ -44,8 +44,8 @@ import ml_collections
 import numpy as np
 
 PREFIX = 'dca_'
-# Server-side segment ids that match nothing: moved-away queries, empty slots.
-MOVED_Q, EMPTY_Q, EMPTY_KV = -1, -2, -3
+# Server-side segment id of an own query that runs elsewhere: no key has it (own ids are >= 1).
+MOVED_Q = 0
 
 
 # ------------------------------------------------------------------ documents and units
@@ -149,7 +149,7 @@ def schedule(docs: list[Doc], n: int, *, tolerance: float, q_bytes: float = 1.0,
       if surplus <= 0 or d.taken >= d.units:
         continue
       give = min(need, surplus)
-      m = min(int(round(give / (d.length + 1))), d.units - d.taken)
+      m = min(round(give / (d.length + 1)), d.units - d.taken)
       if m == 0:
         continue
       moved = units_cost(d.length, d.taken, d.taken + m)
@@ -178,8 +178,13 @@ def schedule(docs: list[Doc], n: int, *, tolerance: float, q_bytes: float = 1.0,
 def capacities(tokens: int, q_capacity: float, kv_capacity: float) -> tuple[int, int]:
   """Rows per (source, destination) buffer, from fractions of a device's nano-batch tokens."""
   def rows(frac):
-    return max(8, int(math.ceil(frac * tokens / 8)) * 8)
+    return max(8, math.ceil(frac * tokens / 8) * 8)
   return rows(q_capacity), rows(kv_capacity)
+
+
+def _task_ranks(sched: Schedule, t: Task) -> np.ndarray:
+  d = sched.docs[t.doc]
+  return np.concatenate([unit_ranks(d.length, a, b) for a, b in t.units])
 
 
 def plan_arrays(segment_ids_RL, positions_RL, n: int, *, tolerance: float, q_capacity: int,
@@ -211,43 +216,53 @@ def plan_arrays(segment_ids_RL, positions_RL, n: int, *, tolerance: float, q_cap
   next_id = int(local_id.max()) + 1
   q_send = np.zeros((n, n, q_capacity), np.int32)
   kv_send = np.zeros((n, n, kv_capacity), np.int32)
-  q_seg = np.full((n, T + n * q_capacity), EMPTY_Q, np.int64)
+  q_seg = np.zeros((n, T + n * q_capacity), np.int64)
   q_pos = np.zeros((n, T + n * q_capacity), np.int32)
-  kv_seg = np.full((n, T + n * kv_capacity), EMPTY_KV, np.int64)
+  kv_seg = np.zeros((n, T + n * kv_capacity), np.int64)
   kv_pos = np.zeros((n, T + n * kv_capacity), np.int32)
   q_seg[:, :T], q_pos[:, :T] = local_id, pos
   kv_seg[:, :T], kv_pos[:, :T] = local_id, pos
   ret = np.tile(np.arange(T, dtype=np.int32), (n, 1))
-  q_fill = np.zeros((n, n), np.int64)
-  kv_fill = np.zeros((n, n), np.int64)
+  groups: dict[tuple[int, int], list[Task]] = {}
   for t in sched.tasks:
-    d = sched.docs[t.doc]
-    src, dst = d.device, t.dest
-    ranks = np.concatenate([unit_ranks(d.length, a, b) for a, b in t.units])
-    q_idx, kv_idx = d.index[ranks], d.index[:t.prefix]
-    nq, nk = len(q_idx), len(kv_idx)
-    q0, k0 = q_fill[src, dst], kv_fill[src, dst]
-    if q0 + nq > q_capacity or k0 + nk > kv_capacity:
-      raise ValueError(
-          f'disaggregation plan needs {q0 + nq} query rows and {k0 + nk} key/value rows from '
-          f'device {src} to device {dst}, capacity is {q_capacity} and {kv_capacity}: raise '
-          f'parallelism.dca_q_capacity / parallelism.dca_kv_capacity (fractions of a device\'s '
-          f'{T} nano-batch tokens)')
-    q_send[src, dst, q0:q0 + nq] = q_idx
-    kv_send[src, dst, k0:k0 + nk] = kv_idx
-    at_q = T + src * q_capacity + q0      # where the rows land in the destination's buffer
-    at_k = T + src * kv_capacity + k0
-    q_seg[dst, at_q:at_q + nq], q_pos[dst, at_q:at_q + nq] = next_id, pos[src, q_idx]
-    kv_seg[dst, at_k:at_k + nk], kv_pos[dst, at_k:at_k + nk] = next_id, pos[src, kv_idx]
-    q_seg[src, q_idx] = MOVED_Q
-    ret[src, q_idx] = T + dst * q_capacity + q0 + np.arange(nq)
-    next_id += 1
-    q_fill[src, dst] += nq
-    kv_fill[src, dst] += nk
+    groups.setdefault((t.dest, sched.docs[t.doc].device), []).append(t)
+  # Server-side ids rise along each destination's buffer (own tokens, then source 0's tasks,
+  # its empty slots, source 1's, ...), so the blockwise kernel's segment-range test skips the
+  # block pairs of different tasks and of empty slots.
+  for dst in range(n):
+    for src in range(n):
+      q0 = k0 = 0
+      for t in groups.get((dst, src), []):
+        d = sched.docs[t.doc]
+        ranks = _task_ranks(sched, t)
+        q_idx, kv_idx = d.index[ranks], d.index[:t.prefix]
+        nq, nk = len(q_idx), len(kv_idx)
+        if q0 + nq > q_capacity or k0 + nk > kv_capacity:
+          need_q = sum(len(_task_ranks(sched, u)) for u in groups[dst, src])
+          need_kv = sum(u.prefix for u in groups[dst, src])
+          raise ValueError(
+              f'disaggregation plan needs {need_q} query rows and {need_kv} key/value rows '
+              f'from device {src} to device {dst}; capacity is {q_capacity} and {kv_capacity}: '
+              f'raise parallelism.dca_q_capacity / parallelism.dca_kv_capacity (fractions of a '
+              f"device's {T} nano-batch tokens)")
+        q_send[src, dst, q0:q0 + nq] = q_idx
+        kv_send[src, dst, k0:k0 + nk] = kv_idx
+        at_q = T + src * q_capacity + q0      # where the rows land in the destination's buffer
+        at_k = T + src * kv_capacity + k0
+        q_seg[dst, at_q:at_q + nq], q_pos[dst, at_q:at_q + nq] = next_id, pos[src, q_idx]
+        kv_seg[dst, at_k:at_k + nk], kv_pos[dst, at_k:at_k + nk] = next_id, pos[src, kv_idx]
+        q_seg[src, q_idx] = MOVED_Q
+        ret[src, q_idx] = T + dst * q_capacity + q0 + np.arange(nq)
+        next_id += 1
+        q0, k0 = q0 + nq, k0 + nk
+      # Empty slots: ids of their own (queries and keys differ), so they match nothing.
+      q_seg[dst, T + src * q_capacity + q0:T + (src + 1) * q_capacity] = next_id
+      kv_seg[dst, T + src * kv_capacity + k0:T + (src + 1) * kv_capacity] = next_id + 1
+      next_id += 2
   if next_id >= 2 ** 31:
     raise ValueError('disaggregation: too many segments for int32 ids')
-  arrays = dict(q_send=q_send, kv_send=kv_send, q_seg=q_seg.astype(np.int32), q_pos=q_pos,
-                kv_seg=kv_seg.astype(np.int32), kv_pos=kv_pos, ret=ret)
+  arrays = {'q_send': q_send, 'kv_send': kv_send, 'q_seg': q_seg.astype(np.int32),
+            'q_pos': q_pos, 'kv_seg': kv_seg.astype(np.int32), 'kv_pos': kv_pos, 'ret': ret}
   return arrays, sched
 
 
@@ -299,9 +314,9 @@ def planner_kwargs(config: ml_collections.ConfigDict) -> dict:
   p, m = config.parallelism, config.model
   heads, kv_heads, head_dim = (m.get('num_heads', 1), m.get('num_kv_heads', 1),
                                m.get('head_dim', 1))
-  return dict(nano_batches=p.dca_nano_batches, tolerance=p.dca_tolerance,
-              q_capacity=p.dca_q_capacity, kv_capacity=p.dca_kv_capacity,
-              q_bytes=heads * head_dim, kv_bytes=2 * kv_heads * head_dim)
+  return {'nano_batches': p.dca_nano_batches, 'tolerance': p.dca_tolerance,
+          'q_capacity': p.dca_q_capacity, 'kv_capacity': p.dca_kv_capacity,
+          'q_bytes': heads * head_dim, 'kv_bytes': 2 * kv_heads * head_dim}
 
 
 def with_plan(config: ml_collections.ConfigDict, mesh,

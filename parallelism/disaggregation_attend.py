@@ -39,8 +39,8 @@ def _axis_names(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _nano(kernel, axis, n, q_TH, k_TK, v_TK, plan):
-  """Dispatch of one nano-batch: returns what the compute stage needs."""
+def _dispatch(axis, n, q_TH, k_TK, v_TK, plan):
+  """Stage 1 for one nano-batch: [own tokens ; received task rows] for queries and keys."""
   def exchange(x):
     return jax.lax.all_to_all(x, axis, 0, 0, tiled=False) if n > 1 else x
   q_in = exchange(q_TH[plan['q_send']])                  # [n, Cq, H, D] from each source
@@ -63,9 +63,10 @@ def make_local(kernel: AttendFn, n: int, axis):
     Ra = R // A
     nanos = [jax.tree.map(lambda x, a=a: x[a], plan) for a in range(A)]
     rows = [slice(a * Ra, (a + 1) * Ra) for a in range(A)]
-    flat = lambda x: x.reshape(Ra * L, *x.shape[2:])  # noqa: E731
+    def flat(x):
+      return x.reshape(Ra * L, *x.shape[2:])
     # Ping-pong: every exchange first, then every compute, then every return.
-    sent = [_nano(kernel, axis, n, flat(q[s]), flat(k[s]), flat(v[s]), p)
+    sent = [_dispatch(axis, n, flat(q[s]), flat(k[s]), flat(v[s]), p)
             for s, p in zip(rows, nanos)]
     outs = []
     for (q_srv, k_srv, v_srv), p in zip(sent, nanos):
