@@ -295,6 +295,16 @@ def plan_batch(segment_ids_BL, positions_BL, n: int, *, nano_batches: int, toler
   return out, scheds
 
 
+def pair_rows(sched: Schedule, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Query and key/value rows each (source, destination) pair needs: [n, n] each."""
+  q, kv = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+  for t in sched.tasks:
+    src = sched.docs[t.doc].device
+    q[src, t.dest] += len(_task_ranks(sched, t))
+    kv[src, t.dest] += t.prefix
+  return q, kv
+
+
 def device_flops(scheds: list[Schedule]) -> tuple[np.ndarray, np.ndarray]:
   """Per-device query-key pairs (before, after) summed over nano-batches."""
   return (sum(s.flops_before for s in scheds), sum(s.flops_after for s in scheds))
