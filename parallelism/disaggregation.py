@@ -19,6 +19,20 @@ The plan is a side channel on purpose: the attention seam's signature (q, k, v, 
 positions) stays the same for every model family, and the plan arrays are ordinary jitted
 arguments (traced, so a new plan per batch does not recompile).
 
+Decisions and limits:
+- `parallelism.context_impl='disaggregated'` (a value of the existing key): the work moves
+  over the batch mesh axes (data, fsdp), and it does not compose with a context axis
+  (mesh.context must be 1; a clear error says so). Ring for the longest documents would need
+  a two-level plan (which documents ring over context, which move as tasks); not built.
+- Static capacity: every (source, destination) pair has a bucket of `dca_q_capacity` x T
+  query rows and `dca_kv_capacity` x T key/value rows (T = a device's nano-batch tokens); a
+  plan that does not fit raises a ValueError naming both keys. The exchange is a padded
+  `all_to_all`: `ragged_all_to_all` would send only used rows, but XLA:CPU (jax 0.10.2)
+  rejects it ("UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by XLA:CPU"),
+  so it is not used here.
+- One host plans the whole batch (single process) and the whole step
+  (`optimizer.grad_accum_steps=1`); both are checked with clear errors.
+
 Splitting (the head-tail trick, DistCA section 4.1). Query ranks of a document are taken from
 its centre outwards in "units": for even L unit k is {L/2-1-k, L/2+k}, whose costs (rank + 1
 keys each) add to exactly L+1; for odd L unit 0 is the centre {c} (cost (L+1)/2) and unit k

@@ -6,8 +6,9 @@ arXiv 2510.18121), sections 4-5. The plan (`parallelism/disaggregation.py`) is r
 
   1. dispatch  gather the query rows and key/value prefixes of outgoing tasks into fixed-
                capacity buckets [n, C] and exchange them with one all_to_all each;
-  2. compute   one varlen causal attention on [own tokens ; received tasks], masked by the
-               plan's server-side segment ids and positions (the configured kernel);
+  2. compute   the configured kernel, masked by the plan's server-side segment ids and
+               positions: once on the own rows (moved-away queries masked), once on the
+               received tasks batched by source ([n, Cq] queries vs [n, Ck] keys);
   3. return    all_to_all the task outputs back; each owner gathers its tokens' outputs.
 
 Gradients come from autodiff: the transpose of an all_to_all is an all_to_all and the
@@ -40,15 +41,31 @@ def _axis_names(entry) -> tuple[str, ...]:
 
 
 def _dispatch(axis, n, q_TH, k_TK, v_TK, plan):
-  """Stage 1 for one nano-batch: [own tokens ; received task rows] for queries and keys."""
+  """Stage 1 for one nano-batch: the task rows every source sent here, [n, C, heads, D]."""
   def exchange(x):
     return jax.lax.all_to_all(x, axis, 0, 0, tiled=False) if n > 1 else x
-  q_in = exchange(q_TH[plan['q_send']])                  # [n, Cq, H, D] from each source
-  k_in, v_in = exchange(k_TK[plan['kv_send']]), exchange(v_TK[plan['kv_send']])
-  q_srv = jnp.concatenate([q_TH, q_in.reshape(-1, *q_TH.shape[1:])])
-  k_srv = jnp.concatenate([k_TK, k_in.reshape(-1, *k_TK.shape[1:])])
-  v_srv = jnp.concatenate([v_TK, v_in.reshape(-1, *v_TK.shape[1:])])
-  return q_srv, k_srv, v_srv
+  return (exchange(q_TH[plan['q_send']]), exchange(k_TK[plan['kv_send']]),
+          exchange(v_TK[plan['kv_send']]))
+
+
+def _compute(kernel, q, k, v, received, plan, Ra, L):
+  """Stage 2: own rows [Ra, L] as on one device (moved queries masked), and the received
+  tasks as a batch of n rows, one per source: a task only sees keys from its own source, so
+  the cross terms are all masked and skipping them is exact."""
+  n = received[0].shape[0]
+  T = Ra * L
+
+  def ids(key, C):
+    own, recv = plan[key][:T].reshape(Ra, L), plan[key][T:].reshape(n, C)
+    return own, recv
+
+  (qs_own, qs_in), (qp_own, qp_in) = (ids(k_, received[0].shape[1]) for k_ in ('q_seg', 'q_pos'))
+  (ks_own, ks_in), (kp_own, kp_in) = (ids(k_, received[1].shape[1]) for k_ in ('kv_seg', 'kv_pos'))
+  o_own = kernel(q, k, v, q_segment_ids=qs_own, kv_segment_ids=ks_own, q_positions=qp_own,
+                 kv_positions=kp_own, causal=True)
+  o_in = kernel(*received, q_segment_ids=qs_in, kv_segment_ids=ks_in, q_positions=qp_in,
+                kv_positions=kp_in, causal=True)
+  return o_own, o_in
 
 
 def make_local(kernel: AttendFn, n: int, axis):
@@ -63,23 +80,20 @@ def make_local(kernel: AttendFn, n: int, axis):
     Ra = R // A
     nanos = [jax.tree.map(lambda x, a=a: x[a], plan) for a in range(A)]
     rows = [slice(a * Ra, (a + 1) * Ra) for a in range(A)]
+
     def flat(x):
       return x.reshape(Ra * L, *x.shape[2:])
-    # Ping-pong: every exchange first, then every compute, then every return.
-    sent = [_dispatch(axis, n, flat(q[s]), flat(k[s]), flat(v[s]), p)
-            for s, p in zip(rows, nanos)]
-    outs = []
-    for (q_srv, k_srv, v_srv), p in zip(sent, nanos):
-      o = kernel(q_srv[None], k_srv[None], v_srv[None], q_segment_ids=p['q_seg'][None],
-                 kv_segment_ids=p['kv_seg'][None], q_positions=p['q_pos'][None],
-                 kv_positions=p['kv_pos'][None], causal=True)
-      outs.append(o[0])
-    T = Ra * L
+
+    # Ping-pong: every exchange first, then every compute, then every return, so nano-batch
+    # B's exchange does not wait on A's compute, nor A's return on B's compute.
+    received = [_dispatch(axis, n, flat(q[s]), flat(k[s]), flat(v[s]), p)
+                for s, p in zip(rows, nanos)]
+    outs = [_compute(kernel, q[s], k[s], v[s], r, p, Ra, L)
+            for s, r, p in zip(rows, received, nanos)]
     results = []
-    for o, p in zip(outs, nanos):
-      back = o[T:].reshape(n, -1, H, D)
-      back = jax.lax.all_to_all(back, axis, 0, 0, tiled=False) if n > 1 else back
-      o_all = jnp.concatenate([o[:T], back.reshape(-1, H, D)])
+    for (o_own, o_in), p in zip(outs, nanos):
+      back = jax.lax.all_to_all(o_in, axis, 0, 0, tiled=False) if n > 1 else o_in
+      o_all = jnp.concatenate([flat(o_own), back.reshape(-1, H, D)])
       results.append(o_all[p['ret']].reshape(Ra, L, H, D))
     return jnp.concatenate(results)
 

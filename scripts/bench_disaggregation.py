@@ -251,6 +251,17 @@ def main():
       T = B // N // c.parallelism.dca_nano_batches * L
       cq, ck = dca.capacities(T, c.parallelism.dca_q_capacity, c.parallelism.dca_kv_capacity)
       tasks = sum(len(s.tasks) for s in scheds)
+      # What the tasks really need moved (a ragged all_to_all would send only this): forward,
+      # per device and layer, Q + K/V rows out and outputs back, float32.
+      m = c.model
+      payload = np.zeros(N)
+      for s in scheds:
+        q, kv = dca.pair_rows(s, N)
+        payload += (q.sum(1) * m.num_heads * m.head_dim + kv.sum(1) * 2 * m.num_kv_heads *
+                    m.head_dim + q.sum(0) * m.num_heads * m.head_dim) * 4
+      print(f'#   dca forward payload the plan needs (rows used, not capacity): mean '
+            f'{payload.mean() / MiB:.2f} (max {payload.max() / MiB:.2f}) MiB per device and layer;'
+            ' the static-capacity all_to_all sends whole buckets', flush=True)
       print(f'#   dca compiled schedule (first exchanges/attention loops in order): '
             f'{schedule_outline(hlo)}')
       print(f'#   dca plan: {tasks} tasks over 2 nano-batches, host planning {host_ms:.0f} ms per '
