@@ -130,6 +130,13 @@ def test_context_axis_is_a_clear_error():
     make_runtime(c, mesh_lib.make_mesh(c.mesh))
 
 
+def test_grad_accumulation_is_a_clear_error():
+  c = _config()
+  c.optimizer.grad_accum_steps = 2
+  with pytest.raises(ValueError, match='optimizer.grad_accum_steps=1'):
+    make_runtime(c, mesh_lib.make_mesh(c.mesh))
+
+
 def test_missing_plan_is_a_clear_error():
   with pytest.raises(ValueError, match='use_plan'):
     dca.current_plan()
