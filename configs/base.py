@@ -126,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- parallel strategies ---
   p = c.parallelism = ml_collections.ConfigDict()
-  p.context_impl = 'none'            # none | allgather | ring | token_ring | auto
+  p.context_impl = 'none'            # none | allgather | ring | token_ring | auto | disaggregated
   p.zigzag = True                    # causal load balance for ring/token_ring (data layout)
   p.context_full_duplex = True       # auto: links carry both directions at once (NVLink/ICI)
   # Hybrid data parallelism (parallelism/hybrid_dp.py): data x context devices form one pool;
@@ -136,6 +136,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.hybrid_dp.capacity = 4096        # tokens per device per micro-batch (even)
   p.hybrid_dp.layouts = (1, 2, 4, 8) # group sizes compiled (each divides the pool; 1 required)
   p.hybrid_dp.slack = 0.02           # short docs may go within slack x mean load of the least loaded
+  # disaggregated (parallelism/disaggregation.py): attention tasks move over the batch axes;
+  # needs mesh.context=1 and optimizer.grad_accum_steps=1.
+  p.dca_tolerance = 0.02             # every device's attention FLOPs within this of the mean
+  p.dca_nano_batches = 2             # ping-pong nano-batches (rows) per device and step
+  p.dca_q_capacity = 0.5             # query rows per (source, destination) buffer, x nano tokens
+  p.dca_kv_capacity = 1.0            # key/value rows per (source, destination) buffer, likewise
   # Logical axis -> mesh axes. Model code names only the logical axes on the left.
   p.rules = (
       ('batch', ('data', 'fsdp')),   # activations' batch dimension

@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 from modeling import attention as attention_lib
 from modeling.transformer import Runtime
 from parallelism import context as context_lib
+from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
 
 
@@ -22,6 +23,8 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
                                block_kv=config.attention.block_kv)
   if config.parallelism.context_impl == 'none':
     return kernel
+  if config.parallelism.context_impl == 'disaggregated':
+    return disaggregation_attend.make_attend(config, mesh, kernel)
   return context_lib.make_context_attend(config, mesh, kernel)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from modeling.transformer import Runtime
-from parallelism import rules as rules_lib
+from parallelism import disaggregation, rules as rules_lib
 from parallelism.context import layout as context_layout
 from training import step as step_lib
 from training.composition import make_runtime
@@ -26,6 +26,9 @@ class TrainProgram:
   batch_sharding: NamedSharding
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates state
   eval_step: Callable[[Any, dict], tuple[jax.Array, jax.Array]]     # jitted
+  # Host-side rearrangement of each batch: zigzag under context parallelism, plus the
+  # 'dca_*' task plan under disaggregated attention; the identity otherwise.
+  host_layout: Callable[[dict], dict]
 
   def init_state(self) -> TrainState:
     return init_train_state(self.config, self.setup, self.runtime)
@@ -33,7 +36,7 @@ class TrainProgram:
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host-local rows -> one global array per key (each process passes only its rows),
     in the data layout of the run (zigzag under context parallelism)."""
-    local_batch = context_layout.host_layout(self.config, self.mesh)(local_batch)
+    local_batch = self.host_layout(local_batch)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
@@ -64,4 +67,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainProgram
       out_shardings=(setup.shardings, rules_lib.replicated(mesh)), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
                       in_shardings=(setup.shardings.params, b_sharding))
-  return TrainProgram(config, mesh, runtime, setup, b_sharding, train_step, eval_step)
+  host_layout = disaggregation.with_plan(config, mesh,
+                                         context_layout.host_layout(config, mesh))
+  return TrainProgram(config, mesh, runtime, setup, b_sharding, train_step, eval_step,
+                      host_layout)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from parallelism import disaggregation
 from training import loss as loss_lib
 from training.state import ModelSetup, TrainState
 
@@ -17,8 +18,9 @@ Batch = dict[str, jax.Array]
 def loss_sum(params, graphdef, batch: Batch, rng,
              loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   model = nnx.merge(graphdef, params)
-  h_BLD = model(batch['inputs'], segment_ids=batch['segment_ids'],
-                positions=batch['positions'], rng=rng)
+  with disaggregation.use_plan(batch):  # per-batch attention plan, if any ('dca_*' keys)
+    h_BLD = model(batch['inputs'], segment_ids=batch['segment_ids'],
+                  positions=batch['positions'], rng=rng)
   return loss_lib.lm_loss_sum(model, h_BLD, batch['targets'], chunk=loss_chunk)
 
 
