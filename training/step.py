@@ -66,8 +66,8 @@ def apply_gradients(setup: ModelSetup, state: TrainState, total, count,
   metrics = {
       'loss': total / denom,
       'tokens': count,
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params),
       'lr': schedule(state.step),
   }
   model = nnx.merge(graphdef, params)
