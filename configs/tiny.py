@@ -8,9 +8,9 @@ from configs import base
 
 def get_config(arg: str | None = None):
   c = base.get_config(arg)
-  c.steps = 600
+  c.steps = 300
   c.batch_size = 16
   c.seq_len = 256
   c.log_every = 25
-  c.eval_every = 200
+  c.eval_every = 100
   return c
