@@ -26,8 +26,6 @@ import tqdm
 from checkpoint import layout, metadata, universal
 from checkpoint.manager import Checkpointer, CheckpointError
 from parallelism import mesh as mesh_lib
-from training.composition import make_runtime
-from training.state import setup_model
 
 LAYOUTS = ('scan', 'unrolled')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -118,8 +116,13 @@ def _groups(paths: list[str], infos: dict[str, metadata.ArrayInfo]) -> list[list
   return groups + ([cur] if cur else [])
 
 
-def convert(req: Request, out: Callable[[str], None] = print, progress: bool = True) -> dict:
-  """Runs one conversion; returns a summary (arrays, bytes, per-device bytes, dst)."""
+def convert(setup_for: Callable[[ml_collections.ConfigDict, Any], Any], req: Request,
+            out: Callable[[str], None] = print, progress: bool = True) -> dict:
+  """Runs one conversion; returns a summary (arrays, bytes, per-device bytes, dst).
+
+  `setup_for(config, mesh)` gives the target's ModelSetup (shapes, logical axes, shardings);
+  the caller passes it so this library does not depend on training/.
+  """
   src_dir = resolve_src(req.src)
   if req.export is not None and req.export not in EXPORTS:
     raise ValueError(f'--export {req.export!r}; valid: {EXPORTS}')
@@ -136,7 +139,7 @@ def convert(req: Request, out: Callable[[str], None] = print, progress: bool = T
   meta = src.read_meta(step)
   config = target_config(meta['config'], req)
   mesh = _mesh_for(config, target_devices(req.mesh, req.devices))
-  setup = setup_model(config, mesh, make_runtime(config, mesh))  # checks divisibility by name
+  setup = setup_for(config, mesh)  # checks divisibility by name
   src_arrays = {p: i for p, i in metadata.arrays_of(meta).items() if _keep(p, req.params_only)}
   if 'opt_state' not in meta.get('items', ()) and not req.params_only:
     raise CheckpointError(f'{src.step_dir(step)} holds parameters only; pass --params-only')

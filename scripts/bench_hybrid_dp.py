@@ -41,7 +41,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from parallelism import hybrid_dp, hybrid_exec
+from parallelism import hybrid_dp
+from training import hybrid_exec
 from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
 from parallelism.context import layout

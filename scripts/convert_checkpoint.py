@@ -39,6 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   from checkpoint import convert as convert_lib  # noqa: E402 - after the device count is set
+  from training.program import build_program  # noqa: E402
 
   mesh = convert_lib.parse_mesh(args.mesh) if args.mesh else None
   n = convert_lib.target_devices(mesh, args.devices)
@@ -50,7 +51,8 @@ def main(argv=None):
                             devices=args.devices, params_only=args.params_only, dtype=args.dtype,
                             layout=args.layout, export=args.export, dry_run=args.dry_run)
   try:
-    convert_lib.convert(req, progress=not args.no_progress)
+    convert_lib.convert(lambda c, m: build_program(c, m).setup, req,
+                        progress=not args.no_progress)
   except (ValueError, FileExistsError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

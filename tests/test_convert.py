@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 
 from checkpoint import convert, metadata, universal
+from training.program import build_program
 from checkpoint.layout import CheckpointMismatch
 from checkpoint.manager import Checkpointer, CheckpointError
 from tests.helpers import Trainer, random_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_A = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.context': 2}
+
+
+def target_setup(config, mesh):
+  return build_program(config, mesh).setup
 
 
 def save_trained(directory, config, steps=2):
@@ -62,9 +67,10 @@ def source(tmp_path_factory):
 def test_round_trip_is_bit_identical_and_layouts_match(source, tmp_path):
   before = tree_hash(source)
   b, a2 = str(tmp_path / 'b'), str(tmp_path / 'a2')
-  convert.convert(convert.Request(source, b, mesh={'fsdp': 8}, layout='scan'), out=lambda s: None,
+  convert.convert(target_setup, convert.Request(source, b, mesh={'fsdp': 8}, layout='scan'),
+                  out=lambda s: None,
                   progress=False)
-  convert.convert(convert.Request(b, a2, mesh={'data': 2, 'fsdp': 2, 'context': 2},
+  convert.convert(target_setup, convert.Request(b, a2, mesh={'data': 2, 'fsdp': 2, 'context': 2},
                                   layout='unrolled'), out=lambda s: None, progress=False)
   orig, meta_a = read_all(source)
   back, meta_a2 = read_all(a2)
@@ -87,7 +93,7 @@ def test_round_trip_is_bit_identical_and_layouts_match(source, tmp_path):
 def test_params_only_dtype_dry_run_and_refusals(source, tmp_path):
   before = tree_hash(source)
   lines = []
-  dry = convert.convert(convert.Request(source, str(tmp_path / 'x'), mesh={'fsdp': 4},
+  dry = convert.convert(target_setup, convert.Request(source, str(tmp_path / 'x'), mesh={'fsdp': 4},
                                         params_only=True, dtype='bfloat16', dry_run=True),
                         out=lines.append, progress=False)
   assert not os.path.exists(tmp_path / 'x')
@@ -97,7 +103,7 @@ def test_params_only_dtype_dry_run_and_refusals(source, tmp_path):
   assert dry['per_device_bytes'] == (dry['bytes'] - 12) // 4 + 12
 
   dst = str(tmp_path / 'p')
-  convert.convert(convert.Request(source, dst, params_only=True, dtype='bfloat16'),
+  convert.convert(target_setup, convert.Request(source, dst, params_only=True, dtype='bfloat16'),
                   out=lambda s: None, progress=False)
   orig, _ = read_all(source)
   got, meta = read_all(dst)
@@ -109,7 +115,7 @@ def test_params_only_dtype_dry_run_and_refusals(source, tmp_path):
       assert x.dtype.name == 'bfloat16'
       np.testing.assert_array_equal(x, orig[p].astype(x.dtype))
   with pytest.raises(FileExistsError, match='refusing to overwrite'):
-    convert.convert(convert.Request(source, dst), out=lambda s: None, progress=False)
+    convert.convert(target_setup, convert.Request(source, dst), out=lambda s: None, progress=False)
   # A parameters-only checkpoint cannot resume training, and says why.
   c = tiny_config(**MESH_A)
   t = Trainer(c)
@@ -120,7 +126,8 @@ def test_params_only_dtype_dry_run_and_refusals(source, tmp_path):
 
 def test_export_npz(source, tmp_path):
   dst = str(tmp_path / 'model.npz')
-  convert.convert(convert.Request(source, dst, export='npz', layout='scan'), out=lambda s: None,
+  convert.convert(target_setup, convert.Request(source, dst, export='npz', layout='scan'),
+                  out=lambda s: None,
                   progress=False)
   orig, _ = read_all(source)
   npz = np.load(dst)
@@ -136,7 +143,8 @@ def test_export_npz(source, tmp_path):
 def test_bad_input_fails_by_name_and_writes_nothing(source, tmp_path):
   # A target mesh that does not divide a dimension: kv_heads=2 over tensor=4.
   with pytest.raises(ValueError, match=r"attn.*wk.*not divisible by mesh tensor=4"):
-    convert.convert(convert.Request(source, str(tmp_path / 'm'), mesh={'tensor': 4, 'data': 2}),
+    convert.convert(target_setup,
+                    convert.Request(source, str(tmp_path / 'm'), mesh={'tensor': 4, 'data': 2}),
                     out=lambda s: None, progress=False)
   assert not os.path.exists(tmp_path / 'm')
   # A checkpoint of a different model config.

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from parallelism import hybrid_data, hybrid_dp, hybrid_exec
+from parallelism import hybrid_dp
+from training import hybrid_data, hybrid_exec
 from parallelism import mesh as mesh_lib
 from training import step as step_lib
 from training.composition import make_runtime

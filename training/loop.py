@@ -17,8 +17,8 @@ from checkpoint import metadata as ckpt_metadata
 from checkpoint import universal
 from checkpoint.manager import Checkpointer, config_json
 from modeling import registry
-from parallelism import distributed, hybrid_data, mesh as mesh_lib
-from training import data as data_lib
+from parallelism import distributed, mesh as mesh_lib
+from training import data as data_lib, hybrid_data
 from training import perf
 from training.monitor import MetricWriter, Progress
 from training.program import build_program

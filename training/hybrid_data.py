@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from parallelism import hybrid_dp, hybrid_exec
+from parallelism import hybrid_dp
+from training import hybrid_exec
 from training.data import packing, sources
 from training.state import ModelSetup
 
