@@ -13,6 +13,9 @@ from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
 
 
+CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
+
+
 def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   impl = config.attention.impl
   if impl not in attention_lib.KERNELS:
@@ -21,9 +24,12 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   if impl == 'blockwise':
     kernel = functools.partial(kernel, block_q=config.attention.block_q,
                                block_kv=config.attention.block_kv)
-  if config.parallelism.context_impl == 'none':
+  context_impl = config.parallelism.context_impl
+  if context_impl not in CONTEXT_IMPLS:
+    raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
+  if context_impl == 'none':
     return kernel
-  if config.parallelism.context_impl == 'disaggregated':
+  if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernel)
   return context_lib.make_context_attend(config, mesh, kernel)
 
