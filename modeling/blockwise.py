@@ -90,18 +90,25 @@ def _scores(q_BQKGD, k_BSKD, mask_BQS, scale):
   return jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
 
 
+def _plan(q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+          causal, window, block_q, block_kv):
+  """Shapes, block sizes, softmax scale and the block-skip table shared by both passes."""
+  B, L, H, D = q_BLHD.shape
+  S, K = k_BSKD.shape[1:3]
+  bq = fit_block(L, block_q, 'attention.block_q')
+  bk = fit_block(S, block_kv, 'attention.block_kv')
+  table = block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
+                      window=window, block_q=bq, block_kv=bk)
+  return B, L, H, D, S, K, H // K, bq, bk, D ** -0.5, table
+
+
 def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
                   kv_positions, *, causal: bool, window: int = 0, block_q: int = 512,
                   block_kv: int = 512):
   """(o [B, L, H, D] float32, lse [B, L, H] float32) over the given keys only."""
-  B, L, H, D = q_BLHD.shape
-  S, K = k_BSKD.shape[1:3]
-  G = H // K
-  bq = fit_block(L, block_q, 'attention.block_q')
-  bk = fit_block(S, block_kv, 'attention.block_kv')
-  scale = D ** -0.5
-  table = block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
-                      window=window, block_q=bq, block_kv=bk)
+  B, L, H, D, S, K, G, bq, bk, scale, table = _plan(
+      q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
+      window=window, block_q=block_q, block_kv=block_kv)
   q_blk = _blocked(q_BLHD.reshape(B, L, K, G, D), bq)
   qseg_blk, qpos_blk = _blocked(q_segment_ids, bq), _blocked(q_positions, bq)
   k_blk, v_blk = _blocked(k_BSKD, bk), _blocked(v_BSKD, bk)
@@ -148,14 +155,9 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
   With P = exp(s - lse) the probabilities of the whole softmax (not just these keys):
   dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
   """
-  B, L, H, D = q_BLHD.shape
-  S, K = k_BSKD.shape[1:3]
-  G = H // K
-  bq = fit_block(L, block_q, 'attention.block_q')
-  bk = fit_block(S, block_kv, 'attention.block_kv')
-  scale = D ** -0.5
-  table = block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
-                      window=window, block_q=bq, block_kv=bk)
+  B, L, H, D, S, K, G, bq, bk, scale, table = _plan(
+      q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
+      window=window, block_q=block_q, block_kv=block_kv)
   to_bkgq = lambda x: x.reshape(B, -1, K, G).transpose(0, 2, 3, 1)  # [B, bq, H] -> [B,K,G,bq]
   q_blk = _blocked(q_BLHD.reshape(B, L, K, G, D), bq)
   do_blk = _blocked(do_BLHD.reshape(B, L, K, G, D), bq)
