@@ -163,14 +163,23 @@ class Checkpointer:
     args = {}
     for item, flat in by_item.items():
       tree = metadata.nest(flat)
+      # partial_restore: `targets` may be a subset (the converter reads in groups).
       args[item] = ocp.args.PyTreeRestore(
-          item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+          item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+          partial_restore=True)
       self._check_item_present(step, item)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - reported with the array that fails to read
       raise self._pinpoint(step, by_item, e) from e
     arrays = metadata.join_items({item: metadata.flatten(out[item]) for item in by_item})
+    # partial_restore hands back the target itself for an array it did not find.
+    missing = sorted(p for p in targets
+                     if p not in arrays or isinstance(arrays[p], jax.ShapeDtypeStruct))
+    if missing:
+      raise CheckpointError(f'{self.step_dir(step)}/{metadata.item_of(missing[0])}: array '
+                            f'{missing[0]} is listed in the metadata but not stored '
+                            '(truncated checkpoint?)')
     if self.verify:
       self._verify_arrays(step, arrays)
     return arrays
