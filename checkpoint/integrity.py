@@ -65,17 +65,30 @@ def _sums(x: jax.Array) -> jax.Array:
   return jnp.stack([h1, h2])
 
 
+def _finite(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.all(jnp.isfinite(x))
+  return jnp.array(True)
+
+
 @jax.jit
-def _all_sums(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {p: _sums(x) for p, x in arrays.items()}
+def _all_sums(arrays: dict[str, jax.Array]) -> dict[str, tuple[jax.Array, jax.Array]]:
+  return {p: (_sums(x), _finite(x)) for p, x in arrays.items()}
+
+
+def checksums_and_finite(arrays: dict[str, Any]) -> tuple[dict[str, str], dict[str, bool]]:
+  """({path: 16 hex digits}, {path: all values finite}) for every array, in one compiled
+  program per set of shapes."""
+  if not arrays:
+    return {}, {}
+  out = jax.device_get(_all_sums(dict(arrays)))
+  return ({p: f'{int(s[0]):08x}{int(s[1]):08x}' for p, (s, _) in out.items()},
+          {p: bool(f) for p, (_, f) in out.items()})
 
 
 def array_checksums(arrays: dict[str, Any]) -> dict[str, str]:
-  """{path: 16 hex digits} for every array (one compiled program per set of shapes)."""
-  if not arrays:
-    return {}
-  sums = jax.device_get(_all_sums(dict(arrays)))
-  return {p: f'{int(s[0]):08x}{int(s[1]):08x}' for p, s in sums.items()}
+  """{path: 16 hex digits} for every array."""
+  return checksums_and_finite(arrays)[0]
 
 
 def bytes_checksum(data: bytes) -> str:

@@ -185,15 +185,19 @@ class Checkpointer:
     return arrays
 
   def _verify_arrays(self, step: int, arrays: dict[str, Any]) -> None:
-    want = self.read_meta(step).get('checksums')
-    if want is None:  # written before checksums existed: nothing to compare with
-      return
-    got = integrity.array_checksums({p: x for p, x in arrays.items() if p in want})
+    """Checksums as recorded (none before checksums existed), and finite values (loomax saves
+    finite steps only; an older loomax did not)."""
+    want = self.read_meta(step).get('checksums') or {}
+    got, finite = integrity.checksums_and_finite(arrays)
     for path in sorted(got):
-      if got[path] != want[path]:
-        raise CheckpointError(f'{self.step_dir(step)}/{metadata.item_of(path)}: checksum '
-                              f'mismatch in array {path} (recorded {want[path]}, read '
-                              f'{got[path]}): the file holding it is corrupted')
+      where = f'{self.step_dir(step)}/{metadata.item_of(path)}'
+      if path in want and got[path] != want[path]:
+        raise CheckpointError(f'{where}: checksum mismatch in array {path} (recorded '
+                              f'{want[path]}, read {got[path]}): the file holding it is '
+                              'corrupted')
+      if not finite[path]:
+        raise CheckpointError(f'{where}: array {path} holds non-finite values (a step saved '
+                              'before loomax saved finite steps only?)')
 
   def read_data(self, step: int) -> dict[int, dict] | None:
     path = os.path.join(self.step_dir(step), 'data')

@@ -243,3 +243,18 @@ def test_init_from_loads_parameters_only(base, tmp_path):
   with pytest.raises(CheckpointError, match='init_from='):
     universal.restore_state(Checkpointer(dst, read_only=True), 4, c, program.setup,
                             program.mesh)
+
+
+def test_a_non_finite_array_on_disk_is_refused(tmp_path):
+  """Steps written before finite-only saves (or by hand) are not loaded either."""
+  ck = Checkpointer(str(tmp_path), async_save=False)
+  w = np.array([1.0, np.nan, 2.0], np.float32)
+  ck.save(1, {'params/w': jax.numpy.asarray(w)},
+          {'arrays': {'params/w': metadata.ArrayInfo((3,), 'float32', (None,)).to_json()}})
+  ck.close()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {'params/w': jax.ShapeDtypeStruct((3,), 'float32', sharding=one)}
+  with pytest.raises(CheckpointError, match='params/w holds non-finite values'):
+    Checkpointer(str(tmp_path), read_only=True).read_arrays(1, target)
+  got = Checkpointer(str(tmp_path), read_only=True, verify=False).read_arrays(1, target)
+  np.testing.assert_array_equal(np.asarray(got['params/w']), w)
