@@ -169,8 +169,8 @@ def _restore_first_intact(source: Checkpointer, config, read):
       log.warning('%s; falling back to the previous checkpoint', e)
       bad.append(step)
   raise CheckpointError(f'{source.directory}: no intact checkpoint among steps {sorted(steps)} '
-                        '(see the warnings above); pass resume_step=N to pick one, or '
-                        'checkpoint.verify=False to load anyway')
+                        '(see the warnings above); checkpoint.verify=False loads one anyway '
+                        '(resume_step=N picks which)')
 
 
 def restore_or_init(config, program, start: Start, workdir: str, train_iter):
