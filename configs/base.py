@@ -21,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 200                 # held-out eval every N steps (0 = only at the end)
   c.eval_batches = 8                 # batches per held-out eval
   # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
-  # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a checkpoints
-  # directory to continue from.
+  # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
+  # checkpoints directory to continue from (into an empty workdir).
   c.resume = 'auto'
   c.resume_step = -1                 # >=0: resume exactly this step (no fallback); -1 = newest
   c.init_from = ''                   # checkpoint dir: load its parameters only, fresh optimizer
