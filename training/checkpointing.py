@@ -69,6 +69,7 @@ class Start:
 def plan_start(config, ckpt: Checkpointer) -> Start:
   """Validates resume / init_from against the workdir; raises with the key to change."""
   resume = config.resume or 'none'
+  init_from = config.get('init_from', '')
   verify = config.checkpoint.get('verify', True)
   own = ckpt.all_steps()
   if resume == 'none' and own:
@@ -85,16 +86,15 @@ def plan_start(config, ckpt: Checkpointer) -> Start:
       raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
     return Start('resume', source)
   if resume == 'auto' and own:
-    if config.init_from:
+    if init_from:
       log.warning('init_from=%r ignored: continuing this workdir\'s own checkpoints (steps %s)',
-                  config.init_from, own)
+                  init_from, own)
     return Start('resume', ckpt, own=True)
   if config.get('resume_step', -1) >= 0:
     raise ValueError(f'resume_step={config.resume_step} but there is no checkpoint to resume '
                      f'({ckpt.directory} is empty and resume={resume!r})')
-  if config.init_from:
-    return Start('init', Checkpointer(resolve_src(config.init_from), read_only=True,
-                                      verify=verify))
+  if init_from:
+    return Start('init', Checkpointer(resolve_src(init_from), read_only=True, verify=verify))
   if resume == 'auto':
     log.info('resume=auto: no checkpoint in %s; starting fresh', ckpt.directory)
   return Start('fresh')
@@ -114,7 +114,7 @@ def resolve_config(config, start: Start) -> ml_collections.ConfigDict:
   schedule length when it is 0 (so a changed `steps` keeps the curve), else `steps`."""
   config = copy.deepcopy(config)
   opt = config.optimizer
-  if opt.decay_steps > 0:
+  if opt.get('decay_steps', 0) > 0:
     return config
   length = config.steps
   meta = _newest_meta(start.source) if start.mode == 'resume' else None
