@@ -208,7 +208,7 @@ def restore_or_init(config, program, start: Start, workdir: str, train_iter):
            source.directory, step, meta['written_by']['mesh'],
            meta['written_by']['process_count'], how)
   return state, train_iter, {'mode': 'resume', 'from': source.directory, 'from_step': step,
-                             'data': how.split(' ')[0],
+                             'data': how.split(' ')[0] if data_states else 'fresh',
                              'changed': sorted(changes)}
 
 
