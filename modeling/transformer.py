@@ -13,7 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import kv_routing, layers
+from modeling import kv_routing, layers, scopes
 from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
 
 REMAT_POLICIES = {
@@ -82,8 +82,10 @@ class Attention(nnx.Module):
     if kv is None:
       kv = self.key_value(x_BLD, positions)
     k_BLKD, v_BLKD = kv
-    o_BLHD = self.runtime.attend(q_BLHD, k_BLKD, v_BLKD, causal=self.causal, window=self.window,
-                                 **self_attention_kwargs(segment_ids, positions))
+    with jax.named_scope(scopes.ATTENTION_SCOPE):
+      o_BLHD = self.runtime.attend(q_BLHD, k_BLKD, v_BLKD, causal=self.causal,
+                                   window=self.window,
+                                   **self_attention_kwargs(segment_ids, positions))
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
     out_BLD = jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(self.dtype))
     return out_BLD, kv

@@ -9,6 +9,8 @@ chunk x vocab, not length x vocab.
 import jax
 import jax.numpy as jnp
 
+from modeling.scopes import LOSS_SCOPE
+
 
 def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of -log p(target), number of counted tokens); targets < 0 are not counted."""
@@ -47,6 +49,11 @@ def chunked_cross_entropy_sum(h_BLD: jax.Array, head_DV: jax.Array, targets_BL: 
 
 def lm_loss_sum(model, h_BLD: jax.Array, targets_BL: jax.Array, *, chunk: int = 0):
   """The LM head and the loss together; `chunk` > 0 (attention.loss_chunk) chunks both."""
+  with jax.named_scope(LOSS_SCOPE):
+    return _lm_loss_sum(model, h_BLD, targets_BL, chunk)
+
+
+def _lm_loss_sum(model, h_BLD, targets_BL, chunk):
   if chunk and chunk < h_BLD.shape[1]:
     return chunked_cross_entropy_sum(h_BLD, model.head_matrix(), targets_BL, chunk)
   return cross_entropy_sum(model.logits(h_BLD), targets_BL)

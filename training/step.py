@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from modeling.scopes import OPTIMIZER_SCOPE
 from parallelism import disaggregation
 from training import loss as loss_lib
 from training.state import ModelSetup, TrainState
@@ -57,6 +58,11 @@ def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, co
 def apply_gradients(setup: ModelSetup, state: TrainState, total, count,
                     grads) -> tuple[TrainState, dict[str, Any]]:
   """The update from summed loss, token count and gradients (shared with hybrid_dp)."""
+  with jax.named_scope(OPTIMIZER_SCOPE):
+    return _apply_gradients(setup, state, total, count, grads)
+
+
+def _apply_gradients(setup, state, total, count, grads):
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
   # Normalise by the global token count, so every split of the batch gives the same step.
   denom = jnp.maximum(count, 1.0)
