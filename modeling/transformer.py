@@ -30,6 +30,9 @@ class Runtime:
   """What the composition root hands a model: how to attend, how to pin activations."""
   attend: AttendFn = xla_attention
   constrain: ax.Constrain = ax.unconstrained
+  # Projections as 2-D [tokens, features] matmuls (layers.dense); the composition root turns
+  # it off when the sequence dimension is sharded (context parallelism).
+  flatten_tokens: bool = True
 
 
 def dtype_of(name: str):
@@ -65,13 +68,16 @@ class Attention(nnx.Module):
   def _rope(self, x_BLHD, positions_BL):
     return layers.rotary(x_BLHD, positions_BL, self.rope_theta) if self.rope_theta else x_BLHD
 
+  def _project(self, x, w, n_in=1):
+    return layers.dense(x, w.astype(self.dtype), n_in, self.runtime.flatten_tokens)
+
   def query(self, x_BLD, positions_BL):
-    q_BLHD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(self.dtype))
+    q_BLHD = self._project(x_BLD, self.wq[...])
     return self._rope(q_BLHD, positions_BL)
 
   def key_value(self, x_BLD, positions_BL):
-    k_BLKD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(self.dtype))
-    v_BLKD = jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(self.dtype))
+    k_BLKD = self._project(x_BLD, self.wk[...])
+    v_BLKD = self._project(x_BLD, self.wv[...])
     return self._rope(k_BLKD, positions_BL), v_BLKD
 
   def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
@@ -87,7 +93,7 @@ class Attention(nnx.Module):
                                    window=self.window,
                                    **self_attention_kwargs(segment_ids, positions))
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
-    out_BLD = jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(self.dtype))
+    out_BLD = self._project(o_BLHD, self.wo[...], n_in=2)
     return out_BLD, kv
 
 
@@ -102,7 +108,8 @@ class Block(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, rngs=rngs,
                              constrain=runtime.constrain, dtype=dtype_of(cfg.dtype),
                              param_dtype=pdt,
-                             out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+                             out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                             flatten_tokens=runtime.flatten_tokens)
     self.constrain = runtime.constrain
 
   def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
@@ -150,7 +157,8 @@ class Transformer(nnx.Module):
     return self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
 
   def logits(self, h_BLD):
-    return h_BLD @ self.head_matrix().astype(h_BLD.dtype)
+    return layers.dense(h_BLD, self.head_matrix().astype(h_BLD.dtype),
+                        flatten_tokens=self.runtime.flatten_tokens)
 
 
 def _stacked_blocks(cfg, rngs, runtime):

@@ -36,4 +36,13 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
 
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
   return Runtime(attend=make_attend(config, mesh),
-                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules))
+                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules),
+                 flatten_tokens=not _length_sharded(config, mesh))
+
+
+def _length_sharded(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
+  """Whether the activations' sequence dimension is split over devices (then the model keeps
+  [batch, length] separate instead of merging them into one token dimension)."""
+  axes = dict(config.parallelism.rules).get('length')
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return any(mesh.shape.get(a, 1) > 1 for a in axes)
