@@ -30,7 +30,7 @@ flags.DEFINE_string('vocab', '256,32768', 'Comma-separated vocabulary sizes.')
 flags.DEFINE_integer('tokens', 1024, 'Tokens (batch x length) per call, as [4, tokens/4].')
 flags.DEFINE_integer('d_model', 256, 'Model width.')
 flags.DEFINE_integer('chunk', 0, 'attention.loss_chunk for the head+CE path (0 = unchunked).')
-flags.DEFINE_integer('repeats', 5, 'Timed repeats (median).')
+flags.DEFINE_integer('repeats', 7, 'Timed repeats (median).')
 flags.DEFINE_string('json', '', 'Also write the table to this JSON file.')
 flags.DEFINE_bool('smoke', False, 'Seconds-long run: vocab 256 and 1024, 128 tokens.')
 
@@ -48,14 +48,18 @@ class _Head:
     return h @ self.w
 
 
-def cpu_median(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    c0 = time.process_time()
+def cpu_medians(calls, repeats):
+  """Median process CPU seconds of each (fn, args) in `calls`, repeats interleaved so a change
+  in the machine's load hits every variant alike."""
+  for fn, args in calls:
     jax.block_until_ready(fn(*args))
-    times.append(time.process_time() - c0)
-  return float(np.median(times))
+  times = [[] for _ in calls]
+  for _ in range(repeats):
+    for i, (fn, args) in enumerate(calls):
+      c0 = time.process_time()
+      jax.block_until_ready(fn(*args))
+      times[i].append(time.process_time() - c0)
+  return [float(np.median(t)) for t in times]
 
 
 def measure(vocab: int, tokens: int, d: int, chunk: int, repeats: int) -> dict:
@@ -71,9 +75,8 @@ def measure(vocab: int, tokens: int, d: int, chunk: int, repeats: int) -> dict:
   head_ce = jax.jit(jax.grad(
       lambda h, w, t: loss_lib.lm_loss_sum(_Head(w), h, t, chunk=chunk)[0], argnums=(0, 1)))
   one_pass = jax.jit(lambda x: jnp.max(x))
-  t_mm = cpu_median(matmul, h, w, g, repeats=repeats)
-  t_ce = cpu_median(head_ce, h, w, targets, repeats=repeats)
-  t_pass = cpu_median(one_pass, g, repeats=repeats)
+  t_mm, t_ce, t_pass = cpu_medians(
+      [(matmul, (h, w, g)), (head_ce, (h, w, targets)), (one_pass, (g,))], repeats)
   return {'vocab': vocab, 'tokens': tokens, 'd_model': d, 'chunk': chunk,
           'matmul_ms': t_mm * 1e3, 'head_ce_ms': t_ce * 1e3, 'pass_ms': t_pass * 1e3,
           'extra_passes': (t_ce - t_mm) / t_pass}
@@ -86,7 +89,7 @@ def main(_):
   rows = [measure(v, tokens, F.d_model, F.chunk, 2 if F.smoke else F.repeats) for v in vocabs]
   print(f'# bench_loss_head | {jax.devices()[0].platform} | jax {jax.__version__} | '
         f'{tokens} tokens x d={F.d_model} | float32 | forward + backward | process CPU time '
-        f'(median) | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
+        f'(median, interleaved) | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
   print(f'{"vocab":>7} {"chunk":>6} {"matmul ms":>10} {"head+CE ms":>11} {"pass ms":>8} '
         f'{"extra passes":>13}')
   for r in rows:
