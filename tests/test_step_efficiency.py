@@ -157,3 +157,22 @@ def test_loss_head_smoke(tmp_path):
   rows = json.loads(out.read_text())
   assert [row['vocab'] for row in rows] == [256, 1024]
   assert all(row['matmul_ms'] > 0 and row['head_ce_ms'] > 0 for row in rows)
+
+
+def test_dense_flat_equals_einsum_and_context_turns_it_off():
+  from modeling import layers
+  from parallelism import mesh as mesh_lib
+  from training import composition
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)
+  flat = layers.dense(x, w, n_in=2, flatten_tokens=True)
+  ein = layers.dense(x, w, n_in=2, flatten_tokens=False)
+  assert flat.shape == (2, 3, 6)
+  np.testing.assert_allclose(np.asarray(flat), np.asarray(jnp.einsum('blhk,hkd->bld', x, w)),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(flat), np.asarray(ein), rtol=1e-5, atol=1e-5)
+  c = tiny_config(**{'mesh.context': 2})
+  assert composition._length_sharded(c, mesh_lib.make_mesh(c.mesh))
+  c = tiny_config()
+  assert not composition._length_sharded(c, mesh_lib.make_mesh(c.mesh))
