@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.source = 'local_text'
   d.paths = ''                       # comma-separated globs; '' with local_text = stdlib *.py
   d.text_field = 'text'              # jsonl: field holding the document
+  # bytes | sentencepiece:PATH | hf:PATH (tokenizer.json); see training/data/tokenizer.py
+  d.tokenizer = 'bytes'
+  d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents

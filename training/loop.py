@@ -63,6 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_iter = hybrid_data.make_train_iterator(config)
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
+  eval_per_byte = data_lib.tokens_per_byte(eval_batches)  # None without byte counts
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                       keep_every=config.checkpoint.keep_every,
@@ -147,7 +148,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.eval_every and step % config.eval_every == 0 and step != config.steps:
         finish_step(*pending)
         pending = None
-        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
+        writer.write(step, data_lib.eval_row(evaluate(eval_step, state.params, eval_batches),
+                                             eval_per_byte))
       if config.checkpoint.every and step % config.checkpoint.every == 0:
         save(step)
       if stop_requested():
@@ -157,8 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       finish_step(*pending)
     final_step = int(state.step)
     eval_loss = evaluate(eval_step, state.params, eval_batches)
-    writer.write(final_step, {'eval/loss': eval_loss})
-    last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
+    writer.write(final_step, data_lib.eval_row(eval_loss, eval_per_byte))
+    last_row = {**last_row, **data_lib.eval_row(eval_loss, eval_per_byte), 'step': final_step,
                 'params': n_params}
     if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
       save(final_step, force=True)
