@@ -1,7 +1,6 @@
 """Tokenizers behind data.tokenizer: training them offline, lossless round trips, bytes per
 token, the vocabulary check, bad files named, and bits/byte in the training metrics."""
 
-import json
 import math
 import subprocess
 import sys
@@ -65,6 +64,9 @@ def test_vocab_check_and_bad_specs(trained, corpus):
     tokenizer.load('wordpiece:x')
   with pytest.raises(FileNotFoundError, match='data.tokenizer.*train_tokenizer'):
     tokenizer.load('hf:/nonexistent/tokenizer.json')
+  c.data.source = 'passkey'
+  with pytest.raises(ValueError, match='data.tokenizer=.*document sources only'):
+    data.make_train_iterator(c)
   assert train_tokenizer.main(['--paths', str(corpus / '*.txt'), '--vocab_size', '10',
                                '--out', str(corpus / 'small.model')]) == 1
 

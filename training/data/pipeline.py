@@ -31,6 +31,11 @@ def local_batch_size(config, process_count: int) -> int:
 def _check_source(config) -> None:
   if config.data.source not in SOURCES:
     raise ValueError(f'data.source={config.data.source!r} is unknown; choose one of {SOURCES}.')
+  spec = config.data.get('tokenizer', 'bytes')
+  if config.data.source in tasks.TASK_SOURCES and spec != 'bytes':
+    raise ValueError(f'data.tokenizer={spec!r} applies to document sources only; '
+                     f'data.source={config.data.source!r} generates its own token ids '
+                     "(set data.tokenizer='bytes').")
 
 
 def _rows(config, split: str, process_index: int, process_count: int, *,
