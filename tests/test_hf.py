@@ -30,19 +30,25 @@ def perturbed_checkpoint(directory, **overrides):
   c = tiny_config(**{'model.num_layers': 2, 'model.rope_theta': 500.0, 'model.norm_eps': 1e-5,
                      **overrides})
   t = Trainer(c, devices=jax.devices()[:1])
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
-  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape, p.dtype),
-                        t.state.params)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(  # numpy noise: no per-shape compiles
+      lambda p: jax.device_put(np.asarray(p) + 0.2 * rng.standard_normal(p.shape, np.float32),
+                               p.sharding), t.state.params)
   state = t.state.replace(params=params)
   ckpt = Checkpointer(str(directory), async_save=False)
   universal.save_state(ckpt, 3, state,
                        metadata.describe(c, metadata.state_arrays(t.program.setup), t.mesh), None)
   ckpt.close()
-  model = nnx.merge(t.program.setup.graphdef, params)
   T = len(TOKENS)
-  h = model(TOKENS[None], segment_ids=np.ones((1, T), np.int32),
-            positions=np.arange(T, dtype=np.int32)[None])
-  return c, np.asarray(model.logits(h))[0]
+
+  @jax.jit
+  def logits(params):
+    model = nnx.merge(t.program.setup.graphdef, params)
+    h = model(TOKENS[None], segment_ids=np.ones((1, T), np.int32),
+              positions=np.arange(T, dtype=np.int32)[None])
+    return model.logits(h)[0]
+
+  return c, np.asarray(logits(params))
 
 
 @pytest.fixture(scope='module', params=[{'model.tie_embeddings': True, 'model.scan_layers': True},
