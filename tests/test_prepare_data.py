@@ -118,6 +118,19 @@ def test_bad_input_files_are_named(tmp_path, capsys):
   assert 'x.parquet: not a parquet file' in capsys.readouterr().err
 
 
+def test_byte_tokens_are_the_file_bytes(tmp_path):
+  """Bytes need no decoding: a Latin-1 file gives its raw bytes, as training's text source."""
+  raw = 'café ünï'.encode('latin-1')
+  (tmp_path / 'latin1.txt').write_bytes(raw)
+  out = tmp_path / 'out'
+  assert prepare_data.main(['--source', 'text', '--paths', str(tmp_path / '*.txt'), '--out',
+                            str(out), '--workers', '1', '--no-progress']) == 0
+  c = base.get_config()
+  c.data.update(source='array_record', paths=str(out), eval_fraction=0.0)
+  np.testing.assert_array_equal(sources.make_document_source(c, 'train')[0],
+                                np.frombuffer(raw, np.uint8))
+
+
 def test_split_files_balances_contiguous_runs():
   assert prepare.split_files([10] * 6, 3) == [(0, 1), (2, 3), (4, 5)]
   shards = prepare.split_files([10, 10, 10, 10, 100, 5, 5], 3)  # one big file: fewer shards

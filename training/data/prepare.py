@@ -96,11 +96,14 @@ def prepare_shard(plan: Plan, out: str, shard: int) -> dict:
           continue
         writer.write(np.asarray(ids, '<i4').tobytes())
         lengths.append(len(ids))
-        nbytes += len(text.encode('utf-8'))
+        nbytes += len(text) if isinstance(text, bytes) else len(text.encode('utf-8'))
 
-    batch: list[str] = []
+    # Byte tokens of text files are the file's bytes, undecoded: the same ids training reads.
+    raw = plan.tokenizer == 'bytes' and plan.source in ('text', 'local_text')
+    batch: list = []
     for i in plan.shards[shard]:
-      for text in sources.iter_texts(plan.files[i], plan.source, plan.text_field, plan.errors):
+      for text in sources.iter_texts(plan.files[i], plan.source, plan.text_field, plan.errors,
+                                     raw=raw):
         batch.append(text)
         if len(batch) >= _BATCH_DOCS:
           flush(batch)

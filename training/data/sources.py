@@ -390,13 +390,21 @@ def _open_bytes(path: str) -> io.BufferedIOBase:
   return open(path, 'rb')
 
 
-def iter_texts(path: str, source: str, text_field: str = 'text',
-               errors: str = 'strict') -> Iterator[str]:
+def iter_texts(path: str, source: str, text_field: str = 'text', errors: str = 'strict',
+               raw: bool = False) -> Iterator[str | bytes]:
   """The documents of one file, in order: the whole file (text), one per non-blank line
-  (jsonl, also .jsonl.gz / .jsonl.zst) or one per row of column `text_field` (parquet)."""
+  (jsonl, also .jsonl.gz / .jsonl.zst) or one per row of column `text_field` (parquet).
+  `raw`: text files as undecoded bytes (byte tokens need no decoding, as in training)."""
   if source in ('text', 'local_text'):
     with open(path, 'rb') as f:
-      yield decode_text(f.read(), path, errors)
+      data = f.read()
+    if raw:
+      if (nul := looks_binary(data)) >= 0:
+        raise ValueError(f'{path}: looks binary (NUL byte at offset {nul}), not a text '
+                         'document; remove it from the paths.')
+      yield data
+    else:
+      yield decode_text(data, path, errors)
   elif source == 'jsonl':
     try:
       with _open_bytes(path) as f:

@@ -61,7 +61,7 @@ class ByteTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return encode(text)
 
-  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+  def encode_batch(self, texts: list[str | bytes]) -> list[np.ndarray]:
     return [encode(t) for t in texts]
 
   def decode(self, ids) -> str:
