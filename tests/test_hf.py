@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from checkpoint import convert, hf, metadata, universal
+from checkpoint import hf, metadata, universal
 from checkpoint.manager import Checkpointer
 from parallelism import mesh as mesh_lib
 from scripts import export_hf, import_hf
@@ -96,13 +96,16 @@ def test_import_round_trip(exported, tmp_path):
   assert {f'params/{k}' for k in orig} == {p for p in back if p.startswith('params/')}
   for k, x in orig.items():
     np.testing.assert_array_equal(back[f'params/{k}'], x, err_msg=k)
-  # The converter's params-only restore reads it onto another mesh and layout.
-  summary = convert.convert(lambda cfg, m: build_program(cfg, m).setup,
-                            convert.Request(src=str(out), dst=str(tmp_path / 'scan'),
-                                            params_only=True, layout='scan',
-                                            mesh={'fsdp': 2, 'data': 2}),
-                            out=lambda s: None, progress=False)
-  assert summary['layout'] == 'scan' and summary['mesh']['fsdp'] == 2
+  # init_from's restore (universal.restore_params) reads it onto another mesh and layout.
+  c = tiny_config(**{**{k: config.model[k.split('.')[1]] for k in (
+      'model.num_layers', 'model.rope_theta', 'model.norm_eps', 'model.tie_embeddings')},
+      'model.scan_layers': True, 'mesh.data': 2, 'mesh.fsdp': 2})
+  program = build_program(c, mesh_lib.make_mesh(c.mesh, devices=jax.devices()[:4]))
+  params, _ = universal.restore_params(Checkpointer(str(out), read_only=True), 0, c,
+                                       program.setup, program.mesh)
+  np.testing.assert_array_equal(np.asarray(params['params/blocks/attn/wq'][1]),
+                                orig['blocks/1/attn/wq'])
+  assert params['params/embed/table'].sharding.mesh.shape['fsdp'] == 2
 
 
 def test_refusals_name_the_key(tmp_path):
