@@ -9,8 +9,8 @@ Generation" (2025). Layer roles for L layers (L % 4 == 0), each followed by a Sw
     i > L/2+1, even  GMU(x, m)         i > L/2+1, odd  cross-attention (own W_q, W_o only)
 
 Gated Memory Unit: y = (m * SiLU(x W1)) W2, m the memory layer's pre-gate scan output.
-Every attention (window, full, cross) goes through `runtime.attend`; every scan through a
-`ScanFn`. No layer uses rotary positions by default (NoPE): Mamba supplies order.
+Every attention (window, full, cross) goes through `runtime.attend`; every Mamba's
+order-dependent ops (conv, segment resets, scan) through `runtime.recurrence`. No layer uses rotary positions by default (NoPE): Mamba supplies order.
 """
 
 from typing import Any
@@ -93,14 +93,14 @@ class Layer(nnx.Module):
   """x <- x + mixer(RMSNorm(x)); x <- x + MLP(RMSNorm(x)), the mixer chosen by `role`."""
 
   def __init__(self, role: str, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime,
-               scan_fn: ssm.ScanFn):
+               recurrence: ssm.Recurrence):
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     self.role = role
     self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
     if role in (MAMBA, MEMORY):
-      self.mixer = ssm.Mamba(cfg, rngs=rngs, scan_fn=scan_fn, constrain=runtime.constrain,
-                             dtype=dt, param_dtype=pdt)
+      self.mixer = ssm.Mamba(cfg, rngs=rngs, recurrence=recurrence,
+                             constrain=runtime.constrain, dtype=dt, param_dtype=pdt)
     elif role in (SWA, FULL):
       self.mixer = Attention(cfg, rngs=rngs, runtime=runtime, use_rope=not cfg.sambay.nope,
                              window=cfg.sambay.window if role == SWA else 0)
@@ -144,7 +144,8 @@ class Layer(nnx.Module):
 class SambaY(nnx.Module):
   """Embedding -> self-decoder -> memory + shared-KV layers -> cross-decoder -> RMSNorm -> head.
 
-  `scan_fn` is the SSM seam; None takes the single-device scan named by
+  Mamba layers take their order-dependent ops from `runtime.recurrence`; when that is None,
+  from `scan_fn`, and when that is None too, from the single-device scan named by
   `model.sambay.scan_impl`.
   """
 
@@ -159,11 +160,13 @@ class SambaY(nnx.Module):
     self.cfg = cfg
     self.runtime = runtime
     self.roles = layer_roles(cfg.num_layers)
-    if scan_fn is None:
-      scan_fn = ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk)
+    recurrence = runtime.recurrence
+    if recurrence is None:
+      recurrence = ssm.LocalRecurrence(
+          scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk))
     self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, rngs=rngs,
                                   param_dtype=pdt)
-    self.layers = nnx.List([Layer(r, cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
+    self.layers = nnx.List([Layer(r, cfg, rngs=rngs, runtime=runtime, recurrence=recurrence)
                             for r in self.roles])
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
     if not cfg.tie_embeddings:

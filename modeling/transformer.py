@@ -13,7 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import kv_routing, layers
+from modeling import kv_routing, layers, ssm
 from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
 
 REMAT_POLICIES = {
@@ -27,9 +27,11 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """What the composition root hands a model: how to attend, how to pin activations."""
+  """What the composition root hands a model: how to attend, how to pin activations, and how
+  recurrent layers run their token-order ops (None: the model's own single-device scan)."""
   attend: AttendFn = xla_attention
   constrain: ax.Constrain = ax.unconstrained
+  recurrence: ssm.Recurrence | None = None
 
 
 def dtype_of(name: str):

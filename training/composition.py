@@ -1,5 +1,7 @@
-"""The composition root: picks the attention implementation and activation sharding for a run
-and hands them to the model (models never see a mesh)."""
+"""The composition root: picks the attention implementation, the recurrent layers' token-order
+ops and the activation sharding for a run, and hands them to the model (models never see a
+mesh). It also refuses, at start-up, every way of splitting a sequence that a model's layers
+cannot follow (`check_token_order`)."""
 
 import functools
 
@@ -7,10 +9,13 @@ import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
+from modeling import registry, ssm
 from modeling.transformer import Runtime
 from parallelism import context as context_lib
 from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
+from parallelism.context import layout as context_layout
+from parallelism.context import scan as context_scan
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
@@ -34,6 +39,62 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   return context_lib.make_context_attend(config, mesh, kernel)
 
 
+def _config_value(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node.get(part, 0) if hasattr(node, 'get') else 0
+  return node
+
+
+def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Every run that splits or permutes a sequence must have layers that can follow the split:
+  a clear error naming the layer type and the key to change, before anything is compiled."""
+  name = config.model.name
+  family = registry.get_family(name)
+  p = config.parallelism
+  if p.context_impl == 'disaggregated':
+    window = _config_value(config, family.window_key)
+    if window:
+      raise ValueError(
+          f"parallelism.context_impl='disaggregated' supports causal attention without a "
+          f"sliding window, but model.name={name!r} has {family.window_key}={window}"
+          + (" (its self-decoder's window-attention layers always use one)"
+             if family.window_key != 'model.sliding_window' else '')
+          + ": use parallelism.context_impl='ring' (or 'none')")
+  layers = family.order_dependent_layers
+  if not layers:
+    return
+  kinds = ', '.join(layers)
+  n = context_layout.context_size(mesh, p.rules)
+  if n > 1 and not family.uses_recurrence_seam:
+    raise ValueError(
+        f'mesh.context={n} splits each sequence (parallelism.context_impl={p.context_impl!r}, '
+        f'parallelism.zigzag={p.zigzag}), but model.name={name!r} has {kinds} layers that '
+        'follow array order and have no context-parallel form: set mesh.context=1')
+  h = p.hybrid_dp
+  if h.enabled and max(h.layouts) > 1:
+    raise ValueError(
+        f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
+        f'over groups of up to {max(h.layouts)} devices, but model.name={name!r} has {kinds} '
+        'layers (a scan and a causal conv over array order) that hybrid-DP groups do not carry '
+        'across devices: set parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
+
+
+def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The recurrent layers' token-order ops: None (the model's own single-device scan) unless
+  the sequence is split over a context axis, then the distributed scan and conv halo."""
+  family = registry.get_family(config.model.name)
+  p = config.parallelism
+  if not family.uses_recurrence_seam or context_layout.context_size(mesh, p.rules) == 1:
+    return None
+  s = config.model.sambay
+  return context_scan.ContextRecurrence(
+      mesh, p.rules, ssm.make_scan(s.scan_impl, s.scan_chunk),
+      zigzag=context_layout.uses_zigzag(config, mesh), chunk=s.scan_chunk)
+
+
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
+  check_token_order(config, mesh)
   return Runtime(attend=make_attend(config, mesh),
-                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules))
+                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules),
+                 recurrence=make_recurrence(config, mesh))

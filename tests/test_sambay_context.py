@@ -1,0 +1,152 @@
+"""SambaY under a split sequence: the start-up guard for every family x strategy, the
+distributed selective scan and conv halo against the sequential reference, the whole model on
+context 2/4/8 (zigzag on/off, packed/unpacked) against one device, a training run on
+(data=2, context=4), and hybrid DP with whole documents."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, sambay_tiny
+from modeling import registry, ssm
+from parallelism import hybrid_dp
+from parallelism import mesh as mesh_lib
+from parallelism.context import layout
+from parallelism.context import scan as context_scan
+from tests import helpers
+from training import composition, hybrid_exec
+from training import step as step_lib
+from training.program import build_program
+from training.state import init_train_state, setup_model
+
+SEQ, BATCH, VOCAB = 64, 2, 64
+
+
+def _config(name='sambay', context=1, impl='none', data=1, zigzag=True):
+  c = sambay_tiny.get_config() if name == 'sambay' else base.get_config()
+  c.seq_len, c.batch_size = SEQ, BATCH
+  m = c.model
+  m.num_layers = 8 if name == 'sambay' else 2
+  m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 4, 2, 8, 64
+  m.vocab_size, m.init_std = VOCAB, 0.1
+  m.sambay.window, m.sambay.scan_chunk = 6, 4
+  if name == 'cart':
+    m.name, m.cart.prelude_layers, m.cart.coda_layers, m.cart.loops = 'cart', 1, 1, 2
+  if name == 'kv_routing':
+    m.kv_routing.p = 0.5
+  c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = data, 1, context, 1
+  c.parallelism.context_impl, c.parallelism.zigzag = impl, zigzag
+  c.attention.block_q = c.attention.block_kv = 4
+  c.optimizer.warmup_steps = 1
+  return c
+
+
+def _mesh(c):
+  n = c.mesh.data * c.mesh.context
+  return mesh_lib.make_mesh(c.mesh, jax.devices()[:n])
+
+
+# ------------------------------------------------------------------ the guard
+
+FAMILIES = ('transformer', 'cart', 'kv_routing', 'sambay')
+CONTEXT = [(impl, zz) for impl in ('ring', 'token_ring', 'allgather', 'auto')
+           for zz in (True, False)]
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_every_family_and_strategy_runs_or_refuses(family):
+  """Attention-only families follow any split (masks by positions; their exactness is tested
+  in test_context / test_hybrid_dp / test_disaggregation); SambaY follows every context split
+  (exactness below) and refuses hybrid-DP groups and disaggregation with the key to change."""
+  for impl, zz in CONTEXT:
+    c = _config(family, context=4, impl=impl, zigzag=zz)
+    composition.check_token_order(c, _mesh(c))
+    rec = composition.make_recurrence(c, _mesh(c))
+    assert (rec is not None) == (family == 'sambay')
+    if rec is not None:
+      assert rec.zigzag == zz
+  c = _config(family, data=8)
+  c.parallelism.hybrid_dp.enabled = True
+  c.parallelism.hybrid_dp.layouts = (1, 2, 4, 8)
+  if family == 'sambay':
+    with pytest.raises(ValueError, match=r'mamba.*parallelism\.hybrid_dp\.layouts=\(1,\)'):
+      hybrid_exec.check_config(c, _mesh(c))
+    c.parallelism.hybrid_dp.layouts = (1,)
+  hybrid_exec.check_config(c, _mesh(c))
+  c = _config(family, data=8, impl='disaggregated')
+  if family == 'sambay':
+    with pytest.raises(ValueError, match=r"model\.sambay\.window=6.*context_impl='ring'"):
+      composition.make_runtime(c, _mesh(c))
+  else:
+    composition.check_token_order(c, _mesh(c))
+
+
+def test_an_order_dependent_family_without_the_seam_is_refused(monkeypatch):
+  fam = registry.FAMILIES['transformer']
+  monkeypatch.setitem(registry.FAMILIES, 'orderly', registry.Family(
+      fam.build, fam.forward_flops_per_token, order_dependent_layers=('conv',)))
+  for impl, zz in [*CONTEXT, ('none', False)]:
+    c = _config('transformer', context=4, impl=impl, zigzag=zz)
+    c.model.name = 'orderly'
+    with pytest.raises(ValueError, match=r"mesh\.context=4.*'orderly' has conv layers"):
+      composition.make_runtime(c, _mesh(c))
+  c = _config('transformer', context=1)
+  c.model.name = 'orderly'
+  composition.check_token_order(c, _mesh(c))   # nothing split: fine
+
+
+# ------------------------------------------------------------------ the scan alone
+
+def _ragged(n, zigzag, seed):
+  """Scan inputs whose segments start just before, at and after piece boundaries, with
+  padding (segment 0) in the middle of a row."""
+  r = np.random.default_rng(seed)
+  Bsz, L, E, N = 2, 48, 6, 3
+  x = r.standard_normal((Bsz, L, E)).astype(np.float32)
+  dt = (0.3 * np.abs(r.standard_normal((Bsz, L, E)))).astype(np.float32)
+  A = (-0.3 * np.exp(r.standard_normal((E, N)))).astype(np.float32)
+  Bm, Cm = (r.standard_normal((Bsz, L, N)).astype(np.float32) for _ in range(2))
+  seg = np.ones((Bsz, L), np.int32)
+  piece = L // (n * (2 if zigzag else 1))
+  seg[0, piece - 1:] = 2                 # a document starts one token before a boundary
+  seg[0, 2 * piece:] = 3                 # ... exactly at one
+  seg[0, 3 * piece + 1:] = 4             # ... one after one
+  seg[1, L // 2:L // 2 + 3] = 0          # padding inside the row
+  seg[1, L // 2 + 3:] = 5
+  return x, dt, A, Bm, Cm, seg
+
+
+@pytest.mark.parametrize('n,zigzag', [(4, True), (8, False)])
+def test_distributed_scan_and_conv_equal_the_sequential_reference(n, zigzag):
+  c = _config(context=n, impl='ring', zigzag=zigzag)
+  rec = context_scan.ContextRecurrence(_mesh(c), c.parallelism.rules,
+                                       ssm.make_scan('chunked', 4), zigzag, 4)
+  x, dt, A, Bm, Cm, seg = _ragged(n, zigzag, seed=n)
+  w = np.random.default_rng(1).standard_normal((4, x.shape[2])).astype(np.float32)
+  b = np.random.default_rng(2).standard_normal(x.shape[2]).astype(np.float32)
+  to = (lambda v: layout.to_zigzag(np.asarray(v), n)) if zigzag else np.asarray
+  back = (lambda v: layout.from_zigzag(np.asarray(v), n)) if zigzag else np.asarray
+
+  def split_loss(x, dt, A, Bm, Cm, w):
+    y, h = rec.scan(x, dt, A, Bm, Cm, segment_ids_BL=to(seg))
+    conv = rec.conv(x, w, b, to(seg))
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(conv)) + jnp.sum(h ** 2), (y, h, conv)
+
+  def ref_loss(x, dt, A, Bm, Cm, w):
+    y, h = ssm.sequential_scan(x, dt, A, Bm, Cm, reset_BL=ssm.segment_starts(seg))
+    conv = ssm.causal_conv(x, w, b, seg)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(conv)) + jnp.sum(h ** 2), (y, h, conv)
+
+  argn = tuple(range(6))
+  (_, (y, h, conv)), g = jax.jit(jax.value_and_grad(split_loss, argn, has_aux=True))(
+      to(x), to(dt), A, to(Bm), to(Cm), w)
+  (_, (ry, rh, rconv)), rg = jax.jit(jax.value_and_grad(ref_loss, argn, has_aux=True))(
+      x, dt, A, Bm, Cm, w)
+  np.testing.assert_allclose(back(y), ry, atol=1e-5)
+  np.testing.assert_allclose(h, rh, atol=1e-5)
+  np.testing.assert_allclose(back(conv), rconv, atol=1e-5)
+  for name, a, e in zip(('x', 'dt', 'A', 'B', 'C', 'w'), g, rg):
+    per_token = name in ('x', 'dt', 'B', 'C')
+    np.testing.assert_allclose(back(a) if per_token else a, e, atol=1e-4, err_msg=name)
