@@ -17,9 +17,8 @@ from parallelism.context import layout
 from parallelism.context import scan as context_scan
 from tests import helpers
 from training import composition, hybrid_exec
-from training import step as step_lib
 from training.program import build_program
-from training.state import init_train_state, setup_model
+from training.state import setup_model
 
 SEQ, BATCH, VOCAB = 64, 2, 64
 
@@ -150,3 +149,118 @@ def test_distributed_scan_and_conv_equal_the_sequential_reference(n, zigzag):
   for name, a, e in zip(('x', 'dt', 'A', 'B', 'C', 'w'), g, rg):
     per_token = name in ('x', 'dt', 'B', 'C')
     np.testing.assert_allclose(back(a) if per_token else a, e, atol=1e-4, err_msg=name)
+
+
+# ------------------------------------------------------------------ the whole model
+
+def _batch(packed: bool, seed=0):
+  c = _config()
+  b = helpers.random_batch(c, seed=seed, num_docs=4) if packed else {
+      'inputs': np.random.default_rng(seed).integers(0, VOCAB, (BATCH, SEQ), dtype=np.int32),
+      'targets': np.random.default_rng(seed + 1).integers(0, VOCAB, (BATCH, SEQ),
+                                                          dtype=np.int32),
+      'segment_ids': np.ones((BATCH, SEQ), np.int32),
+      'positions': np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1))}
+  return b
+
+
+def _loss_and_hidden(c, mesh):
+  """A jitted (params, batch) -> ((loss, hidden states), grads) for config `c` on `mesh`."""
+  runtime = composition.make_runtime(c, mesh)
+  model = nnx.eval_shape(lambda: registry.build_model(c.model, rngs=nnx.Rngs(0),
+                                                      runtime=runtime))
+  graphdef = nnx.split(model, nnx.Param)[0]
+
+  def loss(params, b):
+    m = nnx.merge(graphdef, params)
+    h = m(b['inputs'], segment_ids=b['segment_ids'], positions=b['positions'])
+    logp = jax.nn.log_softmax(m.logits(h).astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, jnp.maximum(b['targets'], 0)[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(b['targets'] >= 0, nll, 0.0)) / SEQ, h
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.fixture(scope='module')
+def reference():
+  """Initial parameters (one compiled init), the single-device loss-and-gradient function, and
+  its results on an unpacked and a packed batch."""
+  c = _config()
+  build = lambda: registry.build_model(c.model, rngs=nnx.Rngs(0))
+  params = jax.jit(lambda: nnx.split(build(), nnx.Param)[1])()
+  fn = _loss_and_hidden(c, _mesh(c))
+  return params, fn, {packed: fn(params, _batch(packed)) for packed in (False, True)}
+
+
+# Context sizes 2, 4 and 8, zigzag on and off, each on a packed and an unpacked batch. The
+# attention strategy is not what is tested here (test_context covers it), so the cheapest to
+# compile serves; the training run below uses the ring.
+@pytest.mark.parametrize('n,zigzag', [(2, True), (4, False), (8, True)])
+def test_sambay_on_a_split_sequence_equals_one_device(n, zigzag, reference):
+  params, _, ref = reference
+  c = _config(context=n, impl='allgather', zigzag=zigzag)
+  mesh = _mesh(c)
+  fn = _loss_and_hidden(c, mesh)
+  assert isinstance(composition.make_runtime(c, mesh).recurrence,
+                    context_scan.ContextRecurrence)
+  for packed in (False, True):
+    b = _batch(packed)
+    if zigzag:
+      b = {k: layout.to_zigzag(v, n) for k, v in b.items()}
+    (loss, h), g = fn(params, b)
+    (ref_loss, ref_h), ref_g = ref[packed]
+    h = layout.from_zigzag(np.asarray(h), n) if zigzag else np.asarray(h)
+    np.testing.assert_allclose(h, ref_h, atol=1e-5, err_msg=f'packed={packed}')
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g)):
+      np.testing.assert_allclose(a, e, atol=1e-4,
+                                 err_msg=f'packed={packed} {jax.tree_util.keystr(path)}')
+
+
+def _train(c, devices, state=None):
+  program = build_program(c, mesh_lib.make_mesh(c.mesh, devices))
+  state = program.init_state() if state is None else state
+  losses = []
+  for seed in range(3):
+    state, metrics = program.train_step(state, program.global_batch(
+        helpers.random_batch(c, seed=seed, num_docs=3)))   # zigzag on the (2, 4) mesh
+    losses.append(float(metrics['loss']))
+  return np.array(losses), jax.device_get(state.params)
+
+
+def test_three_training_steps_on_data2_context4_equal_one_device():
+  ref_losses, ref_params = _train(_config(), jax.devices()[:1])
+  c = _config(data=2, context=4, impl='ring')
+  losses, params = _train(c, jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_hybrid_dp_with_whole_documents_equals_one_device(reference):
+  """layouts=(1,): every document whole on one pool device, the local scan exact there."""
+  params, ref_fn, _ = reference
+  c = _config(data=8)
+  h = c.parallelism.hybrid_dp
+  h.enabled, h.capacity, h.layouts = True, SEQ, (1,)
+  mesh = _mesh(c)
+  setup = setup_model(c, mesh, composition.make_runtime(c, mesh))
+  ex = hybrid_exec.Executor(c, mesh, setup)
+  r = np.random.default_rng(5)
+  docs = [r.integers(0, VOCAB, s).astype(np.int32) for s in (SEQ, 37)]
+  plan = hybrid_dp.plan([len(d) for d in docs], ex.pool, SEQ, layouts=(1,))
+  total, count, grads = ex.gradients(params, jax.random.PRNGKey(0),
+                                     hybrid_dp.batch_buffers(plan, docs))
+  rows = {k: np.zeros((BATCH, SEQ), np.int32) for k in hybrid_dp.FIELDS}
+  rows['targets'][:] = -1
+  for i, d in enumerate(docs):
+    rows['inputs'][i, :len(d)], rows['targets'][i, :len(d) - 1] = d, d[1:]
+    rows['segment_ids'][i, :len(d)], rows['positions'][i] = 1, np.arange(SEQ)
+  (ref_loss, _), ref_grads = ref_fn(params, rows)
+  assert float(count.sum()) == SEQ - 1 + 37 - 1
+  np.testing.assert_allclose(float(total.sum()), float(ref_loss) * SEQ, rtol=1e-5)
+  for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a).sum(0), np.asarray(e) * SEQ, atol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
