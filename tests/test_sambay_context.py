@@ -3,6 +3,8 @@ distributed selective scan and conv halo against the sequential reference, the w
 context 2/4/8 (zigzag on/off, packed/unpacked) against one device, a training run on
 (data=2, context=4), and hybrid DP with whole documents."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,13 @@ from flax import nnx
 
 from configs import base, sambay_tiny
 from modeling import registry, ssm
+from modeling.attention import self_attention_kwargs
 from parallelism import hybrid_dp
 from parallelism import mesh as mesh_lib
 from parallelism.context import layout
 from parallelism.context import scan as context_scan
-from tests import helpers
+from scripts import bench_context
+from tests import attention_data, helpers
 from training import composition, hybrid_exec
 from training.program import build_program
 from training.state import setup_model
@@ -264,3 +268,44 @@ def test_hybrid_dp_with_whole_documents_equals_one_device(reference):
                           jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a).sum(0), np.asarray(e) * SEQ, atol=1e-4,
                                err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------ window attention
+
+def _window_fn(n, zigzag, window, impl='ring'):
+  c = _config(context=n, impl=impl, zigzag=zigzag)
+  c.attention.impl = 'xla'
+  attend = composition.make_attend(c, _mesh(c))
+
+  def loss(q, k, v, seg, pos):
+    o = attend(q, k, v, causal=True, window=window, **self_attention_kwargs(seg, pos))
+    return (o * attention_data.head_weights()).sum(), o
+
+  return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+
+
+def test_window_attention_takes_one_hop_and_equals_one_device(caplog):
+  caplog.set_level(logging.INFO, logger='parallelism.context.window')
+  window = 6
+  ref = _window_fn(1, False, window, impl='none')
+  for n, zigzag in [(4, True), (8, False)]:
+    fn = _window_fn(n, zigzag, window)
+    to = (lambda x, n=n: layout.to_zigzag(x, n)) if zigzag else (lambda x: x)
+    back = (lambda x, n=n: layout.from_zigzag(np.asarray(x), n)) if zigzag else np.asarray
+    for packed in (False, True):
+      args = (*attention_data.qkv(), *attention_data.segments(packed))
+      (_, o), g = fn(*(to(x) for x in args))
+      (_, o_ref), g_ref = ref(*args)
+      np.testing.assert_allclose(back(o), o_ref, atol=1e-5, err_msg=f'n={n} packed={packed}')
+      for name, a, e in zip('qkv', g, g_ref):
+        np.testing.assert_allclose(back(a), e, atol=1e-4, err_msg=f'd{name} n={n}')
+  # The one-hop path was taken (logged at trace time); its bytes do not grow with the context.
+  assert 'one-hop halo of 5 tokens per piece of 8' in caplog.text
+  sent = {}
+  for n in (4, 8):   # (with 2 devices one sends only K/V, the other only their gradients)
+    args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in
+            (*attention_data.qkv(), *attention_data.segments(False))]
+    hlo = _window_fn(n, False, window).lower(*args).compile().as_text()
+    sent[n] = bench_context.collective_bytes_per_device(hlo, n).max()
+  # 5 tokens of K/V (and their dK/dV back) per device at both sizes (a ring's would double).
+  assert sent[4] > 0 and abs(sent[8] - sent[4]) <= 0.01 * sent[4], sent

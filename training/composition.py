@@ -16,6 +16,7 @@ from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
 from parallelism.context import layout as context_layout
 from parallelism.context import scan as context_scan
+from parallelism.context import window as context_window
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
@@ -36,7 +37,13 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
     return kernel
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernel)
-  return context_lib.make_context_attend(config, mesh, kernel)
+  ring = context_lib.make_context_attend(config, mesh, kernel)
+  # Causal window layers whose window fits one local chunk take one hop instead of the ring.
+  p = config.parallelism
+  return context_window.with_window_halo(
+      ring, kernel, mesh, p.rules, context=context_layout.context_size(mesh, p.rules),
+      zigzag=context_layout.uses_zigzag(config, mesh),
+      block_kv=config.attention.block_kv if impl == 'blockwise' else 0)
 
 
 def _config_value(config: ml_collections.ConfigDict, key: str):
