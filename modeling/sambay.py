@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modeling import axes as ax
-from modeling import layers, ssm
-from modeling.attention import self_attention_kwargs
+from modeling import layers, shared_kv, ssm
 from modeling.transformer import Attention, Runtime, dtype_of, remat_policy
 
 MAMBA, SWA, MEMORY, FULL, GMU_ROLE, CROSS = 'mamba', 'swa', 'memory', 'full', 'gmu', 'cross'
@@ -77,15 +76,17 @@ class CrossAttention(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
 
-  def __call__(self, x_BLD, kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+  def __call__(self, x_BLD, kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+               attend=None):
+    """`attend` (default: the runtime's) reads (K, V) in the form `SharedKV.gather` gave."""
     q_BLHD = jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), self.wq[...].astype(self.dtype))
     if self.rope_theta:   # the cached keys were rotated by the full-attention layer
       q_BLHD = layers.rotary(q_BLHD, q_positions, self.rope_theta)
     q_BLHD = self.runtime.constrain(q_BLHD, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
     k_BSKD, v_BSKD = kv
-    o_BLHD = self.runtime.attend(q_BLHD, k_BSKD, v_BSKD, causal=True,
-                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                 q_positions=q_positions, kv_positions=kv_positions)
+    o_BLHD = (attend or self.runtime.attend)(
+        q_BLHD, k_BSKD, v_BSKD, causal=True, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions)
     return jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(self.dtype))
 
 
@@ -117,9 +118,11 @@ class Layer(nnx.Module):
                              constrain=runtime.constrain, dtype=dt, param_dtype=pdt,
                              out_std=out_std)
     self.constrain = runtime.constrain
+    self.shared = runtime.shared_kv or shared_kv.Unshared(runtime.attend)
 
   def __call__(self, x_BLD, memory, kv, *, segment_ids, positions):
-    """Returns (x, memory, kv): the memory layer sets m, the full layer sets the shared (K, V)."""
+    """Returns (x, memory, kv): the memory layer sets m, the full layer sets the shared
+    (K, V, kv segment ids, kv positions), gathered once for every cross-attention layer."""
     h_BLD = self.norm(x_BLD)
     if self.role in (MAMBA, MEMORY):
       out_BLD, y_BLE = self.mixer(h_BLD, segment_ids=segment_ids)
@@ -128,11 +131,13 @@ class Layer(nnx.Module):
     elif self.role in (SWA, FULL):
       out_BLD, own_kv = self.mixer(h_BLD, segment_ids=segment_ids, positions=positions)
       if self.role == FULL:
-        kv = own_kv
+        kv = self.shared.gather(*own_kv, segment_ids, positions)
     elif self.role == GMU_ROLE:
       out_BLD = self.mixer(h_BLD, memory)
     else:
-      out_BLD = self.mixer(h_BLD, kv, **self_attention_kwargs(segment_ids, positions))
+      out_BLD = self.mixer(h_BLD, kv[:2], q_segment_ids=segment_ids, kv_segment_ids=kv[2],
+                           q_positions=positions, kv_positions=kv[3],
+                           attend=self.shared.attend)
     return self.residual_mlp(x_BLD, out_BLD), memory, kv
 
   def residual_mlp(self, x_BLD, out_BLD):

@@ -4,6 +4,7 @@ mesh). It also refuses, at start-up, every way of splitting a sequence that a mo
 cannot follow (`check_token_order`)."""
 
 import functools
+import logging
 
 import ml_collections
 from jax.sharding import Mesh
@@ -16,13 +17,17 @@ from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
 from parallelism.context import layout as context_layout
 from parallelism.context import scan as context_scan
+from parallelism.context import shared_kv as context_shared_kv
 from parallelism.context import window as context_window
+
+log = logging.getLogger(__name__)
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
 
 
-def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
+def _kernel(config: ml_collections.ConfigDict):
+  """The single-device attention kernel named by `attention.impl`."""
   impl = config.attention.impl
   if impl not in attention_lib.KERNELS:
     raise ValueError(f'attention.impl={impl!r}; valid: {sorted(attention_lib.KERNELS)}')
@@ -30,6 +35,12 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   if impl == 'blockwise':
     kernel = functools.partial(kernel, block_q=config.attention.block_q,
                                block_kv=config.attention.block_kv)
+  return kernel
+
+
+def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
+  impl = config.attention.impl
+  kernel = _kernel(config)
   context_impl = config.parallelism.context_impl
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
@@ -100,8 +111,27 @@ def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
       zigzag=context_layout.uses_zigzag(config, mesh), chunk=s.scan_chunk)
 
 
+def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
+  """K/V read by several layers (SambaY's cross-decoder): gathered once over the context axis
+  when context parallel (and the kv heads split evenly over the head shards), else None
+  (every reader calls the runtime's attention)."""
+  p = config.parallelism
+  if p.context_impl not in context_lib.IMPLS or p.context_impl == 'none':
+    return None
+  if context_layout.context_size(mesh, p.rules) == 1:
+    return None
+  heads = rules_lib.logical_to_spec(('act_heads',), p.rules, mesh)[0]
+  if config.model.num_kv_heads % rules_lib.mesh_axes_size(mesh, heads):
+    log.warning('shared K/V: model.num_kv_heads=%d does not divide over the head shards; '
+                'each cross-attention layer uses parallelism.context_impl=%r on its own',
+                config.model.num_kv_heads, p.context_impl)
+    return None
+  return context_shared_kv.GatheredKV(mesh, p.rules, _kernel(config))
+
+
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
   check_token_order(config, mesh)
   return Runtime(attend=make_attend(config, mesh),
                  constrain=rules_lib.make_constrain(mesh, config.parallelism.rules),
-                 recurrence=make_recurrence(config, mesh))
+                 recurrence=make_recurrence(config, mesh),
+                 shared_kv=make_shared_kv(config, mesh))

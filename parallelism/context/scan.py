@@ -5,11 +5,12 @@ state gives h_t = h_local_t + (a_s ... a_t) h_in, where h_in is the true state e
 piece. Per device (`ssm.Recurrence` for `Runtime.recurrence`):
 
   1. Scan each local piece from zero with the single-device scan (chunked, as on one device).
-  2. Summarise each piece by (product of its decays, its final local state), [B, E, N] each:
-     the map h_in -> h_out. The product is exp(A * sum dt), zero if a segment starts inside.
-  3. All-gather the summaries over the context axis (2 x [B, E, N] per piece: tiny next to
-     the [B, L/N, E] scan inputs, which never move) and compose them in token order
-     (zigzag: over all 2N chunks), giving every piece its h_in.
+  2. Summarise each piece by the map h_in -> h_out = (product of its decays) h_in + (final
+     local state). The product is exp(A * sum dt), zero if a segment starts inside, and A is
+     the same everywhere, so the summary is sum dt [B, E], a flag, and the state [B, E, N].
+  3. All-gather the summaries over the context axis (tiny next to the [B, L/N, E] scan
+     inputs, which never move) and compose them in token order (zigzag: over all 2N chunks),
+     giving every piece its h_in.
   4. Correct the outputs: y_t += C_t . (exp(A * cumsum(dt)_t) * h_in), zero from the first
      segment start on, evaluated chunk by chunk (rematerialised) so no [B, L, E, N] tensor is
      ever held.
@@ -78,14 +79,18 @@ def local_scan(x, dt, A_EN, B_, C_, seg, *, axis: ContextAxis, zigzag: bool,
   A_EN = A_EN.astype(jnp.float32)
   cs_BLE = jnp.cumsum(_flat(dts).astype(jnp.float32), axis=1)
   open_BL = jnp.cumsum(_flat(starts).astype(jnp.int32), axis=1) == 0   # no start yet
-  decay_BEN = jnp.exp(cs_BLE[:, -1, :, None] * A_EN) * open_BL[:, -1, None, None]
-  summary = jnp.stack([decay_BEN, h_local]).reshape(2, k, Bsz, *h_local.shape[1:])
-  every = axis.all_gather(summary[None], axis=0)                      # [n, 2, k, B, E, N]
+  # The piece's decay product is exp(A * sum dt) (0 if a segment starts inside), and A is the
+  # same on every device: send sum dt [B, E] and the open flag, not the [B, E, N] product.
+  decay_meta = jnp.concatenate([cs_BLE[:, -1], open_BL[:, -1:].astype(jnp.float32)], axis=-1)
+  meta, h_every = (axis.all_gather(v.reshape(k, Bsz, *v.shape[1:])[None], axis=0)
+                   for v in (decay_meta, h_local))      # [n, k, B, E+1], [n, k, B, E, N]
+  E = A_EN.shape[0]
   h = jnp.zeros_like(h_local[:Bsz])
   h_in = []
   for d, p in halo.token_order(n, zigzag):   # compose in token order (2N tiny steps)
     h_in.append(h)
-    h = every[d, 0, p] * h + every[d, 1, p]
+    decay = jnp.exp(meta[d, p, :, :E, None] * A_EN) * meta[d, p, :, E, None, None]
+    h = decay * h + h_every[d, p]
   mine = jnp.stack(h_in)[halo.chunk_index(axis, zigzag)]              # [k, B, E, N]
   y = y0 + _correction(cs_BLE, open_BL, _flat(Cs), A_EN, _flat(mine), chunk)
   return halo.join(y.reshape(k, Bsz, Lp, -1)), h

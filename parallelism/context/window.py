@@ -9,8 +9,9 @@ same at every context size, where a ring sends N-1 whole K/V shards. Masks stay 
 ids and positions, so packing and the zigzag layout need nothing more; a missing predecessor
 (the sequence's first chunk) contributes keys of segment -1, which no query matches.
 
-When the window does not fit (w-1 > the local piece length) or the attention is not causal,
-the layer goes to the configured ring/all-gather, and the choice is logged.
+When the window does not fit (w-1 > the local piece length), the attention is not causal, or
+a blockwise kernel's key blocks cannot tile (padded halo + piece), the layer goes to the
+configured ring/all-gather, and the choice is logged.
 """
 
 import logging
@@ -25,10 +26,10 @@ from parallelism.context.sharded import ContextAxis, shard_attend
 log = logging.getLogger(__name__)
 
 
-def halo_length(window: int, piece: int, multiple: int) -> int:
-  """Tokens fetched from the predecessor: w-1 rounded up to `multiple` (the kernel's key
-  block, so halo + piece stays a whole number of blocks), at most one piece."""
-  return min(piece, -(-(window - 1) // multiple) * multiple)
+def padded_halo(window: int, multiple: int) -> int:
+  """The halo's w-1 keys padded (locally, with keys no query sees) to a multiple of the
+  kernel's key block, so halo + piece stays a whole number of blocks."""
+  return -(-(window - 1) // multiple) * multiple
 
 
 def make_local(kernel: AttendFn, zigzag: bool, multiple: int):
@@ -38,12 +39,16 @@ def make_local(kernel: AttendFn, zigzag: bool, multiple: int):
     n = halo.num_pieces(zigzag)
     qs, ks, vs, qss, kss, qps, kps = (halo.split(x, n) for x in (q, k, v, qseg, kseg, qpos,
                                                                  kpos))
-    Lp = ks.shape[2]
-    h = halo_length(window, Lp, multiple)
+    Lp, h = ks.shape[2], window - 1
     tail = lambda x: x[:, :, Lp - h:]
     (hk, hv, hs, hp), has = halo.from_predecessor(
         axis, zigzag, (tail(ks), tail(vs), tail(kss), tail(kps)))
     hs = jnp.where(has[:, None, None], hs, -1)
+    pad = padded_halo(window, multiple) - h
+    if pad:   # segment -1: masked for every query
+      front = lambda x, value=0: jnp.pad(x, [(0, 0), (0, 0), (pad, 0)] + [(0, 0)] * (x.ndim - 3),
+                                         constant_values=value)
+      hk, hv, hp, hs = front(hk), front(hv), front(hp), front(hs, -1)
     cat = lambda a, b: jnp.concatenate([a, b], axis=1)
     outs = [kernel(qs[p], cat(hk[p], ks[p]), cat(hv[p], vs[p]), q_segment_ids=qss[p],
                    kv_segment_ids=cat(hs[p], kss[p]), q_positions=qps[p],
@@ -67,9 +72,10 @@ def with_window_halo(fallback: AttendFn, kernel: AttendFn, mesh: Mesh, rules, *,
     if not window:
       return fallback(q_BLHD, k_BSKD, v_BSKD, causal=causal, window=window, **ids)
     piece = k_BSKD.shape[1] // (context * halo.num_pieces(zigzag))
-    h = halo_length(window, piece, max(block_kv, 1))
-    tiles = not block_kv or block_kv >= h + piece or (h + piece) % block_kv == 0
-    fits = causal and window - 1 <= piece and tiles
+    h = window - 1
+    total = padded_halo(window, max(block_kv, 1)) + piece
+    tiles = not block_kv or block_kv >= total or total % block_kv == 0
+    fits = causal and h <= piece and tiles
     key = (window, piece, fits)
     if key not in logged:
       logged.add(key)
