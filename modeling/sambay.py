@@ -9,8 +9,10 @@ Generation" (2025). Layer roles for L layers (L % 4 == 0), each followed by a Sw
     i > L/2+1, even  GMU(x, m)         i > L/2+1, odd  cross-attention (own W_q, W_o only)
 
 Gated Memory Unit: y = (m * SiLU(x W1)) W2, m the memory layer's pre-gate scan output.
-Every attention (window, full, cross) goes through `runtime.attend`; every Mamba's
-order-dependent ops (conv, segment resets, scan) through `runtime.recurrence`. No layer uses rotary positions by default (NoPE): Mamba supplies order.
+Every attention (window, full) goes through `runtime.attend`, the cross-attention over the
+shared K/V through `runtime.shared_kv` (gathered once for all readers), and every Mamba's
+order-dependent ops (conv, segment starts, scan) through `runtime.recurrence`. No layer uses
+rotary positions by default (NoPE): Mamba supplies order.
 """
 
 from typing import Any

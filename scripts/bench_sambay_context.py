@@ -1,7 +1,7 @@
 """SambaY under context parallelism: per-device memory and bytes moved, by kind.
 
     python scripts/bench_sambay_context.py                   # 65,536 tokens, context 1 vs 8
-    python scripts/bench_sambay_context.py --smoke           # 2,048 tokens, seconds
+    python scripts/bench_sambay_context.py --smoke           # 1,024 tokens, 4 layers
     python scripts/bench_sambay_context.py --json out.json
 
 Compile only (nothing executes), on fake CPU devices, float32, batch 1, one sequence per step.
@@ -61,14 +61,14 @@ def bench_config(seq_len: int, context: int, smoke: bool):
   c.seq_len, c.batch_size = seq_len, 1
   m = c.model
   m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 128, 2, 1, 64, 512
-  m.vocab_size, m.num_layers = 256, 16
+  m.vocab_size, m.num_layers = 256, 4 if smoke else 16   # smoke: no cross-decoder layers
   m.sambay.window = 16 if smoke else 128
   m.sambay.scan_chunk = 64
   m.remat = 'full'
   a = c.attention
   a.impl = 'blockwise'
-  a.block_q = a.block_kv = 128 if smoke else 1024
-  a.loss_chunk = 512 if smoke else 4096
+  a.block_q = a.block_kv = 64 if smoke else 1024
+  a.loss_chunk = 256 if smoke else 4096
   c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, context, 1
   c.parallelism.context_impl = 'ring' if context > 1 else 'none'
   c.parallelism.rules = tuple((n, ('fsdp', 'context')) if n == 'embed' else (n, ax)
@@ -170,13 +170,15 @@ def run(seq_len: int, context: int, smoke: bool) -> dict:
   mesh = _mesh(cn)
   roles = sambay.layer_roles(cn.model.num_layers)
   count = {r: roles.count(r) for r in set(roles)}
+  count.setdefault(sambay.CROSS, 0)
   mamba_layers = count[sambay.MAMBA] + count[sambay.MEMORY]
   mem1, _ = train_step(c1)
   memn, step_bytes = train_step(cn)
   scan = scan_bytes(cn, mesh)
   window = attention_bytes(cn, mesh, cn.model.sambay.window)
   full = attention_bytes(cn, mesh, 0)   # a causal full-attention layer: the dense ring's cost
-  shared = shared_kv_bytes(cn, mesh, count[sambay.CROSS])
+  readers = count.get(sambay.CROSS, 0)
+  shared = shared_kv_bytes(cn, mesh, max(readers, 1))   # (smoke: 1 reader, to run the path)
   dense_ring = full['ring']
   per_layer = scan['scan_summaries'] + scan['segment_halo'] + scan['conv_halo']
   return {
@@ -191,7 +193,8 @@ def run(seq_len: int, context: int, smoke: bool) -> dict:
           'conv_halo': mamba_layers * scan['conv_halo'],
           'window_handoff': count[sambay.SWA] * window['runtime'],
           'shared_kv_once': shared,
-          'shared_kv_if_ring_per_reader': count[sambay.CROSS] * dense_ring,
+          'shared_kv_readers': max(readers, 1),
+          'shared_kv_if_ring_per_reader': max(readers, 1) * dense_ring,
           'full_layer_ring': count[sambay.FULL] * dense_ring,
           'sambay_train_step_total': step_bytes,
           'dense_ring_kv_all_layers': cn.model.num_layers * dense_ring},
@@ -205,19 +208,19 @@ def print_table(r: dict) -> None:
         f"jax {jax.__version__} | compile only, float32 | layers {r['layers']}")
   print(f"memory per device: context 1 {mem['context_1'] / MiB:,.1f} MiB, context {n} "
         f"{mem[f'context_{n}'] / MiB:,.1f} MiB, ratio {mem['ratio']:.3f}")
-  print(f"{'bytes per device':32} {'per layer':>14} {'per step':>14}")
+  print(f"{'bytes per device':32} {'per layer':>14} {'per step':>14}  (KiB)")
   lay, step = r['bytes_per_device_per_layer'], r['bytes_per_device_per_step']
   rows = [('scan summaries', 'scan_summaries', 'scan_summaries'),
           ('segment-id halo', 'segment_halo', 'segment_halo'),
           ('conv halo', 'conv_halo', 'conv_halo'),
           ('window hand-off (one hop)', 'window_handoff', 'window_handoff'),
           ('window layer via ring', 'window_via_ring', None),
-          ('shared KV gathered once', None, 'shared_kv_once'),
-          ('shared KV, ring per reader', None, 'shared_kv_if_ring_per_reader'),
+          (f"shared KV once, {step['shared_kv_readers']} reader(s)", None, 'shared_kv_once'),
+          ('shared KV, a ring per reader', None, 'shared_kv_if_ring_per_reader'),
           ('full-attention layer (ring)', 'dense_ring_kv', 'full_layer_ring'),
           ('sambay train step (all)', None, 'sambay_train_step_total'),
           ('dense ring K/V (all layers)', 'dense_ring_kv', 'dense_ring_kv_all_layers')]
-  fmt = lambda v: f'{v / MiB:12.3f} MiB' if v is not None else f'{"":>14}'
+  fmt = lambda v: f'{v / 1024:14,.1f}' if v is not None else f'{"":>14}'
   for label, a, b in rows:
     print(f'{label:32} {fmt(lay.get(a) if a else None)} {fmt(step.get(b) if b else None)}')
   print(f"scan summaries + halos per Mamba layer / dense ring K/V per layer: "
@@ -228,11 +231,12 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--seq_len', type=int, default=65536)
   ap.add_argument('--context', type=int, default=8)
-  ap.add_argument('--smoke', action='store_true', help='2,048 tokens, context 4: seconds')
+  ap.add_argument('--smoke', action='store_true',
+                  help='1,024 tokens, context 4, 4 layers: a quick check of every row')
   ap.add_argument('--json', default='', help='also write the results to this path')
   args = ap.parse_args(argv)
   jax.config.update('jax_default_matmul_precision', 'highest')
-  seq_len, context = (2048, 4) if args.smoke else (args.seq_len, args.context)
+  seq_len, context = (1024, 4) if args.smoke else (args.seq_len, args.context)
   result = run(seq_len, context, args.smoke)
   print_table(result)
   if args.json:

@@ -71,7 +71,7 @@ def local_scan(x, dt, A_EN, B_, C_, seg, *, axis: ContextAxis, zigzag: bool,
   """One device's part of the split scan: (y [B, L_local, E], the sequence's last state)."""
   k, n = halo.num_pieces(zigzag), axis.size
   xs, dts, Bs, Cs, ss = (halo.split(v, k) for v in (x, dt, B_, C_, seg))
-  k_, Bsz, Lp = ss.shape
+  _, Bsz, Lp = ss.shape
   prev, has = halo.from_predecessor(axis, zigzag, ss[:, :, -1])
   starts = _segment_starts(ss, jnp.where(has[:, None], prev, -1))    # [k, B, Lp]
   y0, h_local = scan_fn(_flat(xs), _flat(dts), A_EN, _flat(Bs), _flat(Cs),
