@@ -1,7 +1,7 @@
 """SambaY under context parallelism: per-device memory and bytes moved, by kind.
 
     python scripts/bench_sambay_context.py                   # 65,536 tokens, context 1 vs 8
-    python scripts/bench_sambay_context.py --smoke           # 1,024 tokens, 4 layers
+    python scripts/bench_sambay_context.py --smoke           # 1,024 tokens, bytes rows only
     python scripts/bench_sambay_context.py --json out.json
 
 Compile only (nothing executes), on fake CPU devices, float32, batch 1, one sequence per step.
@@ -166,14 +166,16 @@ def train_step(c) -> tuple[float, float]:
 
 
 def run(seq_len: int, context: int, smoke: bool) -> dict:
+  """Every row; the smoke run skips the two train-step compilations (memory and the whole
+  step's bytes), the slow part, and reports those as None."""
   c1, cn = bench_config(seq_len, 1, smoke), bench_config(seq_len, context, smoke)
   mesh = _mesh(cn)
   roles = sambay.layer_roles(cn.model.num_layers)
   count = {r: roles.count(r) for r in set(roles)}
   count.setdefault(sambay.CROSS, 0)
   mamba_layers = count[sambay.MAMBA] + count[sambay.MEMORY]
-  mem1, _ = train_step(c1)
-  memn, step_bytes = train_step(cn)
+  mem1, _ = (None, None) if smoke else train_step(c1)
+  memn, step_bytes = (None, None) if smoke else train_step(cn)
   scan = scan_bytes(cn, mesh)
   window = attention_bytes(cn, mesh, cn.model.sambay.window)
   full = attention_bytes(cn, mesh, 0)   # a causal full-attention layer: the dense ring's cost
@@ -183,7 +185,8 @@ def run(seq_len: int, context: int, smoke: bool) -> dict:
   per_layer = scan['scan_summaries'] + scan['segment_halo'] + scan['conv_halo']
   return {
       'seq_len': seq_len, 'context': context, 'layers': dict(sorted(count.items())),
-      'memory_bytes': {'context_1': mem1, f'context_{context}': memn, 'ratio': memn / mem1},
+      'memory_bytes': {'context_1': mem1, f'context_{context}': memn,
+                       'ratio': None if smoke else memn / mem1},
       'bytes_per_device_per_layer': {
           **scan, 'window_handoff': window['runtime'], 'window_via_ring': window['ring'],
           'dense_ring_kv': dense_ring},
@@ -196,7 +199,7 @@ def run(seq_len: int, context: int, smoke: bool) -> dict:
           'shared_kv_readers': max(readers, 1),
           'shared_kv_if_ring_per_reader': max(readers, 1) * dense_ring,
           'full_layer_ring': count[sambay.FULL] * dense_ring,
-          'sambay_train_step_total': step_bytes,
+          'sambay_train_step_total': step_bytes,   # None in the smoke run
           'dense_ring_kv_all_layers': cn.model.num_layers * dense_ring},
       'scan_and_halo_per_layer_vs_dense_ring': per_layer / dense_ring,
   }
@@ -206,9 +209,12 @@ def print_table(r: dict) -> None:
   n, mem = r['context'], r['memory_bytes']
   print(f"# bench_sambay_context | {r['seq_len']:,} tokens | context {n} (ring, zigzag) | "
         f"jax {jax.__version__} | compile only, float32 | layers {r['layers']}")
-  print(f"memory per device: context 1 {mem['context_1'] / MiB:,.1f} MiB, context {n} "
-        f"{mem[f'context_{n}'] / MiB:,.1f} MiB, ratio {mem['ratio']:.3f}")
-  print(f"{'bytes per device':32} {'per layer':>14} {'per step':>14}  (KiB)")
+  if mem['ratio'] is None:
+    print('memory per device: not measured (--smoke)')
+  else:
+    print(f"memory per device: context 1 {mem['context_1'] / MiB:,.1f} MiB, context {n} "
+          f"{mem[f'context_{n}'] / MiB:,.1f} MiB, ratio {mem['ratio']:.3f}")
+  print(f"{'bytes per device, KiB':32} {'per layer':>14} {'per step':>14}")
   lay, step = r['bytes_per_device_per_layer'], r['bytes_per_device_per_step']
   rows = [('scan summaries', 'scan_summaries', 'scan_summaries'),
           ('segment-id halo', 'segment_halo', 'segment_halo'),
@@ -223,6 +229,7 @@ def print_table(r: dict) -> None:
   fmt = lambda v: f'{v / 1024:14,.1f}' if v is not None else f'{"":>14}'
   for label, a, b in rows:
     print(f'{label:32} {fmt(lay.get(a) if a else None)} {fmt(step.get(b) if b else None)}')
+  print('(KiB: bytes / 1024; the whole step adds parameter gathers and gradient reductions)')
   print(f"scan summaries + halos per Mamba layer / dense ring K/V per layer: "
         f"{r['scan_and_halo_per_layer_vs_dense_ring']:.4%}")
 
@@ -232,7 +239,8 @@ def main(argv=None):
   ap.add_argument('--seq_len', type=int, default=65536)
   ap.add_argument('--context', type=int, default=8)
   ap.add_argument('--smoke', action='store_true',
-                  help='1,024 tokens, context 4, 4 layers: a quick check of every row')
+                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: a quick check of '
+                       'the bytes rows')
   ap.add_argument('--json', default='', help='also write the results to this path')
   args = ap.parse_args(argv)
   jax.config.update('jax_default_matmul_precision', 'highest')
