@@ -199,8 +199,8 @@ def reference():
 
 # Context 2 (zigzag) and 8 (contiguous), each on a packed and an unpacked batch; context 4 with
 # zigzag is the training run below (and the scan alone above). The attention strategy is not
-# what is tested here (test_context covers ring and TokenRing), so the cheapest to compile,
-# all-gather, serves everywhere in this file.
+# what is tested here (test_context covers it), so the cheapest to compile, all-gather, serves;
+# the training run uses the ring.
 @pytest.mark.parametrize('n,zigzag', [(2, True), (8, False)])
 def test_sambay_on_a_split_sequence_equals_one_device(n, zigzag, reference):
   params, _, ref = reference
@@ -237,7 +237,7 @@ def _train(c, devices, state=None):
 def test_three_training_steps_on_data2_context4_equal_one_device():
   # 4 layers (Mamba, window attention, memory Mamba, full attention) keep the two train-step
   # compilations cheap; the cross-decoder is covered above.
-  ref_c, c = _config(), _config(data=2, context=4, impl='allgather')
+  ref_c, c = _config(), _config(data=2, context=4, impl='ring')
   ref_c.model.num_layers = c.model.num_layers = 4
   ref_losses, ref_params = _train(ref_c, jax.devices()[:1])
   losses, params = _train(c, jax.devices())
