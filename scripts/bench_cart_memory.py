@@ -30,7 +30,7 @@ from parallelism import mesh as mesh_lib
 from training import perf
 from training import step as step_lib
 from training.composition import make_runtime
-from training.loop import batch_sharding
+from training.program import batch_sharding
 from training.state import setup_model
 
 MiB = 2 ** 20

@@ -20,19 +20,18 @@ import jax
 import ml_collections
 from flax import nnx
 
+from checkpoint import universal
 from checkpoint.manager import Checkpointer
 from modeling import decode
 from modeling.kv_routing import CachePlan
 from parallelism import mesh as mesh_lib
 from training import data as data_lib
 from training import loss as loss_lib
-from training.composition import make_runtime
-from training.loop import batch_sharding, to_global
-from training.state import setup_model
+from training.program import build_program
 
 
 def load_run(checkpoint: str, step: int | None = None):
-  """(config, setup, params, step) of a run written by training/loop.py."""
+  """(config, program, params, step) of a run written by training/loop.py."""
   workdir = os.path.abspath(checkpoint)
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     workdir = os.path.dirname(workdir)  # given workdir/checkpoints
@@ -41,24 +40,22 @@ def load_run(checkpoint: str, step: int | None = None):
     raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no config.json in it or its parent')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  mesh = mesh_lib.make_mesh(config.mesh)
-  setup = setup_model(config, mesh, make_runtime(config, mesh))
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  program = build_program(config, mesh_lib.make_mesh(config.mesh))
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
-  state, _ = ckpt.restore(step, setup.abstract, None)
+  state, _, _ = universal.restore_state(ckpt, step, config, program.setup, program.mesh)
   ckpt.close()
-  return config, setup, mesh, state.params, step
+  return config, program, state.params, step
 
 
-def evaluate_plans(config, setup, mesh, params, groups, num_batches: int) -> list[dict]:
+def evaluate_plans(config, program, params, groups, num_batches: int) -> list[dict]:
   """Per g: mean held-out next-token loss under CachePlan.every(L, g), and the cache bytes of
   one `seq_len`-token sequence (K and V of the cached layers, in model.dtype)."""
-  sharding = batch_sharding(config, mesh)
-  batches = [to_global(b, sharding) for b in data_lib.make_eval_batches(
+  batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=num_batches)]
-  model = nnx.merge(setup.graphdef, params)
+  model = nnx.merge(program.setup.graphdef, params)
 
   @nnx.jit(static_argnames='plan')
   def loss_sum(model, batch, plan):
@@ -96,9 +93,9 @@ def main(argv=None):
   parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
   parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
   args = parser.parse_args(argv)
-  config, setup, mesh, params, step = load_run(args.checkpoint, args.step)
+  config, program, params, step = load_run(args.checkpoint, args.step)
   groups = [int(g) for g in args.groups.split(',')]
-  rows = evaluate_plans(config, setup, mesh, params, groups,
+  rows = evaluate_plans(config, program, params, groups,
                         args.eval_batches or config.eval_batches)
   print(header(config, f'KV cache sharing: {args.checkpoint} step {step}, trained with '
                        f'kv_routing.p={config.model.kv_routing.p}'))

@@ -64,8 +64,8 @@ def main(argv=None):
     start = time.perf_counter()
     row = loop.run(config, workdir)
     train_s = time.perf_counter() - start
-    config, setup, mesh, params, _ = load_run(workdir)
-    plans = evaluate_plans(config, setup, mesh, params, GROUPS, config.eval_batches)
+    config, program, params, _ = load_run(workdir)
+    plans = evaluate_plans(config, program, params, GROUPS, config.eval_batches)
     # The loop's own final eval (full cache) must agree with ours at g = 1.
     assert abs(plans[0]['loss'] - row['eval/loss']) < 1e-4, (plans[0]['loss'], row['eval/loss'])
     results[p] = (plans, row['train/loss'], train_s)
