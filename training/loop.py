@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -19,8 +20,8 @@ from checkpoint.manager import Checkpointer, config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import perf
-from training.monitor import MetricWriter, Progress
+from training import perf, throughput
+from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
 from training.state import count_params
 
@@ -49,7 +50,10 @@ def write_config(config, workdir):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last logged metrics row."""
   distributed.initialize(config.distributed)
+  setup_logging()
   mesh = mesh_lib.make_mesh(config.mesh)
+  if config.get('dry_run', False):
+    return dry_run(config, build_program(config, mesh))
   write_config(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
@@ -61,8 +65,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if hybrid:
     hybrid_data.check_config(config, mesh)
     train_iter = hybrid_data.make_train_iterator(config)
+  eval_on = eval_enabled(config)
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
-      config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
+      config, num_batches=config.eval_batches, process_index=pid,
+      process_count=nproc)] if eval_on else []
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                       keep_every=config.checkpoint.keep_every,
@@ -85,14 +91,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   tokens_per_step = config.batch_size * config.seq_len
   flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
-  peak = config.perf.peak_flops or perf.measure_peak_flops(mesh)
+  timing = throughput.Throughput(tokens_per_step, flops_per_token, matmul_peak(config, mesh))
+  # Real tokens are counted on this process's rows; every process loads as many.
+  real_scale = 1 if hybrid else nproc
   writer = MetricWriter(workdir)
   progress = Progress(config.steps, start, enabled=config.progress)
+  log_lines = not (progress.active and sys.stderr.isatty())  # a log file gets the rows
   stop_requested = _install_signal_handlers()
 
-  pending = None       # (step, metrics on device): fetched one step late, keeps dispatch async
+  # (step, metrics on device, real tokens, data wait s): fetched one step late, keeps
+  # dispatch async.
+  pending = None
   last_row: dict[str, Any] = {}
-  window_start, window_steps = time.perf_counter(), 0
   profiling = False
 
   saved_step = start
@@ -103,21 +113,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          force=force)
     saved_step = step
 
-  def finish_step(step, metrics):
-    nonlocal window_start, window_steps, last_row
+  compile_logged = []  # perf/compile_s goes into the first row only
+
+  def finish_step(step, metrics, real_tokens, data_wait_s):
+    nonlocal last_row
     loss = float(metrics['loss'])
     if not math.isfinite(loss):
       raise NonFiniteLoss(f'loss is {loss} at step {step}; stopping (lower optimizer.lr, '
                           'check the data, or enable optimizer.clip_norm)')
-    window_steps += 1
+    if step > start + 1:  # the first step was compiled and timed alone
+      timing.step_done(real_tokens, data_wait_s)
     if step % config.log_every == 0 or step == config.steps:
-      elapsed = time.perf_counter() - window_start
-      tps = window_steps * tokens_per_step / elapsed
+      perf_row = timing.row()
+      tps = perf_row.get('perf/tokens_per_sec')
       row = {'train/loss': loss, 'train/perplexity': math.exp(min(loss, 50.0)),
              'train/lr': float(metrics['lr']), 'train/grad_norm': float(metrics['grad_norm']),
-             'train/param_norm': float(metrics['param_norm']),
-             'perf/tokens_per_sec': tps, 'perf/step_time_s': elapsed / window_steps,
-             'perf/mfu': tps * flops_per_token / peak}
+             'train/param_norm': float(metrics['param_norm']), **perf_row}
+      if timing.compile_s is not None and not compile_logged:
+        row['perf/compile_s'] = timing.compile_s
+        compile_logged.append(True)
       row.update({k: float(v) for k, v in metrics.items()
                   if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens')})
       mem = perf.device_memory_bytes()
@@ -126,7 +140,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.write(step, row)
       last_row = row
       progress.update(step, loss, tps)
-      window_start, window_steps = time.perf_counter(), 0
+      if log_lines:
+        log.info('%s', throughput.log_line(step, loss, perf_row))
     else:
       progress.update(step)
 
@@ -135,31 +150,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = prepare(next(train_iter))
-      state, metrics = train_step(state, batch)
+      t0 = time.perf_counter()
+      host_batch = next(train_iter)
+      batch = prepare(host_batch)
+      data_wait_s = time.perf_counter() - t0
+      real = throughput.real_tokens(host_batch) * real_scale
+      if step == start + 1:
+        state, metrics = timing.first_step(train_step, state, batch)
+      else:
+        state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, real, data_wait_s)
       if profiling and step >= config.profile_start + config.profile_steps - 1:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         profiling = False
-      if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+      if (eval_on and config.eval_every > 0 and step % config.eval_every == 0
+          and step != config.steps):
         finish_step(*pending)
         pending = None
-        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
+        timing.pause()
+        eval_loss = evaluate(eval_step, state.params, eval_batches)
+        writer.write(step, {'eval/loss': eval_loss})
+        log.info('eval at step %d: loss %.4f', step, eval_loss)
+        timing.resume()
       if config.checkpoint.every and step % config.checkpoint.every == 0:
+        timing.pause(pending[1] if pending else None)
         save(step)
+        timing.resume()
       if stop_requested():
         log.warning('signal received: saving step %d and exiting', step)
         break
     if pending is not None:
       finish_step(*pending)
     final_step = int(state.step)
-    eval_loss = evaluate(eval_step, state.params, eval_batches)
-    writer.write(final_step, {'eval/loss': eval_loss})
-    last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
-                'params': n_params}
+    last_row = {**last_row, 'step': final_step, 'params': n_params}
+    if eval_on:
+      eval_loss = evaluate(eval_step, state.params, eval_batches)
+      writer.write(final_step, {'eval/loss': eval_loss})
+      log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
+      last_row['eval/loss'] = eval_loss
     if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
       save(final_step, force=True)
   finally:
@@ -169,6 +200,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return last_row
+
+
+def eval_enabled(config) -> bool:
+  """eval_every=-1 or eval_batches=0 turn held-out eval off (periodic and final)."""
+  return config.eval_every >= 0 and config.eval_batches > 0
+
+
+def matmul_peak(config, mesh) -> float:
+  """perf.peak_flops, or the best of perf.peak_trials matmul timings (logged once)."""
+  if config.perf.peak_flops:  # per device, as accelerator data sheets state it
+    log.info('MFU against perf.peak_flops=%.3g FLOP/s per device x %d (given, not measured)',
+             config.perf.peak_flops, mesh.devices.size)
+    return config.perf.peak_flops * mesh.devices.size
+  trials = perf.measure_peak_trials(mesh, trials=config.perf.get('peak_trials', 10))
+  log.info('matmul peak over %d device(s): best of %d trials %.3g FLOP/s (median %.3g, '
+           'worst %.3g); MFU divides by the best', mesh.devices.size, len(trials), max(trials),
+           float(sorted(trials)[len(trials) // 2]), min(trials))
+  return max(trials)
+
+
+def dry_run(config, program) -> dict[str, Any]:
+  """Prints the resolved config, the mesh, the parameter count and the per-device compiled
+  memory of the train step; trains nothing."""
+  compiled = program.compiled_train_step()
+  memory = perf.compiled_memory_bytes(compiled)
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(program.setup.abstract.params))
+  if jax.process_index() == 0:
+    print(config_json(config))
+    print(f'mesh: {mesh_lib.describe(program.mesh)} over {program.mesh.devices.size} devices')
+    print(f'parameters: {n_params:,}')
+    print(f'train step compiled memory per device: {memory / 2**20:,.1f} MiB '
+          '(temp + arguments + outputs - aliased)')
+  return {'step': 0, 'params': n_params, 'perf/compiled_memory_bytes': memory}
 
 
 def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):

@@ -227,20 +227,24 @@ def make_document_source(config, split: str) -> SubsetSource:
     raise ValueError(f"split={split!r}; choose 'train' or 'eval'.")
   name = config.data.source
   vocab_size = config.model.vocab_size
+  # data.eval_paths: a separate eval corpus; then every document of data.paths trains.
+  eval_paths = config.data.get('eval_paths', '').strip()
+  paths = eval_paths if eval_paths and split == 'eval' else config.data.paths
   if name == 'local_text':
     tokenizer.check_byte_vocab(vocab_size, name)
-    base = TextFileSource(resolve_paths(config.data.paths) if config.data.paths.strip()
-                          else stdlib_python_files())
+    base = TextFileSource(resolve_paths(paths) if paths.strip() else stdlib_python_files())
   elif name == 'text':
     tokenizer.check_byte_vocab(vocab_size, name)
-    base = TextFileSource(resolve_paths(config.data.paths))
+    base = TextFileSource(resolve_paths(paths))
   elif name == 'jsonl':
     tokenizer.check_byte_vocab(vocab_size, name)
-    base = JsonlSource(resolve_paths(config.data.paths), config.data.text_field)
+    base = JsonlSource(resolve_paths(paths), config.data.text_field)
   elif name == 'array_record':
-    base = ArrayRecordSource(resolve_paths(config.data.paths), vocab_size)
+    base = ArrayRecordSource(resolve_paths(paths), vocab_size)
   else:
     raise ValueError(f'data.source={name!r} is not a document source; choose one of '
                      f'{DOCUMENT_SOURCES}.')
+  if eval_paths:
+    return SubsetSource(base, np.arange(len(base)))
   held_out = eval_mask(base.keys(), config.data.eval_fraction)
   return SubsetSource(base, np.flatnonzero(held_out if split == 'eval' else ~held_out))
