@@ -63,11 +63,20 @@ def main():
   parser.add_argument('--d_model', type=int, default=256)
   parser.add_argument('--seq_len', type=int, default=1024)
   parser.add_argument('--micro_batch', type=int, default=8)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
   args = parser.parse_args()
+  if args.smoke:
+    args.d_model, args.seq_len, args.micro_batch = 64, 32, 1
+  variants = ((1, 'none'), (6, 'none'), (6, 'full'), (6, 'dots'))
+  if args.smoke:
+    variants = variants[:3]
 
   rows = []
-  for loops, remat in ((1, 'none'), (6, 'none'), (6, 'full'), (6, 'dots')):
+  for loops, remat in variants:
     c = cart_paper.paper_config(args.d_model, loops)
+    if args.smoke:
+      c.model.vocab_size, c.model.cart.prelude_layers = 256, 1
     c.seq_len, c.batch_size = args.seq_len, args.micro_batch
     c.optimizer.grad_accum_steps = 1   # memory is per micro-batch; accumulation adds one grad copy
     c.mesh.data = 1

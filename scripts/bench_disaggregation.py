@@ -208,7 +208,10 @@ def main():
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--impls', default='dp,ring,dca')
+  ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dp and dca')
   args = ap.parse_args()
+  if args.smoke:
+    args.seq_len, args.rows_per_device, args.repeats, args.impls = 128, 2, 1, 'dp,dca'
   B, L = N * args.rows_per_device, args.seq_len
   raw = long_tail_batch(B, L, args.seed, 256)
 

@@ -5,6 +5,7 @@ Depth-Wise Cache Sharing" (Filippova et al., 2026): every g-th layer keeps a cac
 read their group leader's, g = 1..4 (100/50/33/25% retention).
 
     python scripts/eval_kv_sharing.py --checkpoint runs/tiny [--step N] [--groups 1,2,3,4]
+    python scripts/eval_kv_sharing.py --smoke   # trains a 2-step tiny run first, then evaluates
 
 --checkpoint is the run's workdir (holding config.json) or its checkpoints/ folder.
 """
@@ -86,13 +87,34 @@ def header(config, what: str) -> str:
           f'cache: K+V bytes of one seq_len-token sequence')
 
 
+def smoke_run() -> str:
+  """A 2-step run of a 2-layer d=32 model in a temporary workdir; returns the workdir."""
+  import tempfile
+
+  from configs import tiny
+  from training import loop
+  c = tiny.get_config()
+  c.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+  c.steps, c.batch_size, c.seq_len, c.log_every, c.eval_every = 2, 8, 32, 1, -1
+  c.progress, c.checkpoint.async_save, c.perf.peak_trials = False, False, 1
+  workdir = tempfile.mkdtemp(prefix='eval_kv_sharing_smoke_')
+  loop.run(c, workdir)
+  return workdir
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='run workdir or its checkpoints/')
+  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
   parser.add_argument('--step', type=int, default=None, help='default: the latest')
   parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
   parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
   args = parser.parse_args(argv)
+  if args.smoke:
+    args.checkpoint, args.groups, args.eval_batches = smoke_run(), '1,2', 1
+  elif not args.checkpoint:
+    parser.error('--checkpoint is required (or --smoke)')
   config, program, params, step = load_run(args.checkpoint, args.step)
   groups = [int(g) for g in args.groups.split(',')]
   rows = evaluate_plans(config, program, params, groups,

@@ -41,6 +41,8 @@ def study_config(args, p: float):
   c.model.head_dim = args.d_model // c.model.num_heads
   c.model.mlp_dim = 3 * args.d_model
   c.model.kv_routing.p = p
+  if args.smoke:
+    c.perf.peak_trials = 1  # MFU is not what this study reports
   return c
 
 
@@ -53,7 +55,11 @@ def main(argv=None):
   parser.add_argument('--eval_batches', type=int, default=16)
   parser.add_argument('--p', type=float, default=0.6, help='keep-own probability of the routed run')
   parser.add_argument('--workdir', default='/tmp/kv_routing_study')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: 2 steps of 8 x 32 tokens, d_model 32')
   args = parser.parse_args(argv)
+  if args.smoke:
+    args.steps, args.batch_size, args.seq_len, args.d_model, args.eval_batches = 2, 8, 32, 32, 1
   logging.basicConfig(level=logging.WARNING)
 
   results = {}

@@ -1,6 +1,6 @@
 """The training loop: config -> mesh -> data -> sharded state -> steps -> metrics/checkpoints.
 
-Each arrow of ../shared/ARCHITECTURE.md's data flow is one call below.
+Each arrow of the data flow in docs/architecture.md is one call below.
 """
 
 import logging
