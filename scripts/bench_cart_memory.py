@@ -68,7 +68,8 @@ def main():
   args = parser.parse_args()
   if args.smoke:
     args.d_model, args.seq_len, args.micro_batch = 64, 32, 1
-  variants = ((1, 'none'), (6, 'none'), (6, 'full'), (6, 'dots'))
+  R = 2 if args.smoke else 6
+  variants = ((1, 'none'), (R, 'none'), (R, 'full'), (R, 'dots'))
   if args.smoke:
     variants = variants[:3]
 
@@ -104,8 +105,8 @@ def main():
           f'{arg / MiB:,.1f} | {total / MiB:,.1f} | {total / base_total:.2f}x | '
           f'{resid / MiB:,.1f} |')
   r1, r6, r6_full = rows[0], rows[1], rows[2]
-  print(f'compiled: R=6 {r6[6] / MiB:,.0f} MiB vs R=1 {r1[6] / MiB:,.0f} MiB '
-        f'({r6[6] / r1[6]:.2f}x) | residuals: R=6 {r6[7] / r1[7]:.2f}x of R=1, '
+  print(f'compiled: R={R} {r6[6] / MiB:,.0f} MiB vs R=1 {r1[6] / MiB:,.0f} MiB '
+        f'({r6[6] / r1[6]:.2f}x) | residuals: R={R} {r6[7] / r1[7]:.2f}x of R=1, '
         f'remat_loop=full {r6_full[7] / r6[7]:.2f}x of no remat')
 
 

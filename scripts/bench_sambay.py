@@ -163,11 +163,12 @@ def main():
   s_cfg = sambay_model_config()
   if args.smoke:
     s_cfg.d_model, s_cfg.mlp_dim, s_cfg.sambay.window = 32, 64, 16
-    s_cfg.head_dim, s_cfg.vocab_size = 16, 256
+    s_cfg.head_dim, s_cfg.vocab_size, s_cfg.remat = 16, 256, 'none'
   n_params = count_params(s_cfg)
   d_cfg = dense_model_config(n_params, s_cfg)
   print(f'# bench_sambay | backend {jax.default_backend()} | device {dev.device_kind} x1 | '
-        f'jax {jax.__version__} | float32, batch 1, remat full | peak {peak / 1e9:.0f} GFLOP/s '
+        f'jax {jax.__version__} | float32, batch 1, remat {s_cfg.remat} | '
+        f'peak {peak / 1e9:.0f} GFLOP/s '
         f'(best of 10 {peak_n}^2 matmuls, this run)')
   print(f'# sambay: L={s_cfg.num_layers} d={s_cfg.d_model} H={s_cfg.num_heads}x{s_cfg.head_dim} '
         f'K={s_cfg.num_kv_heads} mlp={s_cfg.mlp_dim} window={s_cfg.sambay.window} '
@@ -202,7 +203,7 @@ def main():
   print('\n# decoding cache bytes per token of context (batch 1, model dtype; SSM state float32); '
         'dense = same depth/width/KV heads, K and V in every layer')
   print(f'{"config":12} {"context":>8} {"sambay B/tok":>13} {"dense B/tok":>12} {"dense/sambay":>13}')
-  crow = cache_rows((4096, 32768, 131072))
+  crow = cache_rows((4096,) if args.smoke else (4096, 32768, 131072))
   for name, n, s, d, ratio in crow:
     print(f'{name:12} {n:8d} {s:13.0f} {d:12.0f} {ratio:12.1f}x')
 

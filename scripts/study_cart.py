@@ -123,7 +123,7 @@ def main():
   args = parser.parse_args()
   if args.smoke:
     global TRAIN_LOOPS, EVAL_LOOPS, SMOKE
-    TRAIN_LOOPS, EVAL_LOOPS, SMOKE = (2,), (1, 2), True
+    TRAIN_LOOPS, EVAL_LOOPS, SMOKE = (2,), (2,), True
     args.steps, args.batch_size, args.seq_len, args.eval_batches = 2, 2, 32, 1
   wall = time.perf_counter()
 
