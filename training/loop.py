@@ -15,21 +15,17 @@ import jax
 import ml_collections
 
 from checkpoint import metadata as ckpt_metadata
-from checkpoint import universal
-from checkpoint.manager import Checkpointer, config_json
+from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import perf, throughput
+from training import checkpointing, perf, throughput
+from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
 from training.state import count_params
 
 log = logging.getLogger('loomax')
-
-
-class NonFiniteLoss(RuntimeError):
-  pass
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -54,6 +50,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.get('dry_run', False):
     return dry_run(config, build_program(config, mesh))
+  ckpt = checkpointing.open_checkpointer(config, workdir)
+  start_plan = checkpointing.plan_start(config, ckpt)
+  config = checkpointing.resolve_config(config, start_plan)
   write_config(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
@@ -70,14 +69,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config, num_batches=config.eval_batches, process_index=pid,
       process_count=nproc)] if eval_on else []
 
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                      keep_every=config.checkpoint.keep_every,
-                      async_save=config.checkpoint.async_save)
-  state, train_iter = _restore_or_init(config, program, ckpt, train_iter)
-  ckpt_meta = ckpt_metadata.describe(config, ckpt_metadata.state_arrays(program.setup), mesh,
-                                     nproc)
+  state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
+                                                                workdir, train_iter)
+  saver = checkpointing.Saver(ckpt, ckpt_metadata.describe(
+      config, ckpt_metadata.state_arrays(program.setup), mesh, nproc))
   start = int(state.step)
   n_params = count_params(state.params)
+  checkpointing.mark_run_start(workdir, start, start_info)
+  if start >= config.steps:
+    log.info('step %d of steps=%d is already saved in %s: nothing to train', start,
+             config.steps, ckpt.directory)
+    ckpt.close()
+    return {'step': start, 'params': n_params}
   log.info('%s: %s parameters, starting at step %d', config.model.name, f'{n_params:,}', start)
   describe = getattr(registry.get_family(config.model.name).build, 'describe', None)
   if describe is not None:  # optional one-line family summary, e.g. CART's effective params
@@ -105,22 +108,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last_row: dict[str, Any] = {}
   profiling = False
 
-  saved_step = start
+  finite = {'step': start, 'ok': True}  # whether the state after that step may be saved
+  skipped = 0
 
   def save(step, force=False):
-    nonlocal saved_step
-    universal.save_state(ckpt, step, state, ckpt_meta, {pid: train_iter.get_state()},
-                         force=force)
-    saved_step = step
+    saver.save(step, state, train_iter.get_state(),
+               finite['ok'] and finite['step'] == step, force=force)
 
   compile_logged = []  # perf/compile_s goes into the first row only
 
   def finish_step(step, metrics, real_tokens, data_wait_s):
-    nonlocal last_row
+    nonlocal last_row, skipped
     loss = float(metrics['loss'])
-    if not math.isfinite(loss):
-      raise NonFiniteLoss(f'loss is {loss} at step {step}; stopping (lower optimizer.lr, '
-                          'check the data, or enable optimizer.clip_norm)')
+    checked = {k: float(metrics[k]) for k in ('loss', 'grad_norm', 'param_norm', 'skipped')
+               if k in metrics}
+    finite.update(step=step, ok=checkpointing.is_finite_step(checked))
+    if checked.get('skipped'):
+      skipped += 1
+      log.warning('step %d: non-finite update skipped (loss %s, grad norm %s; %d skipped so '
+                  'far)', step, loss, checked['grad_norm'], skipped)
+    elif not finite['ok']:
+      raise NonFiniteLoss(f'non-finite values at step {step} (loss {loss}, grad norm '
+                          f'{checked["grad_norm"]}, param norm {checked["param_norm"]}); '
+                          f'stopping without saving it; {saver.describe_last_good()} (lower '
+                          'optimizer.lr, check the data, enable optimizer.clip_norm, or set '
+                          'optimizer.skip_nonfinite=True)')
     if step > start + 1:  # the first step was compiled and timed alone
       timing.step_done(real_tokens, data_wait_s)
     if step % config.log_every == 0 or step == config.steps:
@@ -133,7 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         row['perf/compile_s'] = timing.compile_s
         compile_logged.append(True)
       row.update({k: float(v) for k, v in metrics.items()
-                  if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens')})
+                  if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens', 'skipped')})
+      if config.optimizer.skip_nonfinite:
+        row['train/skipped_steps'] = skipped
       mem = perf.device_memory_bytes()
       if mem:
         row['perf/device_memory_bytes'] = mem
@@ -145,6 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       progress.update(step)
 
+  stopping = False
   try:
     for step in range(start + 1, config.steps + 1):
       if config.profile_steps and step == config.profile_start and pid == 0:
@@ -166,33 +181,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         profiling = False
-      if (eval_on and config.eval_every > 0 and step % config.eval_every == 0
-          and step != config.steps):
-        finish_step(*pending)
+      stopping = stop_requested()
+      save_due = config.checkpoint.every and step % config.checkpoint.every == 0
+      eval_due = (eval_on and config.eval_every > 0 and step % config.eval_every == 0
+                  and step != config.steps)
+      if stopping or save_due or eval_due:
+        finish_step(*pending)  # a step is saved only once it is known finite
         pending = None
-        timing.pause()
+        timing.pause()  # saves and evals stay out of the throughput window
+      if stopping or save_due:
+        save(step, force=stopping)
+      if stopping:
+        log.warning('signal received: saved step %d; exiting without the final eval', step)
+        break
+      if eval_due:
         eval_loss = evaluate(eval_step, state.params, eval_batches)
         writer.write(step, {'eval/loss': eval_loss})
         log.info('eval at step %d: loss %.4f', step, eval_loss)
-        timing.resume()
-      if config.checkpoint.every and step % config.checkpoint.every == 0:
-        timing.pause(pending[1] if pending else None)
-        save(step)
-        timing.resume()
-      if stop_requested():
-        log.warning('signal received: saving step %d and exiting', step)
-        break
+      timing.resume()
     if pending is not None:
       finish_step(*pending)
     final_step = int(state.step)
     last_row = {**last_row, 'step': final_step, 'params': n_params}
-    if eval_on:
-      eval_loss = evaluate(eval_step, state.params, eval_batches)
-      writer.write(final_step, {'eval/loss': eval_loss})
-      log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
-      last_row['eval/loss'] = eval_loss
-    if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
-      save(final_step, force=True)
+    if not stopping:
+      save(final_step, force=True)  # before the final eval, which a preemption may cut short
+      if eval_on:
+        eval_loss = evaluate(eval_step, state.params, eval_batches)
+        writer.write(final_step, {'eval/loss': eval_loss})
+        log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
+        last_row['eval/loss'] = eval_loss
   finally:
     if profiling:
       jax.profiler.stop_trace()
@@ -233,33 +250,6 @@ def dry_run(config, program) -> dict[str, Any]:
     print(f'train step compiled memory per device: {memory / 2**20:,.1f} MiB '
           '(temp + arguments + outputs - aliased)')
   return {'step': 0, 'params': n_params, 'perf/compiled_memory_bytes': memory}
-
-
-def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):
-  """(state, train iterator): restored onto this config's mesh and layout, or fresh."""
-  resume = config.resume
-  if resume:
-    source = ckpt if resume == 'auto' else Checkpointer(resume, read_only=True)
-    step = source.latest_step()
-    if step is not None:
-      state, meta, data_states = universal.restore_state(source, step, config, program.setup,
-                                                         program.mesh)
-      if data_states and config.parallelism.hybrid_dp.enabled:
-        train_iter.set_state(data_states[jax.process_index()])  # every process reads it all
-        how = 'exact (hybrid data parallel document stream)'
-      elif data_states:
-        train_iter, how = data_lib.resume_train_iterator(
-            config, data_states, process_index=jax.process_index(),
-            process_count=jax.process_count())
-      else:
-        how = 'not saved: starting the data stream afresh'
-      log.info('resumed from %s at step %d (written on mesh %s by %d process(es); data %s)',
-               source.directory, step, meta['written_by']['mesh'],
-               meta['written_by']['process_count'], how)
-      return state, train_iter
-    if resume != 'auto':
-      raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
-  return program.init_state(), train_iter
 
 
 def _install_signal_handlers():
