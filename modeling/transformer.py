@@ -13,7 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import kv_routing, layers, scopes
+from modeling import kv_routing, layers, scopes, ssm
+from modeling import shared_kv as shared_kv_lib
 from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
 
 REMAT_POLICIES = {
@@ -27,9 +28,13 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """What the composition root hands a model: how to attend, how to pin activations."""
+  """What the composition root hands a model: how to attend, how to pin activations, how
+  recurrent layers run their token-order ops (None: the model's own single-device scan), and
+  how K/V read by several layers travel (None: each reader calls `attend` on them)."""
   attend: AttendFn = xla_attention
   constrain: ax.Constrain = ax.unconstrained
+  recurrence: ssm.Recurrence | None = None
+  shared_kv: shared_kv_lib.SharedKV | None = None
   # Projections as 2-D [tokens, features] matmuls (layers.dense); the composition root turns
   # it off when the sequence dimension is sharded (context parallelism).
   flatten_tokens: bool = True
@@ -201,7 +206,7 @@ def apply_blocks(blocks, x_BLD, *, scanned: bool, remat: str,
 
 
 def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
-  """Model FLOPs of one forward pass per token (MEASURING.md): 2 x matmul params + attention."""
+  """Model FLOPs of one forward pass per token (docs/measuring.md): 2 x matmul params + attention."""
   D, H, K, Dh, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
   matmul_params = cfg.num_layers * per_layer + D * cfg.vocab_size

@@ -4,7 +4,7 @@ the same run, the op-time breakdown of the step, compiled memory, and the data p
     python scripts/bench_train.py --config configs/tiny.py [--shape d384] [--steps 8]
         [--json PATH] [--smoke] [--config.KEY=VAL ...]
 
-Times are reported twice: wall time (the MEASURING.md convention) and process CPU time (all
+Times are reported twice: wall time (the docs/measuring.md convention) and process CPU time (all
 threads). On a machine shared with other work, wall time swings with the load while CPU time
 per step does not, so "MFU (CPU time)" = (model FLOPs / step CPU s) / (peak FLOPs / peak CPU s)
 is the steadier ratio; on a quiet machine the two agree when the step keeps every core busy.
@@ -51,22 +51,20 @@ def wall_and_cpu(fn, repeats: int) -> dict[str, float]:
           'max': float(np.max(wall)), 'cpu_median': float(np.median(cpu))}
 
 
-def peak_flops(mesh, n: int, repeats: int) -> dict[str, float]:
-  """The same all-devices n x n float32 matmul as perf.measure_peak_flops, timed in wall and
-  CPU seconds (the smaller of each over the repeats)."""
+def cpu_time_peak(mesh, n: int, repeats: int) -> float:
+  """FLOPs per process CPU second of the same all-devices n x n float32 matmul that
+  perf.measure_peak_trials times in wall seconds (best of the repeats)."""
   devices = mesh.devices.reshape(-1)
   sharding = NamedSharding(Mesh(devices, ('d',)), P('d'))
   x = jax.device_put(jnp.ones((len(devices), n, n), jnp.float32) / n, sharding)
   f = jax.jit(lambda a: jnp.einsum('dij,djk->dik', a, a), out_shardings=sharding)
   f(x).block_until_ready()
-  wall, cpu = [], []
+  cpu = []
   for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
+    c0 = time.process_time()
     f(x).block_until_ready()
-    wall.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  flops = 2.0 * n ** 3 * len(devices)
-  return {'wall': flops / min(wall), 'cpu': flops / min(cpu)}
+  return 2.0 * n ** 3 * len(devices) / min(cpu)
 
 
 def main(_):
@@ -86,9 +84,10 @@ def main(_):
     jax.block_until_ready(m)
 
   t = wall_and_cpu(one_step, repeats=steps)
-  peak = peak_flops(mesh, n=256 if F.smoke else 2048, repeats=2 if F.smoke else 5)
-  if c.perf.peak_flops:
-    peak['wall'] = c.perf.peak_flops * len(jax.devices())
+  n = 256 if F.smoke else 2048
+  trials = perf.measure_peak_trials(mesh, n=n, trials=3 if F.smoke else 10)
+  peak = {'wall': c.perf.peak_flops * mesh.devices.size if c.perf.peak_flops else max(trials),
+          'cpu': cpu_time_peak(mesh, n, repeats=2 if F.smoke else 5)}
   tokens = c.batch_size * c.seq_len
   causal = perf.train_flops_per_token(c.model, c.seq_len, causal=True)
   full = perf.train_flops_per_token(c.model, c.seq_len, causal=False)
@@ -109,14 +108,16 @@ def main(_):
         f'params {count_params(state.params):,} | batch {c.batch_size} x seq {c.seq_len} | '
         f'mesh {mesh_lib.describe(mesh)} | {m.dtype} | scan_layers={m.scan_layers} '
         f'remat={m.remat} | load average {load:.1f} on {os.cpu_count()} CPUs')
-  print('# MFU = 3 x forward model FLOPs (MEASURING.md) / peak; causal counts half the '
+  print('# MFU = 3 x forward model FLOPs (docs/measuring.md) / peak; causal counts half the '
         'attention pairs, full counts all; peak = float32 matmul measured in this run')
   rows = [
       ('step time median (min-max) s', f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f})"),
       ('step CPU time median s', f"{t['cpu_median']:.3f}"),
       ('tokens/s', f'{tps:,.0f}'),
       ('model TFLOPs/token (causal | full)', f'{causal / 1e12:.6f} | {full / 1e12:.6f}'),
-      ('matmul peak GFLOP/s (wall | per CPU s)',
+      ('matmul peak GFLOP/s (wall' + (', perf.peak_flops' if c.perf.peak_flops else
+                                        f', best of {len(trials)}; worst '
+                                        f'{min(trials) / 1e9:,.0f}') + ' | per CPU s)',
        f"{peak['wall'] / 1e9:,.0f} | {peak['cpu'] / 1e9:,.0f}"),
       ('MFU causal | full (wall)', f'{mfu:.1%} | {tps * full / peak["wall"]:.1%}'),
       ('MFU causal (CPU time)', f'{mfu_cpu:.1%}'),
@@ -135,7 +136,7 @@ def main(_):
                  'train_flops_per_token_full': full, 'peak_flops': peak, 'mfu_causal': mfu,
                  'mfu_full': tps * full / peak['wall'], 'mfu_causal_cpu_time': mfu_cpu,
                  'compiled_memory_bytes': mem, 'data_tokens_per_sec': data_tps,
-                 'breakdown': prof, 'load_average': load, 'config': c.to_dict()}, f, indent=1,
+                 'breakdown': prof, 'peak_trials': trials, 'load_average': load, 'config': c.to_dict()}, f, indent=1,
                 default=str)
   print(f'tokens/s {tps:,.0f} | MFU {mfu:.0%} (causal, wall) {mfu_cpu:.0%} (CPU time) | '
         f'peak {peak["wall"] / 1e9:,.0f} GFLOP/s | data {data_tps / 1e6:.1f}M tokens/s')

@@ -123,40 +123,18 @@ def test_breakdown_categories_from_hlo():
   assert set(out) == set(profile.CATEGORIES) and out['matmul'] >= 1 and out['loss'] >= 1
 
 
-@pytest.mark.parametrize('script', ['profile_step.py', 'bench_train.py'])
-def test_cli_smoke(script, tmp_path):
+def test_profile_step_smoke(tmp_path):
+  """scripts/profile_step.py --smoke (tests/test_scripts.py runs --help and the bench_* smokes)."""
   out = tmp_path / 'out.json'
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', script), '--smoke',
-                      '--json', str(out)], capture_output=True, text=True, env=env, timeout=300,
-                     cwd=ROOT)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'profile_step.py'),
+                      '--smoke', '--json', str(out)], capture_output=True, text=True, env=env,
+                     timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'op-time breakdown' in r.stdout and 'matmul' in r.stdout
   data = json.loads(out.read_text())
-  bd = data['breakdown'] if script == 'bench_train.py' else data
-  assert bd['op_seconds'] > 0 and bd['seconds']['matmul'] > 0
-  if script == 'bench_train.py':
-    assert data['tokens_per_sec'] > 0 and 0 < data['mfu_causal_cpu_time'] < 1.5
-
-
-def test_cli_help():
-  """absl prints --help on stdout and exits with status 1 by design."""
-  for script in ('profile_step.py', 'bench_train.py', 'bench_loss_head.py'):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', script), '--help'],
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, 'PYTHONPATH': ROOT})
-    assert r.returncode in (0, 1) and '--smoke' in r.stdout and '--json' in r.stdout, script
-
-
-def test_loss_head_smoke(tmp_path):
-  out = tmp_path / 'out.json'
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'bench_loss_head.py'),
-                      '--smoke', '--json', str(out)], capture_output=True, text=True,
-                     timeout=300, env={**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''})
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = json.loads(out.read_text())
-  assert [row['vocab'] for row in rows] == [256, 1024]
-  assert all(row['matmul_ms'] > 0 and row['head_ce_ms'] > 0 for row in rows)
+  assert data['op_seconds'] > 0 and data['seconds']['matmul'] > 0
+  assert set(data['seconds']) == set(profile.CATEGORIES) and data['top_ops']
 
 
 def test_dense_flat_equals_einsum_and_context_turns_it_off():
