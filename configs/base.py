@@ -20,6 +20,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 20                   # metrics row every N steps
   c.eval_every = 200                 # held-out eval every N steps (0 = only at the end)
   c.eval_batches = 8                 # batches per held-out eval
+  # Long-context evals run at every eval (training/evals.py); the loop's eval/loss always runs.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar
+  c.eval.lengths = ''                # comma-separated context lengths; '' = seq_len
+  c.eval.tokens = 16384              # position_loss: held-out tokens per length
+  c.eval.passkey_samples = 4         # passkey: examples per (length, needle depth)
+  c.eval.mqar_pairs = '4,16,64'      # mqar: key-value pair counts (those that fit the length)
+  c.eval.mqar_samples = 8            # mqar: examples per (length, pairs)
   c.resume = ''                      # '' = fresh start, 'auto' = latest in workdir, or a path
   c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
   c.profile_start = 5                # first profiled step

@@ -24,7 +24,6 @@ over (fsdp, context). Columns (see ../shared/MEASURING.md):
 
 import argparse
 import os
-import re
 import resource
 import sys
 import time
@@ -68,87 +67,7 @@ def bench_config(seq_len: int, context: int, impl: str, remat: str = 'none'):
 
 # ---------------------------------------------------------------- HLO collective bytes
 
-_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
-_COLLECTIVES = ('collective-permute', 'all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all')
-
-
-def _type_bytes(type_text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(type_text):
-    total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
-  return total
-
-
-def _computations(hlo: str) -> dict[str, list[str]]:
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
-    if head and not line.startswith(' '):
-      name = 'ENTRY' if head.group(1) else head.group(2)
-      comps[name] = []
-    elif name is not None and line.startswith('  '):
-      comps[name].append(line)
-  return comps
-
-
-def collective_bytes_per_device(hlo: str, num_devices: int) -> np.ndarray:
-  """Bytes each device sends in one execution of the program (see the module docstring)."""
-  comps = _computations(hlo)
-  sent = np.zeros(num_devices)
-
-  def visit(name: str, weight: float):
-    for line in comps.get(name, []):
-      line = re.sub(r', metadata=\{.*?\}(?=, |$)', '', line)
-      m = re.match(r'\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([\w\-]+)\(', line)
-      if not m:
-        continue
-      result_type, op = m.groups()
-      if op == 'while':
-        body = re.search(r'body=%?([\w.\-]+)', line).group(1)
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-        if trip is None:
-          raise ValueError(f'while loop without a known trip count: {line[:200]}')
-        visit(body, weight * int(trip.group(1)))
-      elif op == 'conditional':
-        branches = re.search(r'branch_computations=\{([^}]*)\}', line)
-        names = ([b.strip().lstrip('%') for b in branches.group(1).split(',')] if branches else
-                 [re.search(f'{k}=%?([\\w.\\-]+)', line).group(1)
-                  for k in ('true_computation', 'false_computation')])
-        for b in names:
-          visit(b, weight / len(names))
-      elif op in ('call', 'fusion'):
-        called = re.search(r'(?:to_apply|calls)=%?([\w.\-]+)', line)
-        if called:
-          visit(called.group(1), weight)
-      base_op = op.removesuffix('-start')
-      if base_op not in _COLLECTIVES:
-        continue
-      size = _type_bytes(result_type)
-      if op.endswith('-start') and base_op != 'all-reduce':
-        size = _type_bytes(result_type) // 2  # start ops return (operand, result) tuples
-      if base_op == 'collective-permute':
-        for src, _ in re.findall(r'\{(\d+),(\d+)\}', re.search(
-            r'source_target_pairs=\{(.*?)\}\}', line).group(0)):
-          sent[int(src)] += weight * size
-        continue
-      groups = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
-      group = len(groups.group(1).split(',')) if groups else num_devices
-      iota = re.search(r'replica_groups=\[\d+,(\d+)\]', line)
-      group = int(iota.group(1)) if iota else group
-      if base_op == 'all-gather':
-        per = size / group * (group - 1)
-      elif base_op == 'reduce-scatter':
-        per = size * (group - 1)
-      elif base_op == 'all-reduce':
-        per = 2 * (group - 1) / group * size
-      else:
-        per = size * (group - 1) / group
-      sent[:] += weight * per
-
-  visit('ENTRY', 1.0)
-  return sent
+collective_bytes_per_device = perf.collective_bytes_per_device   # trip-count aware; see perf.py
 
 
 # ---------------------------------------------------------------- programs

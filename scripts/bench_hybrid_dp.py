@@ -46,7 +46,7 @@ from training import hybrid_exec
 from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
 from parallelism.context import layout
-from scripts.bench_context import collective_bytes_per_device
+from training.perf import collective_bytes_per_device
 from training import step as step_lib
 from training.composition import make_runtime
 from training.state import init_train_state, setup_model

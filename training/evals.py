@@ -324,3 +324,18 @@ def scalars(results: dict, prefix: str = 'eval') -> dict[str, float]:
         if a is not None:
           out[f'{prefix}/mqar/len_{L}/pairs_{n}'] = a
   return out
+
+
+def in_training(config: ml_collections.ConfigDict, program) -> Callable[[Any], dict]:
+  """params -> {eval/<task>/...} for the tasks in eval.tasks other than 'loss' (the loop
+  computes eval/loss itself), on the run's own mesh and parameter shardings; {} when none."""
+  settings = EvalSettings.from_config(config)
+  extra = tuple(t for t in settings.tasks if t != 'loss')
+  if not extra:
+    return lambda params: {}
+  if config.parallelism.hybrid_dp.enabled:
+    raise ValueError(f'eval.tasks={config.eval.tasks!r}: task evals need a static mesh layout; '
+                     "with parallelism.hybrid_dp.enabled=True set eval.tasks='loss'")
+  ev = Evaluator(config, program.mesh, program.setup.shardings.params,
+                 dataclasses.replace(settings, tasks=extra))
+  return lambda params: scalars(run_tasks(ev, params))

@@ -19,7 +19,7 @@ from checkpoint.manager import Checkpointer, config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import perf
+from training import evals, perf, telemetry
 from training.monitor import MetricWriter, Progress
 from training.program import build_program
 from training.state import count_params
@@ -87,6 +87,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
   peak = config.perf.peak_flops or perf.measure_peak_flops(mesh)
   writer = MetricWriter(workdir)
+  tele = telemetry.Telemetry(config, program)   # telemetry.py: padding, balance, comm, memory
+  writer.write(start, tele.startup())
+  task_evals = evals.in_training(config, program)   # eval.tasks beyond 'loss': {} when none
   progress = Progress(config.steps, start, enabled=config.progress)
   stop_requested = _install_signal_handlers()
 
@@ -120,6 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              'perf/mfu': tps * flops_per_token / peak}
       row.update({k: float(v) for k, v in metrics.items()
                   if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens')})
+      row.update(tele.row(state.params, None if hybrid else batch))
       mem = perf.device_memory_bytes()
       if mem:
         row['perf/device_memory_bytes'] = mem
@@ -135,7 +139,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = prepare(next(train_iter))
+      host_batch = next(train_iter)
+      tele.observe(host_batch)
+      batch = prepare(host_batch)
       state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
@@ -147,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.eval_every and step % config.eval_every == 0 and step != config.steps:
         finish_step(*pending)
         pending = None
-        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
+        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches),
+                            **task_evals(state.params)})
       if config.checkpoint.every and step % config.checkpoint.every == 0:
         save(step)
       if stop_requested():
@@ -157,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       finish_step(*pending)
     final_step = int(state.step)
     eval_loss = evaluate(eval_step, state.params, eval_batches)
-    writer.write(final_step, {'eval/loss': eval_loss})
+    writer.write(final_step, {'eval/loss': eval_loss, **task_evals(state.params)})
     last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
                 'params': n_params}
     if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
