@@ -5,9 +5,10 @@
     python scripts/bench_decode.py --json out.json
 
 One sequence (batch 1) per family, float32, d_model 128, heads 2 x 64 (2 KV heads), SwiGLU 512,
-byte vocabulary: a dense transformer, CART (prelude 2, coda 1, R=4 core applications) and SambaY
-(8 layers: Mamba/SWA self-decoder with window 128, one full-attention layer whose KV cache the
-cross-decoder shares); the dense depth is the one whose stored parameters are closest to SambaY's.
+byte vocabulary: a dense transformer, CART (P prelude layers, coda 1, R=4 core applications) and
+SambaY (8 layers: Mamba/SWA self-decoder with window 128, one full-attention layer whose KV cache
+the cross-decoder shares); the dense depth and CART's P are the ones whose stored parameter
+counts are closest to SambaY's.
 
 For each context C the cache is allocated for C + steps positions and set to position C (its
 contents do not change the work: every step attends over the whole buffer, masked), then
@@ -48,19 +49,26 @@ def family_configs(smoke: bool):
   sambay.name, sambay.num_layers = 'sambay', (4 if smoke else 8)
   sambay.rope_theta = 0.0
   sambay.sambay.window = 16 if smoke else 128
+  target = _count(sambay)
   cart = common()
   cart.name = 'cart'
-  cart.cart.update(prelude_layers=2, coda_layers=1, loops=4)
-  target = _count(sambay)
+  cart.cart.update(coda_layers=1, loops=4)
+  cart.cart.prelude_layers = _closest(cart, 'cart.prelude_layers', target)
   dense = common()
-  best = None
-  for layers in range(1, 17):
-    dense.num_layers = layers
-    n = _count(dense)
-    if best is None or abs(n - target) < abs(best[1] - target):
-      best = (layers, n)
-  dense.num_layers = best[0]
+  dense.num_layers = _closest(dense, 'num_layers', target)
   return {'transformer': dense, 'cart': cart, 'sambay': sambay}
+
+
+def _closest(m, key: str, target: int) -> int:
+  """The value 1..16 of model key `key` whose stored parameter count is closest to target."""
+  node, leaf = (m.cart, 'prelude_layers') if key.startswith('cart.') else (m, key)
+  best = None
+  for v in range(1, 17):
+    node[leaf] = v
+    n = _count(m)
+    if best is None or abs(n - target) < abs(best[1] - target):
+      best = (v, n)
+  return best[0]
 
 
 def _count(model_cfg) -> int:
