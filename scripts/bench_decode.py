@@ -126,7 +126,7 @@ def main(argv=None):
   p.add_argument('--smoke', action='store_true', help='tiny models and contexts, seconds')
   p.add_argument('--json', default=None, help='also write the rows to this file')
   args = p.parse_args(argv)
-  contexts = [64, 256] if args.smoke else [int(s) for s in args.contexts.split(',')]
+  contexts = [64] if args.smoke else [int(s) for s in args.contexts.split(',')]
   steps, repeats = (4, 1) if args.smoke else (args.steps, args.repeats)
   cfgs = family_configs(args.smoke)
   rows = []

@@ -2,7 +2,7 @@
 all on the same tokens, then every CART evaluated at other R' (the variable-R curve).
 
     python scripts/study_cart.py                    # the recorded run (docs/results/cart.md)
-    python scripts/study_cart.py --smoke            # seconds; writes to --out (a temp folder)
+    python scripts/study_cart.py --smoke            # seconds, untrained, to a temp folder
 
 Each model sees the same batches (same data seed, same step count, so the same tokens); the
 dense baseline has the CART models' d_model, heads and MLP width and the number of layers whose
@@ -75,13 +75,15 @@ def main(argv=None):
   parser.add_argument('--seq_len', type=int, default=128)
   parser.add_argument('--eval_batches', type=int, default=8)
   parser.add_argument('--train_loops', default=','.join(map(str, TRAIN_LOOPS)))
-  parser.add_argument('--smoke', action='store_true', help='tiny steps and shapes, seconds')
-  parser.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: tiny shapes, no training steps (init, eval, report)')
+  parser.add_argument('--out', default=None,
+                      help='report folder (default docs/results; smoke: a temp folder)')
   args = parser.parse_args(argv)
   train_loops = tuple(int(r) for r in args.train_loops.split(','))
   eval_loops = EVAL_LOOPS
   if args.smoke:
-    args.steps, args.batch_size, args.seq_len, args.eval_batches = 3, 2, 32, 1
+    args.steps, args.batch_size, args.seq_len, args.eval_batches = 0, 2, 32, 1
     train_loops, eval_loops = (2,), (1, 2, 4)
   out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)
   wall = time.perf_counter()

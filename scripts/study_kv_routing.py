@@ -1,7 +1,7 @@
 """Study: does training with stochastic KV routing make a model degrade less when caches are shared?
 
     python scripts/study_kv_routing.py              # the recorded run (docs/results/kv_routing.md)
-    python scripts/study_kv_routing.py --smoke      # seconds; writes to --out (a temp folder)
+    python scripts/study_kv_routing.py --smoke      # seconds, untrained, to a temp folder
 
 Trains the tiny dense model twice on the same tokens, with routing (p = 0.6, the paper's
 fine-tuning value) and without (p = 1), then evaluates both under grouped cache plans (every
@@ -56,11 +56,13 @@ def main(argv=None):
   parser.add_argument('--d_model', type=int, default=128, help='head_dim and mlp_dim follow')
   parser.add_argument('--eval_batches', type=int, default=16)
   parser.add_argument('--p', type=float, default=0.6, help='keep-own probability of the routed run')
-  parser.add_argument('--smoke', action='store_true', help='tiny widths and steps, seconds')
-  parser.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: tiny shapes, no training steps (init, eval, report)')
+  parser.add_argument('--out', default=None,
+                      help='report folder (default docs/results; smoke: a temp folder)')
   args = parser.parse_args(argv)
   if args.smoke:
-    args.steps, args.batch_size, args.seq_len, args.d_model, args.eval_batches = 3, 2, 32, 32, 1
+    args.steps, args.batch_size, args.seq_len, args.d_model, args.eval_batches = 0, 2, 32, 32, 1
   out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)
   mesh = mesh_lib.make_mesh(study_config(args, 1.0).mesh, jax.devices()[:1])
   batches = study_report.held_out(study_config(args, 1.0), args.eval_batches)

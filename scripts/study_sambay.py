@@ -1,7 +1,7 @@
 """Study: SambaY vs a YOCO-style model without GMU vs a dense transformer, matched parameters.
 
     python scripts/study_sambay.py                  # the recorded run (docs/results/sambay.md)
-    python scripts/study_sambay.py --smoke          # seconds; writes to --out (a temp folder)
+    python scripts/study_sambay.py --smoke          # seconds, untrained, to a temp folder
 
 "Decoder-Hybrid-Decoder Architecture for Efficient Reasoning with Long Generation" (Ren et al.,
 2025) reports lower loss for SambaY than for YOCO (the same decoder-decoder with the GMU layers
@@ -100,11 +100,13 @@ def main(argv=None):
   p.add_argument('--batch_size', type=int, default=8)
   p.add_argument('--seq_len', type=int, default=128)
   p.add_argument('--eval_batches', type=int, default=8)
-  p.add_argument('--smoke', action='store_true', help='tiny widths and steps, seconds')
-  p.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
+  p.add_argument('--smoke', action='store_true',
+                 help='seconds: tiny shapes, no training steps (init, eval, report)')
+  p.add_argument('--out', default=None,
+                 help='report folder (default docs/results; smoke: a temp folder)')
   args = p.parse_args(argv)
   if args.smoke:
-    args.steps, args.batch_size, args.seq_len, args.eval_batches = 3, 2, 32, 1
+    args.steps, args.batch_size, args.seq_len, args.eval_batches = 0, 2, 32, 1
   out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)
   mesh = mesh_lib.make_mesh(study_config(args, 'sambay').mesh, jax.devices()[:1])
   batches = study_report.held_out(study_config(args, 'sambay'), args.eval_batches)

@@ -1,5 +1,6 @@
-"""Smoke runs of the decode benchmark and the three study scripts: each writes its table (and the
-studies their report and figure) and returns an exit status from its stated threshold."""
+"""Smoke runs of the decode benchmark and the three study scripts (untrained models: the smoke
+setting skips training so the test stays seconds long): each writes its table, the studies
+their report and figure, and returns an exit status from its stated threshold."""
 
 import json
 import os
@@ -12,15 +13,13 @@ def test_bench_decode_smoke(tmp_path, capsys):
   out = tmp_path / 'bd.json'
   bench_decode.main(['--smoke', '--json', str(out)])
   rows = json.load(open(out))['rows']
-  assert {r['family'] for r in rows} == {'transformer', 'cart', 'sambay'}
-  by = {(r['family'], r['context']): r for r in rows}
-  for fam in ('transformer', 'cart', 'sambay'):
-    assert by[fam, 256]['cache_bytes'] > by[fam, 64]['cache_bytes'] > 0
-    assert by[fam, 64]['tokens_per_s'] > 0
-  # SambaY's cache grows with one full-attention layer only: the smallest at long context.
-  assert by['sambay', 256]['cache_bytes'] < by['cart', 256]['cache_bytes']
-  assert by['sambay', 256]['cache_bytes'] < by['transformer', 256]['cache_bytes']
-  assert '| 256 |' in capsys.readouterr().out
+  by = {r['family']: r for r in rows}
+  assert set(by) == {'transformer', 'cart', 'sambay'}
+  assert all(r['context'] == 64 and r['tokens_per_s'] > 0 for r in rows)
+  # SambaY's cache grows with one full-attention layer only: the smallest of the three.
+  assert by['sambay']['cache_bytes'] < min(by['cart']['cache_bytes'],
+                                           by['transformer']['cache_bytes'])
+  assert '| 64 |' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('name', ['study_sambay', 'study_kv_routing', 'study_cart'])

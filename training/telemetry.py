@@ -101,8 +101,12 @@ class Telemetry:
     if self.hybrid:
       log.info('telemetry: hybrid DP compiles one program per layout; comm/mem not reported')
       return {}
-    compiled = self.program.compiled_train_step()
-    return compiled_figures(compiled, self.program.mesh.devices.size)
+    compiled = self.program.compiled_train_step()   # the jit cache serves the first step
+    try:
+      return compiled_figures(compiled, self.program.mesh.devices.size)
+    except ValueError as e:   # e.g. a while loop whose trip count XLA does not know
+      log.warning('telemetry: comm/mem figures not reported: %s', e)
+      return {}
 
   def observe(self, host_batch: dict[str, np.ndarray]) -> None:
     """Per-step host-side figures of the batch about to run (cheap numpy)."""
