@@ -28,7 +28,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.passkey_samples = 4         # passkey: examples per (length, needle depth)
   c.eval.mqar_pairs = '4,16,64'      # mqar: key-value pair counts (those that fit the length)
   c.eval.mqar_samples = 8            # mqar: examples per (length, pairs)
-  c.resume = ''                      # '' = fresh start, 'auto' = latest in workdir, or a path
+  # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
+  # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
+  # checkpoints directory to continue from (into an empty workdir).
+  c.resume = 'auto'
+  c.resume_step = -1                 # >=0: resume exactly this step (no fallback); -1 = newest
+  c.init_from = ''                   # checkpoint dir: load its parameters only, fresh optimizer
+                                     # (used only when the workdir holds no checkpoint yet)
   c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
   c.profile_start = 5                # first profiled step
   c.progress = True                  # show a progress bar on process 0
@@ -100,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.source = 'local_text'
   d.paths = ''                       # comma-separated globs; '' with local_text = stdlib *.py
   d.text_field = 'text'              # jsonl: field holding the document
+  # bytes | sentencepiece:PATH | hf:PATH (tokenizer.json); see training/data/tokenizer.py
+  d.tokenizer = 'bytes'
+  d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
@@ -114,9 +123,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 3e-3                        # peak learning rate
   o.schedule = 'cosine'              # cosine | wsd | constant
-  o.warmup_steps = 100
+  # The learning-rate curve depends on optimizer.* keys only, never on `steps` alone:
+  o.warmup_steps = 100               # linear warm-up steps (not capped by `steps`)
+  o.decay_steps = 0                  # schedule length (cosine/wsd end here); 0 = `steps` at the
+                                     # run's first start, recorded in the checkpoint and kept
+                                     # when a resume changes `steps`
   o.min_lr_ratio = 0.1               # final lr = min_lr_ratio * lr
-  o.decay_fraction = 0.2             # wsd: share of steps spent decaying at the end
+  o.decay_fraction = 0.2             # wsd: share of decay_steps spent decaying at the end
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8
@@ -124,6 +137,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.decay_norms_and_biases = False   # apply weight decay to norm scales and biases too
   o.clip_norm = 1.0                  # global gradient-norm clip (0 = off)
   o.grad_accum_steps = 1             # micro-batches per optimizer step (batch_size is per step)
+  o.skip_nonfinite = False           # a non-finite loss/gradient skips the update (params and
+                                     # optimizer state unchanged; counted as train/skipped_steps)
+                                     # instead of stopping the run
 
   # --- device mesh (parallelism/mesh.py); sizes, -1 = all remaining devices ---
   mesh = c.mesh = ml_collections.ConfigDict()
@@ -167,9 +183,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- multi-process (jax.distributed) ---
   dist = c.distributed = ml_collections.ConfigDict()
-  dist.coordinator = ''              # host:port; '' = single process (or env LOOMAX_COORDINATOR)
-  dist.num_processes = 1
-  dist.process_id = 0
+  # host:port | 'auto' (jax.distributed reads the cluster's environment) | '' = single process,
+  # or auto when SLURM/Open MPI/Kubernetes/TPU pod is detected (docs/clusters.md). Env
+  # LOOMAX_COORDINATOR / LOOMAX_NUM_PROCESSES / LOOMAX_PROCESS_ID set the same.
+  dist.coordinator = ''
+  dist.num_processes = 0             # 0 = unset (1, or from the cluster with auto)
+  dist.process_id = -1               # -1 = unset (0, or from the cluster with auto)
+  dist.coordinator_port = 0          # auto: coordinator port (0 = JAX's choice, see docs)
+  dist.local_device_ids = 'all'      # all (one process per host) | auto (one per device) | 0,1
   dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long
   dist.heartbeat_timeout_s = 100     # a silent peer is declared dead (and the run stops) after this
 
@@ -179,6 +200,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ck.keep = 3                        # keep the last K checkpoints
   ck.keep_every = 0                  # also keep every M-th step forever (0 = off)
   ck.async_save = True
+  ck.verify = True                   # check every array's and data file's checksum on restore;
+                                     # a corrupted step falls back to the previous intact one
 
   # --- performance accounting ---
   perf = c.perf = ml_collections.ConfigDict()

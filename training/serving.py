@@ -88,13 +88,7 @@ def load(checkpoint: str, step: int | None = None, *, context: int = 1, devices=
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
-    src = {p: a for p, a in metadata.arrays_of(ckpt.read_meta(step)).items()
-           if p.startswith(_PARAMS)}
-    dst = {p: a for p, a in metadata.state_arrays(setup).items() if p.startswith(_PARAMS)}
-    shardings = {p: s for p, s in metadata.flatten(setup.shardings).items()
-                 if p.startswith(_PARAMS)}
-    arrays = universal.read_into(ckpt, step, src, dst, shardings, config.parallelism.rules,
-                                 mesh)
+    arrays, _ = universal.restore_params(ckpt, step, config, setup, mesh)
   finally:
     ckpt.close()
   params = metadata.unflatten_like({p[len(_PARAMS):]: a for p, a in arrays.items()},
