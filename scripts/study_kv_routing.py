@@ -121,7 +121,8 @@ def main(argv=None):
   print('\n'.join(table))
   print(verdict)
   print(f'claim {"holds" if holds else "does NOT hold"}; wrote {path}')
-  return 0 if holds else 1
+  # --smoke checks the plumbing on untrained models: its verdict means nothing, exit 0.
+  return 0 if holds or args.smoke else 1
 
 
 if __name__ == '__main__':
