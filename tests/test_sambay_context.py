@@ -293,11 +293,15 @@ def test_hybrid_dp_with_groups_of_2_and_4_equals_one_device(reference):
   (ref_loss, _), ref_grads = ref_fn(params, rows)
   assert float(count.sum()) == sum(s - 1 for s in lengths)
   np.testing.assert_allclose(float(total.sum()), float(ref_loss) * SEQ, rtol=1e-5)
+  worst = 0.0
   for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(grads),
                           jax.tree.leaves(ref_grads)):
     a, e = np.asarray(a).sum(0), np.asarray(e) * SEQ
     err = np.abs(a - e).max() / np.abs(e).max()
     assert err <= 1e-5, (jax.tree_util.keystr(path), err)
+    worst = max(worst, err)
+  print(f'hybrid DP (1, 2, 4) vs one device: loss sum {float(total.sum()):.6f} vs '
+        f'{float(ref_loss) * SEQ:.6f}, worst leaf max|dg|/max|g| {worst:.2e}')
 
 
 # ------------------------------------------------------------------ window attention
