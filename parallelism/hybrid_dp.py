@@ -46,7 +46,7 @@ class CostModel:
 
   @classmethod
   def for_model(cls, model_cfg) -> 'CostModel':
-    """From `forward_flops_per_token` (MEASURING.md): x3 for forward + backward."""
+    """From `forward_flops_per_token` (docs/measuring.md): x3 for forward + backward."""
     D, H, K, Dh, F = (model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads,
                       model_cfg.head_dim, model_cfg.mlp_dim)
     per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F

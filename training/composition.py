@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
 
+log = logging.getLogger('loomax')
+
 
 def _kernel(config: ml_collections.ConfigDict):
   """The single-device attention kernel named by `attention.impl`."""
@@ -45,6 +47,12 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
   if context_impl == 'none':
+    context = mesh.shape.get('context', 1)
+    if context > 1:
+      log.warning("mesh.context=%d with parallelism.context_impl='none': no context-parallel "
+                  'attention; the single-device kernel sees the sharded sequence and XLA '
+                  'gathers it as it sees fit. Set parallelism.context_impl (allgather, ring, '
+                  'token_ring or auto).', context)
     return kernel
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernel)
