@@ -148,7 +148,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                      f'pool device a full replica); got {busy}')
   if config.model.sliding_window:
     raise ValueError('parallelism.hybrid_dp.enabled does not support model.sliding_window')
-  check_token_order(config, mesh)   # recurrent layers: whole documents per device only
+  check_token_order(config, mesh)   # order-dependent layers without the recurrence seam: g = 1
   hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
 
 
