@@ -98,12 +98,14 @@ def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         f'parallelism.zigzag={p.zigzag}), but model.name={name!r} has {kinds} layers that '
         'follow array order and have no context-parallel form: set mesh.context=1')
   h = p.hybrid_dp
-  if h.enabled and max(h.layouts) > 1:
+  # With the seam, hybrid-DP groups run the context scan and conv halo per group
+  # (`hybrid_exec.GroupRecurrence`, plans made with whole_groups=True).
+  if h.enabled and max(h.layouts) > 1 and not family.uses_recurrence_seam:
     raise ValueError(
         f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
         f'over groups of up to {max(h.layouts)} devices, but model.name={name!r} has {kinds} '
-        'layers (a scan and a causal conv over array order) that hybrid-DP groups do not carry '
-        'across devices: set parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
+        'layers that follow array order and have no context-parallel form: set '
+        'parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
 
 
 def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
