@@ -70,7 +70,7 @@ def _qkv(mha=False):
 def _check(impl, n, causal, reference, window=0, mha=False, mesh_extra=None):
   c = _config(impl, n, **(MESHES[n] if mesh_extra is None else mesh_extra))
   mesh = mesh_lib.make_mesh(c.mesh)
-  fn = _value_and_grads(make_context_attend(c, mesh, KERNELS['xla']), causal, window)
+  fn = _value_and_grads(make_context_attend(c, mesh), causal, window)
   zigzag = causal and c.parallelism.zigzag
   to = (lambda x: layout.to_zigzag(x, n)) if zigzag else (lambda x: x)
   back = (lambda x: layout.from_zigzag(np.asarray(x), n)) if zigzag else np.asarray
@@ -129,7 +129,7 @@ def test_zigzag_layout_round_trip_and_balance():
 def test_unknown_impl_is_a_clear_error():
   c = _config('rings', 8)
   with pytest.raises(ValueError, match="parallelism.context_impl='rings'"):
-    make_context_attend(c, mesh_lib.make_mesh(c.mesh), KERNELS['xla'])
+    make_context_attend(c, mesh_lib.make_mesh(c.mesh))
 
 
 # ------------------------------------------------------------------ training runs

@@ -2,11 +2,15 @@
 and hands them to the model (models never see a mesh)."""
 
 import functools
+import logging
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
+from modeling import kernels
+from modeling.kernels import auto as kernel_choice
 from modeling.transformer import Runtime
 from parallelism import context as context_lib
 from parallelism import disaggregation_attend
@@ -14,24 +18,61 @@ from parallelism import rules as rules_lib
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
+ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS)
+
+log = logging.getLogger('loomax')
+
+
+def _local_shapes(config: ml_collections.ConfigDict, mesh: Mesh):
+  """(batch, heads, q_len, kv_len) one device's attention sees, for the 'auto' budget."""
+  shape = dict(mesh.shape)
+  batch_shards = shape.get('data', 1) * shape.get('fsdp', 1)
+  context = shape.get('context', 1) if config.parallelism.context_impl != 'none' else 1
+  return (-(-config.batch_size // batch_shards),
+          -(-config.model.num_heads // shape.get('tensor', 1)),
+          config.seq_len // context, config.seq_len)
+
+
+def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str:
+  """attention.impl, with 'auto' resolved for this run's backend and shapes (logged)."""
+  impl = config.attention.impl
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention.impl={impl!r}; valid: {list(ATTENTION_IMPLS)}')
+  if impl != 'auto':
+    return impl
+  batch, heads, q_len, kv_len = _local_shapes(config, mesh)
+  pick, why = kernel_choice.choose(jax.default_backend(), batch=batch, heads=heads,
+                                   q_len=q_len, kv_len=kv_len)
+  log.info('attention.impl=auto -> %s (%s)', pick, why)
+  return pick
+
+
+def make_block_kernel(config: ml_collections.ConfigDict, impl: str) -> kernels.BlockKernel:
+  """The per-block kernel the context-parallel implementations call (logged)."""
+  pick, why = kernel_choice.block_impl(config.attention.impl if config.attention.impl == 'auto'
+                                       else impl, jax.default_backend())
+  log.info('context-parallel per-block kernel: %s (%s)', pick, why)
+  return kernels.BlockKernel(pick, config.attention.block_q, config.attention.block_kv,
+                             interpret=pick == 'pallas' and kernels.on_cpu())
 
 
 def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
-  impl = config.attention.impl
-  if impl not in attention_lib.KERNELS:
-    raise ValueError(f'attention.impl={impl!r}; valid: {sorted(attention_lib.KERNELS)}')
-  kernel = attention_lib.KERNELS[impl]
-  if impl == 'blockwise':
-    kernel = functools.partial(kernel, block_q=config.attention.block_q,
-                               block_kv=config.attention.block_kv)
+  impl = resolve_attention_impl(config, mesh)
   context_impl = config.parallelism.context_impl
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
+  kernel = attention_lib.KERNELS[impl]
+  if impl in attention_lib.TILED:
+    kernel = functools.partial(kernel, block_q=config.attention.block_q,
+                               block_kv=config.attention.block_kv)
   if context_impl == 'none':
+    if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
+      kernel = functools.partial(kernel, index_ordered=True)
     return kernel
+  block = make_block_kernel(config, impl)
   if context_impl == 'disaggregated':
-    return disaggregation_attend.make_attend(config, mesh, kernel)
-  return context_lib.make_context_attend(config, mesh, kernel)
+    return disaggregation_attend.make_attend(config, mesh, kernels.attend(block))
+  return context_lib.make_context_attend(config, mesh, block)
 
 
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:

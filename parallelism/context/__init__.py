@@ -12,38 +12,41 @@ import ml_collections
 from jax.sharding import Mesh
 
 from modeling.attention import AttendFn
+from modeling.kernels import BlockKernel
 from parallelism.context import allgather, cost, ring, token_ring
 from parallelism.context.sharded import shard_attend
 
 IMPLS = ('none', 'allgather', 'ring', 'token_ring', 'auto')
 
 
-def _auto_local(block_q: int, block_kv: int, zigzag: bool, full_duplex: bool):
-  impls = {'ring': ring.make_local(block_q, block_kv, zigzag),
-           'token_ring': token_ring.make_local(block_q, block_kv, zigzag)}
+def _auto_local(kernel: BlockKernel, zigzag: bool, full_duplex: bool):
+  impls = {'ring': ring.make_local(kernel.block_q, kernel.block_kv, zigzag, kernel),
+           'token_ring': token_ring.make_local(kernel.block_q, kernel.block_kv, zigzag, kernel)}
 
-  def local(q, k, v, *args, **kwargs):
+  def local(q, k, v, *args, axis, **kwargs):
     # Per call, so each layer (its own heads, kv heads, head dim, dtype) gets its own choice.
     pick = cost.choose(q.shape[2], k.shape[2], q.shape[3], q.dtype.itemsize,
-                       full_duplex=full_duplex)
-    return impls[pick](q, k, v, *args, **kwargs)
+                       full_duplex=full_duplex, tokens=q.shape[1], n=axis.size)
+    return impls[pick](q, k, v, *args, axis=axis, **kwargs)
 
   return local
 
 
 def make_context_attend(config: ml_collections.ConfigDict, mesh: Mesh,
-                        kernel: AttendFn) -> AttendFn:
-  """The context-parallel `AttendFn` for `config.parallelism.context_impl` (not 'none')."""
+                        kernel: BlockKernel | None = None) -> AttendFn:
+  """The context-parallel `AttendFn` for `config.parallelism.context_impl` (not 'none'), with
+  `kernel` as the per-block kernel (default: blockwise with the configured tiles)."""
   p, a = config.parallelism, config.attention
+  kernel = kernel or BlockKernel('blockwise', a.block_q, a.block_kv)
   impl = p.context_impl
   if impl == 'allgather':
-    local = allgather.make_local(kernel)
+    local = allgather.make_local(kernel, p.zigzag)
   elif impl == 'ring':
-    local = ring.make_local(a.block_q, a.block_kv, p.zigzag)
+    local = ring.make_local(kernel.block_q, kernel.block_kv, p.zigzag, kernel)
   elif impl == 'token_ring':
-    local = token_ring.make_local(a.block_q, a.block_kv, p.zigzag)
+    local = token_ring.make_local(kernel.block_q, kernel.block_kv, p.zigzag, kernel)
   elif impl == 'auto':
-    local = _auto_local(a.block_q, a.block_kv, p.zigzag, p.context_full_duplex)
+    local = _auto_local(kernel, p.zigzag, p.context_full_duplex)
   else:
     raise ValueError(f'parallelism.context_impl={impl!r}; valid: {list(IMPLS)}')
   return shard_attend(local, mesh, p.rules)
