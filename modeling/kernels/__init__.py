@@ -75,9 +75,11 @@ class BlockKernel:
                                 window=window)
 
   def _pallas_tiles(self, q, k):
-    tiles = self.fitted(q.shape[1], k.shape[1])._tiles()
+    from modeling.kernels import pallas_flash
+    capped = dataclasses.replace(self, block_q=min(self.block_q, pallas_flash.MAX_BLOCK),
+                                 block_kv=min(self.block_kv, pallas_flash.MAX_BLOCK))
+    tiles = capped.fitted(q.shape[1], k.shape[1])._tiles()
     if not self.interpret:
-      from modeling.kernels import pallas_flash
       pallas_flash.check_shapes(q.shape[1], k.shape[1], q.shape[3], **tiles)
     return tiles
 
