@@ -107,3 +107,30 @@ def test_auto_loss_chunk():
   assert loss_lib.auto_chunk(1, 512, 8192) == 0  # 16 MiB of logits: no chunking
   chunk = loss_lib.auto_chunk(1, 65536, 8192)    # 2 GiB: chunks of at most 256 MiB
   assert chunk == 8192 and 65536 % chunk == 0
+
+
+def test_bench_gpu_tiny(tmp_path):
+  """The one-shot GPU benchmark runs end to end on CPU with --tiny, every row succeeding."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'bench_gpu.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  run = subprocess.run([sys.executable, 'scripts/bench_gpu.py', '--tiny', '--json', str(out)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'FAILED' not in run.stdout, run.stdout
+  assert run.stdout.strip().splitlines()[-1].startswith('summary: model')
+  rows = json.loads(out.read_text())['rows']
+  whats = [r['what'] for r in rows]
+  assert whats.count('attn') == 4 and 'peak mem' in whats
+  assert {r['impl'] for r in rows if r['what'] == 'ring@4'} == {'ring', 'token_ring',
+                                                                'allgather'}
+  for r in rows:
+    if r['what'] == 'async':  # CPU: synchronous permutes, none inside a conditional
+      assert r['counts']['collective-permute'] > 0 and r['in_conditionals'] == 0
+  help_run = subprocess.run([sys.executable, 'scripts/bench_gpu.py', '--help'], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=120)
+  assert help_run.returncode == 0 and '--tiny' in help_run.stdout

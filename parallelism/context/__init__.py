@@ -2,10 +2,11 @@
 
 `parallelism.context_impl` picks the strategy behind the attention seam:
   allgather   gather K/V, local queries (`allgather.py`)
-  ring        K/V travel a ring, custom-VJP backward (`ring.py`)
-  token_ring  queries travel, partial outputs come straight back (`token_ring.py`)
-  auto        ring or token_ring per layer by a communication-cost model (`cost.py`)
-The causal load balance is the zigzag data layout (`layout.py`), applied once on the host.
+  ring        K/V travel a ring, double buffered, custom-VJP backward (`ring.py`)
+  token_ring  queries travel, partial outputs come straight back, pipelined (`token_ring.py`)
+  auto        ring or token_ring per layer by a step-time model (`cost.py`)
+All run the per-block kernel `attention.impl` selects (`modeling/kernels/`). The causal load
+balance is the zigzag data layout (`layout.py`), applied once on the host.
 """
 
 import ml_collections

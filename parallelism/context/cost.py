@@ -24,21 +24,26 @@ that travel are float32; segment id + position = 8 bytes):
               backward  out:  Q, dO, lse, delta             2 H D isz + 8 H + 8
                         back: dQ                            4 H D
 
-Which wins (training; modelled with `DEFAULT_HARDWARE['gpu']`: 700 TFLOP/s, 450 GB/s per
-direction, NVSwitch; T = local tokens per device, H = 32 query heads of dim 128, bf16):
+Which wins (training, N = 8, H = 32 query heads of dim 128, bf16, T local tokens per device;
+microseconds per step from `step_time` with `DEFAULT_HARDWARE`; compute = fwd + bwd FLOPs):
 
-  | H/K     | T     | ring step | TR step (duplex) | TR step (half) | winner        |
-  |---------|-------|-----------|------------------|----------------|---------------|
-  | 1 (MHA) | 512   | comm      | comm, ~1/2 ring  | comm           | token_ring    |
-  | 1 (MHA) | 8192  | compute   | compute          | compute        | tie -> bytes: token_ring |
-  | 4 (GQA) | 512   | comm      | comm, ~2x ring   | comm           | ring          |
-  | 4 (GQA) | 8192  | compute   | compute          | compute        | tie -> bytes: ring |
+  | hw  | H/K     | T    | compute | ring | TR duplex | TR half | winner duplex / half    |
+  |-----|---------|------|---------|------|-----------|---------|-------------------------|
+  | gpu | 1 (MHA) | 512  | 11      | 75   | 38        | 66      | token_ring / token_ring |
+  | gpu | 1 (MHA) | 2048 | 172     | 298  | 198       | 263     | token_ring / token_ring |
+  | gpu | 1 (MHA) | 8192 | 2749    | 2749 | 2749      | 2749    | tie -> fewer bytes: TR  |
+  | gpu | 4       | 512  | 11      | 19   | 38        | 66      | ring / ring             |
+  | gpu | 4       | 2048 | 172     | 172  | 198       | 263     | ring / ring             |
+  | gpu | 4       | 8192 | 2749    | 2749 | 2749      | 2749    | tie -> fewer bytes: ring|
+  | tpu | 1 (MHA) | 2048 | 301     | 1492 | 1711      | 2276    | ring / ring (torus hops)|
+  | tpu | 4       | 8192 | 4810    | 4810 | 6871      | 9106    | ring / ring             |
 
 Compute per step grows as T^2 and transfers as T, so beyond a few thousand local tokens both
 hide their communication completely and the choice only matters for memory and link load
 (ties go to the one moving fewer bytes over its busiest direction, then to ring). Below that,
-TokenRing wins only for multi-head attention (H = K) with a full-duplex link, where K/V are
-twice the size of Q and ring uses one direction; with any GQA grouping (H/K >= 2) ring wins,
+TokenRing wins only for multi-head attention (H = K) on a switched fabric, where K/V are
+twice the size of Q and ring uses one direction; on a torus its direct returns take
+min(s, N - s) hops and ring wins; with any GQA grouping (H/K >= 2) ring wins,
 because queries and float32 partial outputs outweigh the shared K/V heads (the pitfall the
 paper's MHA-only evaluation hides). `scripts/bench_context.py` measures the real bytes from
 the HLO; `tests/test_context.py` checks these winners.
