@@ -80,9 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()
-  # auto | xla | jax_nn | blockwise | pallas (modeling/kernels/). auto: the fused Pallas kernel
-  # on GPU; on CPU/TPU xla while one layer's float32 scores fit 1 GiB per device, else
-  # blockwise (logged). jax_nn: cuDNN on GPU for one device (causal, windows), else XLA.
+  # auto | xla | jax_nn | blockwise | pallas | splash (modeling/kernels/). auto: the fused
+  # Pallas kernel on GPU; Splash on one TPU (context_impl none); otherwise xla while one
+  # layer's float32 scores fit 1 GiB per device, else blockwise (logged). jax_nn: cuDNN on
+  # GPU for one device (causal, windows), else XLA. splash: TPU only.
   # Context-parallel rings run the matching per-block kernel (pallas | blockwise | xla).
   a.impl = 'auto'
   a.block_q = 512                    # blockwise / pallas: query block

@@ -112,13 +112,22 @@ def pallas_attention(q_BLHD, k_BSKD, v_BSKD, *, block_q: int = 128, block_kv: in
   return kernels.attend(kernel)(q_BLHD, k_BSKD, v_BSKD, **kwargs)
 
 
+def splash_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs):
+  """TPU Splash attention (`modeling/kernels/splash.py`): one device, index order only."""
+  from modeling.kernels import splash  # imported here: kernels build on this module
+  return splash.splash_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs)
+
+
 # Single-device kernels by `attention.impl`; training/ wraps them for context parallelism.
 KERNELS = {
     'xla': xla_attention,
     'jax_nn': jax_nn_attention,
     'blockwise': blockwise_attention,
     'pallas': pallas_attention,
+    'splash': splash_attention,
 }
 # Kernels that take attention.block_q / block_kv.
-TILED = ('blockwise', 'pallas')
+TILED = ('blockwise', 'pallas', 'splash')
+# Kernels that mask by index, not position: exact only on one device in index order.
+INDEX_ORDERED = ('jax_nn', 'splash')
 

@@ -72,12 +72,45 @@ def test_pallas_kernel_in_a_ring():
     np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=f'd{name}')
 
 
+def test_splash_in_interpret_mode():
+  """TPU Splash (index-order masks + segment ids) equals plain attention on the tokens that
+  matter (padding may differ, see modeling/kernels/splash.py): packed, causal window, GQA.
+  Splash needs multiples of 128, hence its own, longer, single-row data."""
+  from modeling.attention import xla_attention
+  from modeling.kernels.splash import splash_attention
+  r = np.random.RandomState(0)
+  L, H, K, D = 256, 4, 2, 16
+  q, k, v = (r.randn(1, L, h, D).astype(np.float32) for h in (H, K, K))
+  seg = np.ones((1, L), np.int32)
+  seg[0, 100:], seg[0, 230:] = 2, 0
+  pos = np.zeros((1, L), np.int32)
+  for t in range(1, L):
+    pos[:, t] = np.where(seg[:, t] == seg[:, t - 1], pos[:, t - 1] + 1, 0)
+  kw = dict(causal=True, window=40, **self_attention_kwargs(seg, pos))
+  weights = (seg > 0)[..., None, None] * np.sin(np.arange(H * D)).reshape(H, D)
+
+  def both(attend):
+    f = lambda q, k, v: (attend(q, k, v, **kw) * weights).sum()
+    return jax.jit(lambda q, k, v: (attend(q, k, v, **kw), jax.grad(f, (0, 1, 2))(q, k, v)))
+
+  o, g = both(lambda *a, **kw: splash_attention(*a, block_q=128, block_kv=128, interpret=True,
+                                                **kw))(q, k, v)
+  o_ref, g_ref = both(xla_attention)(q, k, v)
+  np.testing.assert_allclose(np.asarray(o)[seg > 0], np.asarray(o_ref)[seg > 0], atol=1e-5)
+  for name, a, b in zip('qkv', g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=f'd{name}')
+
+
 def test_auto_choices_are_logged(caplog):
   assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512)[0] == 'pallas'
   assert auto.choose('cpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'  # 512 MiB
   assert auto.choose('cpu', batch=1, heads=6, q_len=65536, kv_len=65536)[0] == 'blockwise'
   assert auto.block_impl('jax_nn', 'cpu')[0] == 'xla'
   assert auto.block_impl('auto', 'gpu')[0] == 'pallas'
+  assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096,
+                     index_ordered=True)[0] == 'splash'
+  assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'
+  assert auto.block_impl('splash', 'tpu')[0] == 'blockwise'
   c = base.get_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, 1, 1
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
@@ -89,6 +122,9 @@ def test_auto_choices_are_logged(caplog):
   assert 'attention.impl=auto -> blockwise' in caplog.text
   c.attention.impl = 'flash'
   with pytest.raises(ValueError, match="attention.impl='flash'"):
+    make_attend(c, mesh)
+  c.attention.impl = 'splash'
+  with pytest.raises(ValueError, match="attention.impl='splash' needs a TPU"):
     make_attend(c, mesh)
 
 

@@ -38,11 +38,15 @@ def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str
   impl = config.attention.impl
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'attention.impl={impl!r}; valid: {list(ATTENTION_IMPLS)}')
+  if impl == 'splash' and jax.default_backend() != 'tpu':
+    raise ValueError(f"attention.impl='splash' needs a TPU backend (this is "
+                     f"{jax.default_backend()}); use auto, pallas or blockwise")
   if impl != 'auto':
     return impl
   batch, heads, q_len, kv_len = _local_shapes(config, mesh)
   pick, why = kernel_choice.choose(jax.default_backend(), batch=batch, heads=heads,
-                                   q_len=q_len, kv_len=kv_len)
+                                   q_len=q_len, kv_len=kv_len,
+                                   index_ordered=config.parallelism.context_impl == 'none')
   log.info('attention.impl=auto -> %s (%s)', pick, why)
   return pick
 
@@ -69,6 +73,8 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
     if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
       kernel = functools.partial(kernel, index_ordered=True)
     return kernel
+  # Index-masked kernels (jax_nn's cuDNN path, splash) never see a context-parallel layout:
+  # the rings and the disaggregated plan call the per-block kernel below instead.
   block = make_block_kernel(config, impl)
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernels.attend(block))
