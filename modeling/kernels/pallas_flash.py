@@ -35,6 +35,7 @@ from modeling.attention import MASK_VALUE
 
 f32 = jnp.float32
 MAX_BLOCK = 128
+_SQ = getattr(pl, 'squeezed', None)  # a block dimension dropped inside the kernel
 
 
 def _mask(qseg, qpos, kseg, kpos, causal: bool, window: int):
@@ -136,15 +137,15 @@ def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posit
                              block_kv=bk)
   o, lse_BHL = _call(
       kernel, grid=(L // bq, B, H),
-      in_specs=[pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0)),
-                pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
-                pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
-                pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
-                pl.BlockSpec((None, S), lambda i, b, h: (b, 0))],
-      out_specs=[pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      in_specs=[pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
+                pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
+                pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0))],
+      out_specs=[pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct((B, L, H, D), f32), jax.ShapeDtypeStruct((B, H, L), f32)],
       interpret=interpret, name='loomax_flash_fwd', head_dim=D)(
           q_BLHD, k_BSKD, v_BSKD, *_ids(q_segment_ids, q_positions, kv_segment_ids,
@@ -228,18 +229,18 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
       functools.partial(_dkv_kernel, causal=causal, window=window, scale=scale, block_q=bq,
                         groups=G),
       grid=(S // bk, B, K),
-      in_specs=[pl.BlockSpec((None, L, G, D), lambda j, b, h: (b, 0, h, 0)),
-                pl.BlockSpec((None, L, G, D), lambda j, b, h: (b, 0, h, 0)),
-                pl.BlockSpec((None, G, L), lambda j, b, h: (b, h, 0)),
-                pl.BlockSpec((None, G, L), lambda j, b, h: (b, h, 0)),
-                pl.BlockSpec((None, L), lambda j, b, h: (b, 0)),
-                pl.BlockSpec((None, L), lambda j, b, h: (b, 0)),
-                pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0)),
-                pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0)),
-                pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
-                pl.BlockSpec((None, bk), lambda j, b, h: (b, j))],
-      out_specs=[pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0)),
-                 pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))],
+      in_specs=[pl.BlockSpec((_SQ, L, G, D), lambda j, b, h: (b, 0, h, 0)),
+                pl.BlockSpec((_SQ, L, G, D), lambda j, b, h: (b, 0, h, 0)),
+                pl.BlockSpec((_SQ, G, L), lambda j, b, h: (b, h, 0)),
+                pl.BlockSpec((_SQ, G, L), lambda j, b, h: (b, h, 0)),
+                pl.BlockSpec((_SQ, L), lambda j, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, L), lambda j, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
+                pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
+                pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
+                pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j))],
+      out_specs=[pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
+                 pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0))],
       out_shape=[jax.ShapeDtypeStruct((B, S, K, D), f32)] * 2,
       interpret=interpret, name='loomax_flash_dkv', head_dim=D)(
           q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos)
@@ -248,17 +249,17 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
   dq = _call(
       functools.partial(_dq_kernel, causal=causal, window=window, scale=scale, block_kv=bk),
       grid=(L // bq, B, H),
-      in_specs=[pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0)),
-                pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0)),
-                pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-                pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-                pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
-                pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
-                pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
-                pl.BlockSpec((None, S), lambda i, b, h: (b, 0))],
-      out_specs=pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0)),
+      in_specs=[pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
+                pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
+                pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i)),
+                pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i)),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
+                pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0))],
+      out_specs=pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct((B, L, H, D), f32),
       interpret=interpret, name='loomax_flash_dq', head_dim=D)(
           q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos)
