@@ -128,6 +128,3 @@ KERNELS = {
 }
 # Kernels that take attention.block_q / block_kv.
 TILED = ('blockwise', 'pallas', 'splash')
-# Kernels that mask by index, not position: exact only on one device in index order.
-INDEX_ORDERED = ('jax_nn', 'splash')
-

@@ -22,7 +22,9 @@ Nothing is downloaded: random tokens, random weights. One table, rows:
   async       collective-permute-start/done pairs (async) vs synchronous collective-permutes
               in the compiled ring and TokenRing programs (context = N)
   peak mem    device peak bytes in use (GPU) or the largest compiled program (CPU)
-A row that fails prints FAILED and the error's first line; the rest still run.
+A row that fails prints FAILED and the error's first line; the rest still run (a failed model
+row is rerun with --fallback_impl). Rows still to come after --budget_s are skipped, so one
+run fits a 15-minute device lease with its start-up.
 """
 
 import argparse
@@ -127,7 +129,7 @@ def bench_model(table: Table, s: dict, seq: int, remat: str, impl: str, peak: fl
     return mem
   except Exception as e:  # noqa: BLE001  (a failed row must not end the one-shot run)
     table.failed(f'model {seq:,}', setting, e)
-    return 0
+    return None
 
 
 def _qkv(L, H, K, D, dtype):
@@ -171,8 +173,8 @@ def bench_attention(table: Table, s: dict, impls, repeats: int):
       attend = single_kernel(impl, block)
       tf = _time(_fwd_fn(attend), args, repeats)
       tb = _time(_grad_fn(attend), args, repeats)
-      table.add('attn', setting, f'fwd {fwd_flops / tf / 1e12:.1f} TFLOP/s ({tf * 1e3:.2f} ms) '
-                f'| fwd+bwd {3.5 * fwd_flops / tb / 1e12:.1f} TFLOP/s ({tb * 1e3:.2f} ms)',
+      table.add('attn', setting, f'fwd {fwd_flops / tf / 1e12:.3g} TFLOP/s ({tf * 1e3:.2f} ms) '
+                f'| fwd+bwd {3.5 * fwd_flops / tb / 1e12:.3g} TFLOP/s ({tb * 1e3:.2f} ms)',
                 impl=impl, fwd_s=tf, fwd_bwd_s=tb, fwd_tflops=fwd_flops / tf / 1e12,
                 fwd_bwd_tflops=3.5 * fwd_flops / tb / 1e12)
     except Exception as e:  # noqa: BLE001
@@ -185,7 +187,7 @@ def _context_attend(impl: str, n: int, s: dict):
   c.parallelism.context_impl = impl
   c.attention.block_q = c.attention.block_kv = s['block']
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:n])
-  return make_context_attend(c, mesh, make_block_kernel(c, 'auto')), c
+  return make_context_attend(c, mesh, make_block_kernel(c)), c
 
 
 def bench_rings(table: Table, s: dict, n: int, repeats: int):
@@ -195,7 +197,7 @@ def bench_rings(table: Table, s: dict, n: int, repeats: int):
   seg, pos = np.ones((1, L), np.int32), np.arange(L, dtype=np.int32)[None]
   c = base.get_config()
   c.attention.block_q = c.attention.block_kv = s['block']
-  kernel = make_block_kernel(c, 'auto')
+  kernel = make_block_kernel(c)
   base_t = _time(_grad_fn(kernels.attend(kernel)), (q, k, v, seg, pos), repeats)
   impls = ('ring', 'allgather') if n == 1 else ('ring', 'token_ring', 'allgather')
   to = (lambda x: layout.to_zigzag(np.asarray(x), n)) if n > 1 else np.asarray
@@ -239,6 +241,10 @@ def main():
   ap.add_argument('--json', default='', help='also write the rows here')
   ap.add_argument('--steps', type=int, default=5, help='timed repeats per row (median)')
   ap.add_argument('--model_impl', default='auto', help='attention.impl of the model rows')
+  ap.add_argument('--fallback_impl', default='jax_nn',
+                  help='rerun a failed model row with this attention.impl ("" = no rerun)')
+  ap.add_argument('--budget_s', type=float, default=420.0,
+                  help='skip the rows still to come once this many seconds have passed')
   ap.add_argument('--attn_impls', default='xla,jax_nn,blockwise,pallas')
   ap.add_argument('--skip', default='', help='comma list of rows to skip: model,attn,ring,async')
   args = ap.parse_args()
@@ -258,19 +264,32 @@ def main():
   table.add('peak', f'{s["dtype"]} matmul {s["peak_n"]}^3, one device',
             f'{peak / 1e12:.1f} TFLOP/s', peak_flops=peak)
   mems = []
-  if 'model' not in skip:
-    mems.append(bench_model(table, s, s['seq'], 'none', args.model_impl, peak, args.steps))
-    if not args.tiny:  # (the same code path; the smoke run keeps to seconds)
-      mems.append(bench_model(table, s, s['long_seq'], 'full', args.model_impl, peak,
-                              args.steps))
-  if 'attn' not in skip:
+
+  def in_budget(what: str) -> bool:
+    if what in skip:
+      return False
+    if time.perf_counter() - t_start > args.budget_s:
+      table.add(what, 'SKIPPED', f'time budget of {args.budget_s:.0f} s spent')
+      return False
+    return True
+
+  def model_row(seq, remat):
+    mem = bench_model(table, s, seq, remat, args.model_impl, peak, args.steps)
+    if mem is None and args.fallback_impl and args.fallback_impl != args.model_impl:
+      mem = bench_model(table, s, seq, remat, args.fallback_impl, peak, args.steps)
+    mems.append(mem or 0)
+
+  if in_budget('model'):
+    model_row(s['seq'], 'none')
+  if not args.tiny and in_budget('model'):  # (the same code path; the smoke run keeps short)
+    model_row(s['long_seq'], 'full')
+  if in_budget('attn'):
     bench_attention(table, s, args.attn_impls.split(','), args.steps)
-  if 'ring' not in skip:
-    if not args.tiny:
-      bench_rings(table, s, 1, args.steps)
-    if n > 1:
-      bench_rings(table, s, n, args.steps)
-  if 'async' not in skip:
+  if not args.tiny and in_budget('ring'):
+    bench_rings(table, s, 1, args.steps)
+  if n > 1 and in_budget('ring'):
+    bench_rings(table, s, n, args.steps)
+  if in_budget('async'):
     bench_async(table, s, n)
   dev_peak = perf.device_memory_bytes()
   table.add('peak mem', 'device peak bytes in use' if dev_peak else 'largest compiled model step',

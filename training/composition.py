@@ -51,10 +51,9 @@ def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str
   return pick
 
 
-def make_block_kernel(config: ml_collections.ConfigDict, impl: str) -> kernels.BlockKernel:
+def make_block_kernel(config: ml_collections.ConfigDict) -> kernels.BlockKernel:
   """The per-block kernel the context-parallel implementations call (logged)."""
-  pick, why = kernel_choice.block_impl(config.attention.impl if config.attention.impl == 'auto'
-                                       else impl, jax.default_backend())
+  pick, why = kernel_choice.block_impl(config.attention.impl, jax.default_backend())
   log.info('context-parallel per-block kernel: %s (%s)', pick, why)
   return kernels.BlockKernel(pick, config.attention.block_q, config.attention.block_kv,
                              interpret=pick == 'pallas' and kernels.on_cpu())
@@ -75,7 +74,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
     return kernel
   # Index-masked kernels (jax_nn's cuDNN path, splash) never see a context-parallel layout:
   # the rings and the disaggregated plan call the per-block kernel below instead.
-  block = make_block_kernel(config, impl)
+  block = make_block_kernel(config)
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernels.attend(block))
   return context_lib.make_context_attend(config, mesh, block)
