@@ -3,7 +3,7 @@
     python scripts/bench_gpu.py --json $OUT/bench_gpu.json      # one GPU: < 8 minutes
     python scripts/bench_gpu.py --tiny                           # CPU smoke run (CI runs it):
                                                                # tiny shapes, 4 fake devices,
-                                                               # no 32K or ring@1 rows
+                                                               # no 32K, ring@1, TokenRing rows
 
 Nothing is downloaded: random tokens, random weights. One table, rows:
   peak        bf16 matmul FLOP/s measured in this run (8192^3; float32 256^3 with --tiny):
@@ -190,7 +190,7 @@ def _context_attend(impl: str, n: int, s: dict):
   return make_context_attend(c, mesh, make_block_kernel(c)), c
 
 
-def bench_rings(table: Table, s: dict, n: int, repeats: int):
+def bench_rings(table: Table, s: dict, n: int, repeats: int, tiny: bool = False):
   """fwd+bwd time of each context impl over n devices / the per-block kernel on one device."""
   L, H, K, D = s['attn_len'], s['heads'], s['kv'], s['head_dim']
   q, k, v = _qkv(L, H, K, D, s['dtype'])
@@ -199,7 +199,7 @@ def bench_rings(table: Table, s: dict, n: int, repeats: int):
   c.attention.block_q = c.attention.block_kv = s['block']
   kernel = make_block_kernel(c)
   base_t = _time(_grad_fn(kernels.attend(kernel)), (q, k, v, seg, pos), repeats)
-  impls = ('ring', 'allgather') if n == 1 else ('ring', 'token_ring', 'allgather')
+  impls = ('ring', 'allgather') if n == 1 or tiny else ('ring', 'token_ring', 'allgather')
   to = (lambda x: layout.to_zigzag(np.asarray(x), n)) if n > 1 else np.asarray
   for impl in impls:
     setting = f'{impl}, context {n}, L {L:,}, per-block {kernel.impl}'
@@ -213,12 +213,12 @@ def bench_rings(table: Table, s: dict, n: int, repeats: int):
       table.failed(f'ring@{n}', setting, e)
 
 
-def bench_async(table: Table, s: dict, n: int):
+def bench_async(table: Table, s: dict, n: int, tiny: bool = False):
   if n == 1:
     table.add('async', 'ring, token_ring', 'n/a: one device, no collectives to overlap')
     return
   L, H, K, D = 64 * n, s['heads'], s['kv'], s['head_dim']
-  for impl in ('ring', 'token_ring'):
+  for impl in ('ring',) if tiny else ('ring', 'token_ring'):
     try:
       attend, _ = _context_attend(impl, n, dict(s, block=16))
       x = lambda h: jax.ShapeDtypeStruct((1, L, h, D), jnp.dtype(s['dtype']))
@@ -288,9 +288,9 @@ def main():
   if not args.tiny and in_budget('ring'):
     bench_rings(table, s, 1, args.steps)
   if n > 1 and in_budget('ring'):
-    bench_rings(table, s, n, args.steps)
+    bench_rings(table, s, n, args.steps, tiny=args.tiny)
   if in_budget('async'):
-    bench_async(table, s, n)
+    bench_async(table, s, n, tiny=args.tiny)
   dev_peak = perf.device_memory_bytes()
   table.add('peak mem', 'device peak bytes in use' if dev_peak else 'largest compiled model step',
             f'{(dev_peak or max(mems + [0])) / GiB:.2f} GiB', bytes=dev_peak or max(mems + [0]))
