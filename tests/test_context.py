@@ -84,8 +84,10 @@ def _check(impl, n, causal, reference, window=0, mha=False, mesh_extra=None):
                                  err_msg=f'd{name}: {impl} n={n} packed={packed}')
 
 
-@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'full'])
-@pytest.mark.parametrize('n', [2, 4, 8])
+# (Not causal at 8 devices: the non-causal paths do not change with the size past 4, and the
+# TokenRing unrolls its steps, so each size is a compile of its own.)
+@pytest.mark.parametrize('n,causal', [(2, True), (2, False), (4, True), (4, False), (8, True)],
+                         ids=['2-causal', '2-full', '4-causal', '4-full', '8-causal'])
 @pytest.mark.parametrize('impl', ['allgather', 'ring', 'token_ring'])
 def test_context_attention_matches_single_device(impl, n, causal, reference):
   _check(impl, n, causal, reference)
@@ -219,11 +221,11 @@ def test_training_run_matches_single_device(impl, single_device_run, initial_sta
 
 def test_live_fraction_of_each_schedule():
   """bench_context's executed block pairs: allgather's tiles are fitted to the zigzag chunk,
-  so it skips masked pairs like the rings (0.53 of the area at 4096 / 8, not 1.0)."""
+  so it skips masked pairs like the rings (0.53 of the area with 16 x 16 chunks, not 1.0)."""
   from scripts import bench_context
-  L, n = 4096, 8
+  L, n = 2048, 8
   single = bench_context.live_fraction('blockwise', L, n)
-  assert single == pytest.approx(36 / 64)  # 8 x 8 blocks of 512, causal
+  assert single == pytest.approx(10 / 16)  # 4 x 4 blocks of 512, causal
   for impl in ('allgather', 'ring', 'token_ring'):
     assert bench_context.live_fraction(impl, L, n) == pytest.approx(136 / 256), impl
 
