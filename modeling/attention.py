@@ -124,7 +124,8 @@ KERNELS = {
     'jax_nn': jax_nn_attention,
     'blockwise': blockwise_attention,
     'pallas': pallas_attention,
-    'splash': splash_attention,
 }
+# Kernels that run only on their accelerator (tests loop over KERNELS on CPU).
+TPU_KERNELS = {'splash': splash_attention}
 # Kernels that take attention.block_q / block_kv.
 TILED = ('blockwise', 'pallas', 'splash')

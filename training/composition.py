@@ -18,7 +18,7 @@ from parallelism import rules as rules_lib
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
-ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS)
+ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS, *attention_lib.TPU_KERNELS)
 
 log = logging.getLogger('loomax')
 
@@ -64,7 +64,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   context_impl = config.parallelism.context_impl
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
-  kernel = attention_lib.KERNELS[impl]
+  kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
   if impl in attention_lib.TILED:
     kernel = functools.partial(kernel, block_q=config.attention.block_q,
                                block_kv=config.attention.block_kv)
