@@ -52,9 +52,14 @@ def parse_mesh(text: str) -> dict[str, int]:
   out = {}
   for part in filter(None, (p.strip() for p in text.split(','))):
     name, _, size = part.partition('=')
-    if name not in mesh_lib.AXES or not size.lstrip('-').isdigit():
-      raise ValueError(f'--mesh {text!r}: write axis=size pairs, axes from {mesh_lib.AXES}')
+    name, size = name.strip(), size.strip()
+    if (name not in mesh_lib.AXES or name in out or not size.lstrip('-').isdigit()
+        or not (int(size) >= 1 or int(size) == -1)):
+      raise ValueError(f'--mesh {text!r}: write axis=size pairs (size >= 1, or -1 for the '
+                       f'remaining devices), each axis once, axes from {mesh_lib.AXES}')
     out[name] = int(size)
+  if not out:
+    raise ValueError(f'--mesh {text!r}: no axis=size pair')
   return out
 
 
@@ -75,11 +80,22 @@ def resolve_src(path: str) -> str:
   return path
 
 
+def is_inside(path: str, directory: str) -> bool:
+  """Whether `path` is `directory` or lies under it (symlinks resolved)."""
+  p, d = os.path.realpath(path), os.path.realpath(directory)
+  return os.path.commonpath([p, d]) == d
+
+
 def target_config(saved: dict[str, Any], req: Request) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(saved)
   if req.mesh is not None:
     for axis in mesh_lib.AXES:
       c.mesh[axis] = req.mesh.get(axis, 1)
+  elif req.export is not None and req.devices is None:
+    # An export gathers every array to the host anyway: read it on one device, whatever mesh
+    # (and device count) wrote it.
+    for axis in mesh_lib.AXES:
+      c.mesh[axis] = 1
   if req.layout is not None:
     if req.layout not in LAYOUTS:
       raise ValueError(f'--layout {req.layout!r}; valid: {LAYOUTS}')
@@ -126,8 +142,10 @@ def convert(setup_for: Callable[[ml_collections.ConfigDict, Any], Any], req: Req
   src_dir = resolve_src(req.src)
   if req.export is not None and req.export not in EXPORTS:
     raise ValueError(f'--export {req.export!r}; valid: {EXPORTS}')
-  if os.path.abspath(req.dst) == os.path.abspath(src_dir):
-    raise ValueError('--dst must differ from --src (the source is never modified)')
+  for d in {req.src, src_dir}:
+    if is_inside(req.dst, d):
+      raise ValueError(f'--dst {req.dst} lies inside --src {d}: the source is never modified; '
+                       'pick a --dst outside it')
   if os.path.exists(req.dst) and not req.dry_run:
     raise FileExistsError(f'--dst {req.dst} exists; refusing to overwrite it')
   src = Checkpointer(src_dir, read_only=True)
@@ -138,7 +156,10 @@ def convert(setup_for: Callable[[ml_collections.ConfigDict, Any], Any], req: Req
                           f'(steps present: {src.all_steps()})')
   meta = src.read_meta(step)
   config = target_config(meta['config'], req)
-  mesh = _mesh_for(config, target_devices(req.mesh, req.devices))
+  n = target_devices(req.mesh, req.devices)
+  if req.export is not None and req.mesh is None and req.devices is None:
+    n = 1
+  mesh = _mesh_for(config, n)
   setup = setup_for(config, mesh)  # checks divisibility by name
   src_arrays = {p: i for p, i in metadata.arrays_of(meta).items() if _keep(p, req.params_only)}
   if 'opt_state' not in meta.get('items', ()) and not req.params_only:

@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from checkpoint import metadata
+from checkpoint import integrity, metadata
 from checkpoint.metadata import SEP
 
 
@@ -37,8 +37,7 @@ class DataStatesHandler(ocp.CheckpointHandler):
 
   def save(self, directory: epath.Path, args: 'DataStatesSave') -> None:
     for pid, state in args.states.items():
-      path = directory / f'process_{pid}-of-{args.process_count}.json'
-      path.write_text(json.dumps(state))
+      (directory / data_file_name(pid, args.process_count)).write_text(json.dumps(state))
 
   def restore(self, directory: epath.Path, args: 'DataStatesRestore | None' = None) -> dict:
     del args
@@ -61,6 +60,10 @@ class DataStatesHandler(ocp.CheckpointHandler):
     pass
 
 
+def data_file_name(pid: int, process_count: int) -> str:
+  return f'process_{pid}-of-{process_count}.json'
+
+
 @ocp.args.register_with_handler(DataStatesHandler, for_save=True)
 @dataclasses.dataclass
 class DataStatesSave(ocp.args.CheckpointArgs):
@@ -78,8 +81,10 @@ class Checkpointer:
   """Step directories under `directory`; keeps the last `keep` (and every `keep_every`-th)."""
 
   def __init__(self, directory: str, *, keep: int | None = 3, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False, verify: bool = True):
     self.directory = os.path.abspath(directory)
+    self.verify = verify
+    self._meta: dict[int, dict] = {}
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'{self.directory}: no such checkpoint directory')
     options = ocp.CheckpointManagerOptions(
@@ -107,14 +112,26 @@ class Checkpointer:
     """Saves flat {path: array} (see metadata.flatten) with `meta` (metadata.describe) and
     this process's data state(s) {process index: state} (of a run of `data_process_count`
     processes; default: this run's)."""
+    self._meta.pop(step, None)
     items = metadata.split_items(arrays)
     args = {item: ocp.args.PyTreeSave(metadata.nest(flat)) for item, flat in items.items()}
-    args['meta'] = ocp.args.JsonSave({**meta, 'step': step, 'items': sorted(items)})
+    meta = {**meta, 'step': step, 'items': sorted(items),
+            'checksums': integrity.array_checksums(arrays)}
     if data_states is not None:
-      args['data'] = DataStatesSave(data_states, data_process_count or jax.process_count())
+      count = data_process_count or jax.process_count()
+      args['data'] = DataStatesSave(data_states, count)
+      meta['data_checksums'] = integrity.gather_data_checksums(
+          {data_file_name(pid, count): integrity.bytes_checksum(json.dumps(s).encode())
+           for pid, s in data_states.items()})
+    args['meta'] = ocp.args.JsonSave(meta)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def read_meta(self, step: int) -> dict[str, Any]:
+    if step not in self._meta:
+      self._meta[step] = self._read_meta(step)
+    return self._meta[step]
+
+  def _read_meta(self, step: int) -> dict[str, Any]:
     path = os.path.join(self.step_dir(step), 'meta')
     if not os.path.isdir(path):
       raise CheckpointError(f'{path}: missing (not a loomax checkpoint, or truncated)')
@@ -132,25 +149,79 @@ class Checkpointer:
     return meta
 
   def read_arrays(self, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
-    """Reads the arrays named in `targets` into their shardings (dtype as in the checkpoint)."""
+    """Reads the arrays named in `targets` (current names, see metadata.current_names) into
+    their shardings (dtype as in the checkpoint)."""
+    stored = metadata.stored_names(self.read_meta(step))
+    if stored:
+      current = {v: k for k, v in stored.items()}
+      got = self._read_arrays(step, {stored.get(p, p): t for p, t in targets.items()})
+      return {current.get(p, p): x for p, x in got.items()}
+    return self._read_arrays(step, targets)
+
+  def _read_arrays(self, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
     by_item = metadata.split_items(targets)
     args = {}
     for item, flat in by_item.items():
       tree = metadata.nest(flat)
+      # partial_restore: `targets` may be a subset (the converter reads in groups).
       args[item] = ocp.args.PyTreeRestore(
-          item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+          item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+          partial_restore=True)
       self._check_item_present(step, item)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - reported with the array that fails to read
       raise self._pinpoint(step, by_item, e) from e
-    return metadata.join_items({item: metadata.flatten(out[item]) for item in by_item})
+    arrays = metadata.join_items({item: metadata.flatten(out[item]) for item in by_item})
+    # partial_restore hands back the target itself for an array it did not find.
+    missing = sorted(p for p in targets
+                     if p not in arrays or isinstance(arrays[p], jax.ShapeDtypeStruct))
+    if missing:
+      raise CheckpointError(f'{self.step_dir(step)}/{metadata.item_of(missing[0])}: array '
+                            f'{missing[0]} is listed in the metadata but not stored '
+                            '(truncated checkpoint?)')
+    if self.verify:
+      self._verify_arrays(step, arrays)
+    return arrays
+
+  def _verify_arrays(self, step: int, arrays: dict[str, Any]) -> None:
+    """Checksums as recorded (none before checksums existed), and finite values (loomax saves
+    finite steps only; an older loomax did not)."""
+    want = self.read_meta(step).get('checksums') or {}
+    got, finite = integrity.checksums_and_finite(arrays)
+    for path in sorted(got):
+      where = f'{self.step_dir(step)}/{metadata.item_of(path)}'
+      if path in want and got[path] != want[path]:
+        raise CheckpointError(f'{where}: checksum mismatch in array {path} (recorded '
+                              f'{want[path]}, read {got[path]}): the file holding it is '
+                              'corrupted')
+      if not finite[path]:
+        raise CheckpointError(f'{where}: array {path} holds non-finite values (a step saved '
+                              'before loomax saved finite steps only?)')
 
   def read_data(self, step: int) -> dict[int, dict] | None:
     path = os.path.join(self.step_dir(step), 'data')
     if not os.path.isdir(path):
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(data=DataStatesRestore()))['data']
+    if self.verify:
+      want = self.read_meta(step).get('data_checksums') or {}
+      for name, digest in sorted(want.items()):
+        file = os.path.join(path, name)
+        try:
+          with open(file, 'rb') as f:
+            got = integrity.bytes_checksum(f.read())
+        except OSError as e:
+          raise CheckpointError(f'{file}: could not be read ({e})') from e
+        if got != digest:
+          raise CheckpointError(f'{file}: checksum mismatch (recorded {digest}, read {got}): '
+                                'the data-state file is corrupted')
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          data=DataStatesRestore()))['data']
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
+      raise CheckpointError(f'{path}: could not be read ({type(e).__name__}: {e})') from e
 
   def _check_item_present(self, step: int, item: str) -> None:
     path = os.path.join(self.step_dir(step), item)

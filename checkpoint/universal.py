@@ -8,6 +8,7 @@ differs) build the target arrays under jit with the target shardings. The writer
 process count are never consulted.
 """
 
+import json
 import logging
 from typing import Any
 
@@ -57,32 +58,64 @@ def read_into(ckpt: Checkpointer, step: int, src: dict[str, metadata.ArrayInfo],
   return convert(arrays)
 
 
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                   ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (checkpoint's value, new value)} for every key that differs."""
+  now = json.loads(json.dumps(config.to_dict(), default=str))
+  a, b = _flat_keys(saved), _flat_keys(now)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in ignore}
+
+
+def _flat_keys(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_keys(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
 def restore_state(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDict, setup,
                   mesh: Mesh) -> tuple[Any, dict[str, Any], dict[int, dict] | None]:
   """(TrainState on `mesh`, the checkpoint's meta, per-process data states) for `config`."""
   meta = ckpt.read_meta(step)
   if 'opt_state' not in meta.get('items', ()):
     raise CheckpointError(f'{ckpt.step_dir(step)}: holds no optimizer state (written with '
-                          '--params-only?); it cannot resume training')
-  _warn_model_differences(meta['config'].get('model', {}), config.model.to_dict())
+                          '--params-only?); it cannot resume training (use init_from= to '
+                          'start from its parameters with a fresh optimizer)')
   src = metadata.arrays_of(meta)
   dst = metadata.state_arrays(setup)
   shardings = metadata.flatten(setup.shardings)
-  arrays = read_into(ckpt, step, src, dst, shardings, config.parallelism.rules, mesh)
+  try:
+    arrays = read_into(ckpt, step, src, dst, shardings, config.parallelism.rules, mesh)
+  except layout.CheckpointMismatch as e:
+    raise _name_optimizer_keys(e, meta['config'], config) from e
   state = metadata.unflatten_like(arrays, setup.abstract)
   if meta['layout'] != metadata.layout_of(config):
     log.info('converted layer layout %s -> %s', meta['layout'], metadata.layout_of(config))
   return state, meta, ckpt.read_data(step)
 
 
-_LAYOUT_ONLY = ('scan_layers', 'remat', 'dtype', 'param_dtype')
+def restore_params(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDict, setup,
+                   mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """({path: array} of the parameters only, sharded for `config`; the checkpoint's meta)."""
+  meta = ckpt.read_meta(step)
+  src = {p: i for p, i in metadata.arrays_of(meta).items() if metadata.item_of(p) == 'params'}
+  dst = {p: i for p, i in metadata.state_arrays(setup).items()
+         if metadata.item_of(p) == 'params'}
+  shardings = {p: s for p, s in metadata.flatten(setup.shardings).items() if p in dst}
+  return read_into(ckpt, step, src, dst, shardings, config.parallelism.rules, mesh), meta
 
 
-def _warn_model_differences(saved: dict, now: dict) -> None:
-  """Shapes are checked array by array; other model keys may differ on purpose (say a new
-  sliding window), so they are only reported."""
-  diff = sorted(k for k in set(saved) | set(now)
-                if k not in _LAYOUT_ONLY and str(saved.get(k)) != str(now.get(k)))
-  if diff:
-    log.warning('resuming with model config changes: %s',
-                ', '.join(f'model.{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff))
+def _name_optimizer_keys(error: layout.CheckpointMismatch, saved: dict,
+                         config: ml_collections.ConfigDict) -> layout.CheckpointMismatch:
+  """A mismatch in the optimizer state is blamed on the optimizer keys that changed."""
+  if 'opt_state' not in str(error).split(':', 1)[0]:
+    return error
+  changed = {k: v for k, v in config_changes(saved, config).items()
+             if k.startswith('optimizer.')}
+  which = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()) or 'none changed'
+  return layout.CheckpointMismatch(f'{error} [the optimizer state does not fit this '
+                                   f'optimizer; optimizer keys changed: {which}]')

@@ -20,7 +20,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 20                   # metrics row every N steps
   c.eval_every = 200                 # held-out eval every N steps (0 = only at the end)
   c.eval_batches = 8                 # batches per held-out eval
-  c.resume = ''                      # '' = fresh start, 'auto' = latest in workdir, or a path
+  # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
+  # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
+  # checkpoints directory to continue from (into an empty workdir).
+  c.resume = 'auto'
+  c.resume_step = -1                 # >=0: resume exactly this step (no fallback); -1 = newest
+  c.init_from = ''                   # checkpoint dir: load its parameters only, fresh optimizer
+                                     # (used only when the workdir holds no checkpoint yet)
   c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
   c.profile_start = 5                # first profiled step
   c.progress = True                  # show a progress bar on process 0
@@ -112,9 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 3e-3                        # peak learning rate
   o.schedule = 'cosine'              # cosine | wsd | constant
-  o.warmup_steps = 100
+  # The learning-rate curve depends on optimizer.* keys only, never on `steps` alone:
+  o.warmup_steps = 100               # linear warm-up steps (not capped by `steps`)
+  o.decay_steps = 0                  # schedule length (cosine/wsd end here); 0 = `steps` at the
+                                     # run's first start, recorded in the checkpoint and kept
+                                     # when a resume changes `steps`
   o.min_lr_ratio = 0.1               # final lr = min_lr_ratio * lr
-  o.decay_fraction = 0.2             # wsd: share of steps spent decaying at the end
+  o.decay_fraction = 0.2             # wsd: share of decay_steps spent decaying at the end
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8
@@ -122,6 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.decay_norms_and_biases = False   # apply weight decay to norm scales and biases too
   o.clip_norm = 1.0                  # global gradient-norm clip (0 = off)
   o.grad_accum_steps = 1             # micro-batches per optimizer step (batch_size is per step)
+  o.skip_nonfinite = False           # a non-finite loss/gradient skips the update (params and
+                                     # optimizer state unchanged; counted as train/skipped_steps)
+                                     # instead of stopping the run
 
   # --- device mesh (parallelism/mesh.py); sizes, -1 = all remaining devices ---
   mesh = c.mesh = ml_collections.ConfigDict()
@@ -177,6 +190,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ck.keep = 3                        # keep the last K checkpoints
   ck.keep_every = 0                  # also keep every M-th step forever (0 = off)
   ck.async_save = True
+  ck.verify = True                   # check every array's and data file's checksum on restore;
+                                     # a corrupted step falls back to the previous intact one
 
   # --- performance accounting ---
   perf = c.perf = ml_collections.ConfigDict()

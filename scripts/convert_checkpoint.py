@@ -5,8 +5,9 @@
         --mesh fsdp=8 --layout scan [--step N] [--params-only] [--dtype bfloat16] [--dry-run]
     python scripts/convert_checkpoint.py --src runs/a/checkpoints --dst model.npz --export npz
 
-Never modifies --src; refuses an existing --dst. Resume from the result with
---config.resume=<dst>.
+Never modifies --src; refuses an existing --dst and a --dst inside --src. An --export without
+--mesh/--devices reads on one device, whatever mesh wrote the checkpoint. Resume from the
+result with --config.resume=<dst>, or start from its parameters with --config.init_from=<dst>.
 """
 
 import argparse
@@ -41,7 +42,11 @@ def main(argv=None):
   from checkpoint import convert as convert_lib  # noqa: E402 - after the device count is set
   from training.program import build_program  # noqa: E402
 
-  mesh = convert_lib.parse_mesh(args.mesh) if args.mesh else None
+  try:
+    mesh = convert_lib.parse_mesh(args.mesh) if args.mesh else None
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   n = convert_lib.target_devices(mesh, args.devices)
   if n and 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
     # Only the CPU platform reads this: lets a CPU host lay the arrays out on the target mesh.

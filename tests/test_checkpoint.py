@@ -175,10 +175,14 @@ def test_sigkill_and_sigterm(reference, tmp_path):
     for p in (kill_proc, term_proc):
       if p.poll() is None:
         p.kill()
-  # SIGTERM: the loop stopped early and saved the step it reached.
+  # SIGTERM: the loop stopped early and saved the step it reached, with no eval before the
+  # save (nor after it: the final eval is skipped, and the log says so).
   last = max(losses(termed))
   assert 2 <= last < 1000
   assert Checkpointer(os.path.join(termed, 'checkpoints'), read_only=True).latest_step() == last
+  rows = [json.loads(line) for line in open(os.path.join(termed, 'metrics.jsonl'))]
+  assert not [r for r in rows if 'eval/loss' in r]
+  assert 'exiting without the final eval' in open(os.path.join(termed, 'process0.log')).read()
 
   # SIGKILL: a save cut short is a temporary directory, never a step. Plant one more, a
   # truncated copy of the newest step, as if the kill had come during the next save.

@@ -81,7 +81,7 @@ def test_round_trip_is_bit_identical_and_layouts_match(source, tmp_path):
   # B is the same state stacked on a leading 'layers' axis: parameters AND Adam moments.
   mid, meta_b = read_all(b)
   assert meta_b['layout'] == 'scan' and meta_b['config']['mesh']['fsdp'] == 8
-  for prefix in ('params/blocks', 'opt_state/1/0/mu/blocks', 'opt_state/1/0/nu/blocks'):
+  for prefix in ('params/blocks', 'opt_state/adam/mu/blocks', 'opt_state/adam/nu/blocks'):
     for leaf in ('attn/wq', 'mlp/w_down', 'attn_norm/scale'):
       stacked = mid[f'{prefix}/{leaf}']
       assert meta_b['arrays'][f'{prefix}/{leaf}']['axes'][0] == 'layers'
@@ -182,3 +182,35 @@ def test_cli(source, tmp_path):
                           '--dst', str(tmp_path / 'c'), '--dry-run', '--mesh', 'fsdp=3'],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert again.returncode == 1 and 'not divisible by mesh fsdp=3' in again.stderr
+  # The README's export command on a 1-device host, for a checkpoint written on 8 devices.
+  npz = str(tmp_path / 'model.npz')
+  export = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', '--src', source,
+                           '--dst', npz, '--export', 'npz', '--no-progress'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert export.returncode == 0, export.stderr[-2000:]
+  orig, _ = read_all(source)
+  np.testing.assert_array_equal(np.load(npz)['embed/table'], orig['params/embed/table'])
+  # A malformed --mesh is one line on stderr, no traceback.
+  bad = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', '--src', source,
+                        '--dst', str(tmp_path / 'm'), '--mesh', 'data:2'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--mesh 'data:2'" in bad.stderr
+  assert not os.path.exists(tmp_path / 'm')
+
+
+def test_dst_inside_src_is_refused(source):
+  workdir = os.path.dirname(source)
+  before = tree_hash(workdir)
+  for src, dst in ((source, os.path.join(source, '99')),          # a step inside checkpoints/
+                   (workdir, os.path.join(source, '5')),          # src given as the workdir
+                   (workdir, os.path.join(workdir, 'copy'))):
+    with pytest.raises(ValueError, match='lies inside --src'):
+      convert.convert(target_setup, convert.Request(src, dst), out=lambda s: None,
+                      progress=False)
+    assert not os.path.exists(dst)
+  assert tree_hash(workdir) == before, 'the source was modified'
+  for text in ('data=2,data=2', 'data=0', 'foo=2', 'data', ','):
+    with pytest.raises(ValueError, match='--mesh'):
+      convert.parse_mesh(text)
+  assert convert.parse_mesh('data=2, fsdp=-1') == {'data': 2, 'fsdp': -1}

@@ -14,21 +14,17 @@ import jax
 import ml_collections
 
 from checkpoint import metadata as ckpt_metadata
-from checkpoint import universal
-from checkpoint.manager import Checkpointer, config_json
+from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import perf
+from training import checkpointing, perf
+from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress
 from training.program import build_program
 from training.state import count_params
 
 log = logging.getLogger('loomax')
-
-
-class NonFiniteLoss(RuntimeError):
-  pass
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -50,6 +46,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last logged metrics row."""
   distributed.initialize(config.distributed)
   mesh = mesh_lib.make_mesh(config.mesh)
+  ckpt = checkpointing.open_checkpointer(config, workdir)
+  start_plan = checkpointing.plan_start(config, ckpt)
+  config = checkpointing.resolve_config(config, start_plan)
   write_config(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
@@ -64,14 +63,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
 
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                      keep_every=config.checkpoint.keep_every,
-                      async_save=config.checkpoint.async_save)
-  state, train_iter = _restore_or_init(config, program, ckpt, train_iter)
-  ckpt_meta = ckpt_metadata.describe(config, ckpt_metadata.state_arrays(program.setup), mesh,
-                                     nproc)
+  state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
+                                                                workdir, train_iter)
+  saver = checkpointing.Saver(ckpt, ckpt_metadata.describe(
+      config, ckpt_metadata.state_arrays(program.setup), mesh, nproc))
   start = int(state.step)
   n_params = count_params(state.params)
+  checkpointing.mark_run_start(workdir, start, start_info)
+  if start >= config.steps:
+    log.info('step %d of steps=%d is already saved in %s: nothing to train', start,
+             config.steps, ckpt.directory)
+    ckpt.close()
+    return {'step': start, 'params': n_params}
   log.info('%s: %s parameters, starting at step %d', config.model.name, f'{n_params:,}', start)
   describe = getattr(registry.get_family(config.model.name).build, 'describe', None)
   if describe is not None:  # optional one-line family summary, e.g. CART's effective params
@@ -95,20 +98,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_steps = time.perf_counter(), 0
   profiling = False
 
-  saved_step = start
+  finite = {'step': start, 'ok': True}  # whether the state after that step may be saved
+  skipped = 0
 
   def save(step, force=False):
-    nonlocal saved_step
-    universal.save_state(ckpt, step, state, ckpt_meta, {pid: train_iter.get_state()},
-                         force=force)
-    saved_step = step
+    saver.save(step, state, train_iter.get_state(),
+               finite['ok'] and finite['step'] == step, force=force)
 
   def finish_step(step, metrics):
-    nonlocal window_start, window_steps, last_row
+    nonlocal window_start, window_steps, last_row, skipped
     loss = float(metrics['loss'])
-    if not math.isfinite(loss):
-      raise NonFiniteLoss(f'loss is {loss} at step {step}; stopping (lower optimizer.lr, '
-                          'check the data, or enable optimizer.clip_norm)')
+    checked = {k: float(metrics[k]) for k in ('loss', 'grad_norm', 'param_norm', 'skipped')
+               if k in metrics}
+    finite.update(step=step, ok=checkpointing.is_finite_step(checked))
+    if checked.get('skipped'):
+      skipped += 1
+      log.warning('step %d: non-finite update skipped (loss %s, grad norm %s; %d skipped so '
+                  'far)', step, loss, checked['grad_norm'], skipped)
+    elif not finite['ok']:
+      raise NonFiniteLoss(f'non-finite values at step {step} (loss {loss}, grad norm '
+                          f'{checked["grad_norm"]}, param norm {checked["param_norm"]}); '
+                          f'stopping without saving it; {saver.describe_last_good()} (lower '
+                          'optimizer.lr, check the data, enable optimizer.clip_norm, or set '
+                          'optimizer.skip_nonfinite=True)')
     window_steps += 1
     if step % config.log_every == 0 or step == config.steps:
       elapsed = time.perf_counter() - window_start
@@ -119,7 +131,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              'perf/tokens_per_sec': tps, 'perf/step_time_s': elapsed / window_steps,
              'perf/mfu': tps * flops_per_token / peak}
       row.update({k: float(v) for k, v in metrics.items()
-                  if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens')})
+                  if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens', 'skipped')})
+      if config.optimizer.skip_nonfinite:
+        row['train/skipped_steps'] = skipped
       mem = perf.device_memory_bytes()
       if mem:
         row['perf/device_memory_bytes'] = mem
@@ -130,6 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       progress.update(step)
 
+  stopping = False
   try:
     for step in range(start + 1, config.steps + 1):
       if config.profile_steps and step == config.profile_start and pid == 0:
@@ -144,24 +159,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         profiling = False
-      if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-        finish_step(*pending)
+      stopping = stop_requested()
+      save_due = config.checkpoint.every and step % config.checkpoint.every == 0
+      eval_due = config.eval_every and step % config.eval_every == 0 and step != config.steps
+      if stopping or save_due or eval_due:
+        finish_step(*pending)  # a step is saved only once it is known finite
         pending = None
-        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
-      if config.checkpoint.every and step % config.checkpoint.every == 0:
-        save(step)
-      if stop_requested():
-        log.warning('signal received: saving step %d and exiting', step)
+      if stopping or save_due:
+        save(step, force=stopping)
+      if stopping:
+        log.warning('signal received: saved step %d; exiting without the final eval', step)
         break
+      if eval_due:
+        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
     if pending is not None:
       finish_step(*pending)
     final_step = int(state.step)
-    eval_loss = evaluate(eval_step, state.params, eval_batches)
-    writer.write(final_step, {'eval/loss': eval_loss})
-    last_row = {**last_row, 'eval/loss': eval_loss, 'step': final_step,
-                'params': n_params}
-    if final_step > start and saved_step != final_step:  # not saved by checkpoint.every already
-      save(final_step, force=True)
+    last_row = {**last_row, 'step': final_step, 'params': n_params}
+    if not stopping:
+      save(final_step, force=True)  # before the final eval, which a preemption may cut short
+      eval_loss = evaluate(eval_step, state.params, eval_batches)
+      writer.write(final_step, {'eval/loss': eval_loss})
+      last_row['eval/loss'] = eval_loss
   finally:
     if profiling:
       jax.profiler.stop_trace()
@@ -169,33 +188,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return last_row
-
-
-def _restore_or_init(config, program, ckpt: Checkpointer, train_iter):
-  """(state, train iterator): restored onto this config's mesh and layout, or fresh."""
-  resume = config.resume
-  if resume:
-    source = ckpt if resume == 'auto' else Checkpointer(resume, read_only=True)
-    step = source.latest_step()
-    if step is not None:
-      state, meta, data_states = universal.restore_state(source, step, config, program.setup,
-                                                         program.mesh)
-      if data_states and config.parallelism.hybrid_dp.enabled:
-        train_iter.set_state(data_states[jax.process_index()])  # every process reads it all
-        how = 'exact (hybrid data parallel document stream)'
-      elif data_states:
-        train_iter, how = data_lib.resume_train_iterator(
-            config, data_states, process_index=jax.process_index(),
-            process_count=jax.process_count())
-      else:
-        how = 'not saved: starting the data stream afresh'
-      log.info('resumed from %s at step %d (written on mesh %s by %d process(es); data %s)',
-               source.directory, step, meta['written_by']['mesh'],
-               meta['written_by']['process_count'], how)
-      return state, train_iter
-    if resume != 'auto':
-      raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
-  return program.init_state(), train_iter
 
 
 def _install_signal_handlers():

@@ -1,4 +1,10 @@
-"""AdamW with warmup + cosine or warmup-stable-decay schedules, clipping and a decay mask."""
+"""AdamW with warmup + cosine or warmup-stable-decay schedules, clipping and a decay mask.
+
+The learning-rate curve depends on `optimizer.*` keys only: `warmup_steps` is used as given
+(never capped by `steps`), and the schedule's length is `optimizer.decay_steps`. Its default 0
+means "the run's `steps`", resolved once at the run's first start and recorded in the
+checkpoint, so a resume with another `steps` keeps the curve (training/checkpointing.py).
+"""
 
 from typing import Any
 
@@ -9,8 +15,14 @@ import optax
 from modeling import axes as ax
 
 
+def schedule_steps(opt: ml_collections.ConfigDict, run_steps: int) -> int:
+  """The schedule's length: optimizer.decay_steps, or `run_steps` when that is 0."""
+  return int(opt.decay_steps) if opt.get('decay_steps', 0) > 0 else int(run_steps)
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  warmup = min(opt.warmup_steps, total_steps)
+  """The schedule over `total_steps` (see schedule_steps); warm-up is optimizer.warmup_steps."""
+  warmup = int(opt.warmup_steps)
   final = opt.lr * opt.min_lr_ratio
   if opt.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, max(total_steps, warmup + 1),
@@ -35,8 +47,8 @@ def decay_mask(param_axes: Any, decay_norms_and_biases: bool) -> Any:
   return jax.tree.map(is_matrix, param_axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, param_axes: Any):
-  schedule = learning_rate_schedule(opt, total_steps)
+def make_optimizer(opt: ml_collections.ConfigDict, run_steps: int, param_axes: Any):
+  schedule = learning_rate_schedule(opt, schedule_steps(opt, run_steps))
   parts = []
   if opt.clip_norm:
     parts.append(optax.clip_by_global_norm(opt.clip_norm))

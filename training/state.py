@@ -33,6 +33,7 @@ class ModelSetup:
   schedule: optax.Schedule
   shardings: TrainState  # NamedSharding per leaf
   abstract: TrainState   # ShapeDtypeStruct per leaf (with shardings)
+  skip_nonfinite: bool = False  # optimizer.skip_nonfinite: a non-finite update leaves the state
 
 
 def _split_params(model: nnx.Module):
@@ -68,7 +69,8 @@ def setup_model(config: ml_collections.ConfigDict, mesh: Mesh, runtime: Runtime)
                         opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return ModelSetup(graphdef, param_axes, tx, schedule, shardings, abstract)
+  return ModelSetup(graphdef, param_axes, tx, schedule, shardings, abstract,
+                    bool(config.optimizer.get('skip_nonfinite', False)))
 
 
 def init_train_state(config: ml_collections.ConfigDict, setup: ModelSetup,

@@ -63,13 +63,23 @@ def apply_gradients(setup: ModelSetup, state: TrainState, total, count,
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  loss, grad_norm = total / denom, optax.tree.norm(grads)
+  if setup.skip_nonfinite:
+    # Keep the old parameters and optimizer state (its step count too) when anything about the
+    # update is not finite; the step counter and the data still advance.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    keep = lambda new, old: jnp.where(ok, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
   metrics = {
-      'loss': total / denom,
+      'loss': loss,
       'tokens': count,
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': grad_norm,
       'param_norm': optax.tree.norm(params),
       'lr': schedule(state.step),
   }
+  if setup.skip_nonfinite:
+    metrics['skipped'] = 1 - ok.astype(jnp.int32)
   model = nnx.merge(graphdef, params)
   if hasattr(model, 'diagnostics'):
     metrics.update(model.diagnostics())
