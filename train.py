@@ -21,5 +21,10 @@ def main(argv):
                                                 for k, v in row.items()})
 
 
-if __name__ == '__main__':
+def cli():
+  """The loomax-train console script (pyproject.toml)."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -104,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.source = 'local_text'
   d.paths = ''                       # comma-separated globs; '' with local_text = stdlib *.py
   d.text_field = 'text'              # jsonl: field holding the document
+  # bytes | sentencepiece:PATH | hf:PATH (tokenizer.json); see training/data/tokenizer.py
+  d.tokenizer = 'bytes'
+  d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
@@ -178,9 +181,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- multi-process (jax.distributed) ---
   dist = c.distributed = ml_collections.ConfigDict()
-  dist.coordinator = ''              # host:port; '' = single process (or env LOOMAX_COORDINATOR)
-  dist.num_processes = 1
-  dist.process_id = 0
+  # host:port | 'auto' (jax.distributed reads the cluster's environment) | '' = single process,
+  # or auto when SLURM/Open MPI/Kubernetes/TPU pod is detected (docs/clusters.md). Env
+  # LOOMAX_COORDINATOR / LOOMAX_NUM_PROCESSES / LOOMAX_PROCESS_ID set the same.
+  dist.coordinator = ''
+  dist.num_processes = 0             # 0 = unset (1, or from the cluster with auto)
+  dist.process_id = -1               # -1 = unset (0, or from the cluster with auto)
+  dist.coordinator_port = 0          # auto: coordinator port (0 = JAX's choice, see docs)
+  dist.local_device_ids = 'all'      # all (one process per host) | auto (one per device) | 0,1
   dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long
   dist.heartbeat_timeout_s = 100     # a silent peer is declared dead (and the run stops) after this
 

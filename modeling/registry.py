@@ -13,12 +13,24 @@ from modeling import cart, sambay, transformer
 class Family:
   build: Callable[..., nnx.Module]            # build(cfg, *, rngs, runtime) -> model
   forward_flops_per_token: Callable[..., float]  # f(cfg, seq_len, causal=True) -> FLOPs
+  # Layer types whose token mixing follows the *array order* of tokens (a scan, a causal
+  # conv, segment starts found by adjacency) instead of masking by positions as attention
+  # does. Splitting or permuting a sequence (context parallelism, zigzag, hybrid DP groups)
+  # changes their result unless they run through a seam that knows the split.
+  order_dependent_layers: tuple[str, ...] = ()
+  # True when those layers take every order-dependent op from `Runtime.recurrence`, so a
+  # context-parallel recurrence (parallelism/context/scan.py) keeps them exact.
+  uses_recurrence_seam: bool = False
+  # The config key of the family's sliding-window attention span (0 or absent = none).
+  window_key: str = 'model.sliding_window'
 
 
 FAMILIES: dict[str, Family] = {
     'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token),
     'cart': Family(cart.Cart, cart.forward_flops_per_token),
-    'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token),
+    'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token,
+                     order_dependent_layers=('mamba',), uses_recurrence_seam=True,
+                     window_key='model.sambay.window'),
 }
 
 

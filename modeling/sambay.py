@@ -9,8 +9,10 @@ Generation" (2025). Layer roles for L layers (L % 4 == 0), each followed by a Sw
     i > L/2+1, even  GMU(x, m)         i > L/2+1, odd  cross-attention (own W_q, W_o only)
 
 Gated Memory Unit: y = (m * SiLU(x W1)) W2, m the memory layer's pre-gate scan output.
-Every attention (window, full, cross) goes through `runtime.attend`; every scan through a
-`ScanFn`. No layer uses rotary positions by default (NoPE): Mamba supplies order.
+Every attention (window, full) goes through `runtime.attend`, the cross-attention over the
+shared K/V through `runtime.shared_kv` (gathered once for all readers), and every Mamba's
+order-dependent ops (conv, segment starts, scan) through `runtime.recurrence`. No layer uses
+rotary positions by default (NoPE): Mamba supplies order.
 """
 
 from typing import Any
@@ -20,8 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modeling import axes as ax
-from modeling import layers, ssm
-from modeling.attention import self_attention_kwargs
+from modeling import layers, shared_kv, ssm
 from modeling.transformer import Attention, Runtime, dtype_of, remat_policy
 
 MAMBA, SWA, MEMORY, FULL, GMU_ROLE, CROSS = 'mamba', 'swa', 'memory', 'full', 'gmu', 'cross'
@@ -77,15 +78,17 @@ class CrossAttention(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
 
-  def __call__(self, x_BLD, kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+  def __call__(self, x_BLD, kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+               attend=None):
+    """`attend` (default: the runtime's) reads (K, V) in the form `SharedKV.gather` gave."""
     q_BLHD = jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), self.wq[...].astype(self.dtype))
     if self.rope_theta:   # the cached keys were rotated by the full-attention layer
       q_BLHD = layers.rotary(q_BLHD, q_positions, self.rope_theta)
     q_BLHD = self.runtime.constrain(q_BLHD, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
     k_BSKD, v_BSKD = kv
-    o_BLHD = self.runtime.attend(q_BLHD, k_BSKD, v_BSKD, causal=True,
-                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                 q_positions=q_positions, kv_positions=kv_positions)
+    o_BLHD = (attend or self.runtime.attend)(
+        q_BLHD, k_BSKD, v_BSKD, causal=True, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions)
     return jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(self.dtype))
 
 
@@ -93,14 +96,14 @@ class Layer(nnx.Module):
   """x <- x + mixer(RMSNorm(x)); x <- x + MLP(RMSNorm(x)), the mixer chosen by `role`."""
 
   def __init__(self, role: str, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime,
-               scan_fn: ssm.ScanFn):
+               recurrence: ssm.Recurrence):
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     self.role = role
     self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
     if role in (MAMBA, MEMORY):
-      self.mixer = ssm.Mamba(cfg, rngs=rngs, scan_fn=scan_fn, constrain=runtime.constrain,
-                             dtype=dt, param_dtype=pdt)
+      self.mixer = ssm.Mamba(cfg, rngs=rngs, recurrence=recurrence,
+                             constrain=runtime.constrain, dtype=dt, param_dtype=pdt)
     elif role in (SWA, FULL):
       self.mixer = Attention(cfg, rngs=rngs, runtime=runtime, use_rope=not cfg.sambay.nope,
                              window=cfg.sambay.window if role == SWA else 0)
@@ -117,9 +120,11 @@ class Layer(nnx.Module):
                              constrain=runtime.constrain, dtype=dt, param_dtype=pdt,
                              out_std=out_std)
     self.constrain = runtime.constrain
+    self.shared = runtime.shared_kv or shared_kv.Unshared(runtime.attend)
 
   def __call__(self, x_BLD, memory, kv, *, segment_ids, positions):
-    """Returns (x, memory, kv): the memory layer sets m, the full layer sets the shared (K, V)."""
+    """Returns (x, memory, kv): the memory layer sets m, the full layer sets the shared
+    (K, V, kv segment ids, kv positions), gathered once for every cross-attention layer."""
     h_BLD = self.norm(x_BLD)
     if self.role in (MAMBA, MEMORY):
       out_BLD, y_BLE = self.mixer(h_BLD, segment_ids=segment_ids)
@@ -128,11 +133,13 @@ class Layer(nnx.Module):
     elif self.role in (SWA, FULL):
       out_BLD, own_kv = self.mixer(h_BLD, segment_ids=segment_ids, positions=positions)
       if self.role == FULL:
-        kv = own_kv
+        kv = self.shared.gather(*own_kv, segment_ids, positions)
     elif self.role == GMU_ROLE:
       out_BLD = self.mixer(h_BLD, memory)
     else:
-      out_BLD = self.mixer(h_BLD, kv, **self_attention_kwargs(segment_ids, positions))
+      out_BLD = self.mixer(h_BLD, kv[:2], q_segment_ids=segment_ids, kv_segment_ids=kv[2],
+                           q_positions=positions, kv_positions=kv[3],
+                           attend=self.shared.attend)
     return self.residual_mlp(x_BLD, out_BLD), memory, kv
 
   def residual_mlp(self, x_BLD, out_BLD):
@@ -144,7 +151,8 @@ class Layer(nnx.Module):
 class SambaY(nnx.Module):
   """Embedding -> self-decoder -> memory + shared-KV layers -> cross-decoder -> RMSNorm -> head.
 
-  `scan_fn` is the SSM seam; None takes the single-device scan named by
+  Mamba layers take their order-dependent ops from `runtime.recurrence`; when that is None,
+  from `scan_fn`, and when that is None too, from the single-device scan named by
   `model.sambay.scan_impl`.
   """
 
@@ -159,11 +167,13 @@ class SambaY(nnx.Module):
     self.cfg = cfg
     self.runtime = runtime
     self.roles = layer_roles(cfg.num_layers)
-    if scan_fn is None:
-      scan_fn = ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk)
+    recurrence = runtime.recurrence
+    if recurrence is None:
+      recurrence = ssm.LocalRecurrence(
+          scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk))
     self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, rngs=rngs,
                                   param_dtype=pdt)
-    self.layers = nnx.List([Layer(r, cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
+    self.layers = nnx.List([Layer(r, cfg, rngs=rngs, runtime=runtime, recurrence=recurrence)
                             for r in self.roles])
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
     if not cfg.tie_embeddings:

@@ -8,12 +8,17 @@ Per token t, channel e and state n (A = -exp(A_log) < 0, so exp(dt A) is a decay
 
     h_t = exp(dt_t A) * h_{t-1} + dt_t * B_t * x_t        y_t = C_t . h_t + D * x_t
 
-with dt, B, C computed from the input (the "selective" part). The scan is a seam like
-attention: `ScanFn(x, dt, A, B, C, *, reset, h0) -> (y, h_last)`, so a sequence-parallel scan
-can replace the single-device ones below without touching the layer. `reset` zeroes the
-carried state where a new packed document starts, so documents never see each other.
+with dt, B, C computed from the input (the "selective" part). `reset` zeroes the carried state
+where a new packed document starts, so documents never see each other.
+
+Two seams. `ScanFn(x, dt, A, B, C, *, reset, h0) -> (y, h_last)` picks a single-device scan.
+`Recurrence` is everything in the layer that follows the *array order* of tokens (the causal
+conv, segment starts found by adjacency, the scan): the runtime hands one in (`Runtime
+.recurrence`), so a context-parallel version (`parallelism/context/scan.py`) replaces it when
+the sequence is split across devices, without touching the layer.
 """
 
+import dataclasses
 import math
 from typing import Any, Protocol
 
@@ -147,6 +152,33 @@ def causal_conv(x_BLE, w_WE, b_E, segment_ids_BL):
   return out_BLE + b_E
 
 
+class Recurrence(Protocol):
+  """The order-dependent ops of a Mamba layer over one (possibly split) sequence."""
+
+  def conv(self, x_BLE: jax.Array, w_WE: jax.Array, b_E: jax.Array,
+           segment_ids_BL: jax.Array) -> jax.Array:
+    """`causal_conv` over the whole sequence."""
+    ...
+
+  def scan(self, x_BLE: jax.Array, dt_BLE: jax.Array, A_EN: jax.Array, B_BLN: jax.Array,
+           C_BLN: jax.Array, *, segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The scan with a reset at every segment start: (y without D skip, last state)."""
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRecurrence:
+  """The whole sequence in array order on one device (or as one global array under jit)."""
+  scan_fn: ScanFn
+
+  def conv(self, x_BLE, w_WE, b_E, segment_ids_BL):
+    return causal_conv(x_BLE, w_WE, b_E, segment_ids_BL)
+
+  def scan(self, x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, *, segment_ids_BL):
+    return self.scan_fn(x_BLE, dt_BLE, A_EN, B_BLN, C_BLN,
+                        reset_BL=segment_starts(segment_ids_BL))
+
+
 def _uniform(scale: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -scale, scale)
@@ -183,8 +215,8 @@ class Mamba(nnx.Module):
   before the SiLU(z) gate: the memory a GMU reads.
   """
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, scan_fn: ScanFn,
-               constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, scan_fn: ScanFn | None = None,
+               recurrence: Recurrence | None = None, constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
                param_dtype=jnp.float32):
     D = cfg.d_model
     E, N, W, R = dims(cfg)
@@ -202,7 +234,10 @@ class Mamba(nnx.Module):
     self.A_log = p(_a_log_init, (E, N), (ax.MLP, None))
     self.D = p(nnx.initializers.ones, (E,), (ax.MLP,))
     self.w_out = p(layers.normal(out_std), (E, D), (ax.MLP, ax.EMBED))
-    self.scan_fn = scan_fn
+    if recurrence is None:
+      recurrence = LocalRecurrence(scan_fn or make_scan(cfg.sambay.scan_impl,
+                                                        cfg.sambay.scan_chunk))
+    self.recurrence = recurrence
     self.constrain = constrain
     self.dtype = dtype
 
@@ -224,14 +259,15 @@ class Mamba(nnx.Module):
     x_BLD = x_BLD.astype(self.dtype)
     xi_BLE = c(x_BLD @ self._w('w_x'), (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
     z_BLE = c(x_BLD @ self._w('w_z'), (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
-    xc_BLE = jax.nn.silu(causal_conv(xi_BLE, self._w('conv_w'), self._w('conv_b'), segment_ids))
+    rec = self.recurrence
+    xc_BLE = jax.nn.silu(rec.conv(xi_BLE, self._w('conv_w'), self._w('conv_b'), segment_ids))
     dt_BLE, B_BLN, C_BLN = self._selective(xc_BLE)
     A_EN = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y_BLE, h_BEN = self.scan_fn(xc_BLE, dt_BLE, A_EN, B_BLN, C_BLN,
-                                reset_BL=segment_starts(segment_ids))
+    y_BLE, h_BEN = rec.scan(xc_BLE, dt_BLE, A_EN, B_BLN, C_BLN, segment_ids_BL=segment_ids)
     y_BLE = c((y_BLE + xc_BLE * self._w('D')).astype(self.dtype),
               (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
     W = self.conv_w.shape[0]
+    # Decode state (prefill runs on one device, so these are the sequence's last inputs).
     conv_BWE = jnp.pad(xi_BLE, [(0, 0), (W - 1, 0), (0, 0)])[:, -(W - 1):]   # last W-1 inputs
     return self._gate_out(y_BLE, z_BLE), y_BLE, {'conv': conv_BWE, 'ssm': h_BEN}
 

@@ -74,7 +74,8 @@ def make_local(kernel: AttendFn, n: int, axis):
   def local(q, k, v, plan, *, causal, window):
     if not causal or window:
       raise ValueError("parallelism.context_impl='disaggregated' supports causal attention "
-                       'without model.sliding_window (its planner counts causal prefixes)')
+                       'without a sliding window (model.sliding_window; model.sambay.window for '
+                       "model.name='sambay'): its planner counts causal prefixes")
     R, L, H, D = q.shape
     A = plan['ret'].shape[0]
     Ra = R // A

@@ -16,12 +16,12 @@ if 'jax' not in sys.modules:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from parallelism import mesh as mesh_lib  # noqa: E402
-from tests.helpers import random_batch  # noqa: E402
 from training import perf  # noqa: E402
 from training.program import build_program  # noqa: E402
 
@@ -31,6 +31,24 @@ flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
 MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
           dict(fsdp=4, tensor=2), dict(tensor=8)]
 
+
+
+def random_batch(config, seed=0, num_docs=3):
+  """Rows of `num_docs` packed documents of random tokens and lengths, 2 padding positions."""
+  rng = np.random.default_rng(seed)
+  B, L, V = config.batch_size, config.seq_len, config.model.vocab_size
+  inputs = rng.integers(0, V, (B, L), dtype=np.int32)
+  targets = rng.integers(0, V, (B, L), dtype=np.int32)
+  seg = np.zeros((B, L), np.int32)
+  pos = np.zeros((B, L), np.int32)
+  for b in range(B):
+    cuts = np.sort(rng.choice(np.arange(1, L - 2), num_docs - 1, replace=False))
+    bounds = [0, *cuts, L - 2]
+    for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+      seg[b, s:e] = d + 1
+      pos[b, s:e] = np.arange(e - s)
+  targets[seg == 0] = -1
+  return {'inputs': inputs, 'targets': targets, 'segment_ids': seg, 'positions': pos}
 
 def state_bytes_per_device(state) -> int:
   return sum(x.addressable_shards[0].data.nbytes

@@ -85,7 +85,8 @@ def test_packing_invariants_on_training_batches(corpus):
   it = data.make_train_iterator(c)
   for _ in range(12):
     batch = next(it)
-    assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions'}
+    assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions', 'target_bytes'}
+    np.testing.assert_array_equal(batch['target_bytes'], batch['targets'] >= 0)  # 1 byte each
     for k, v in batch.items():
       assert v.shape == (BATCH, SEQ_LEN) and v.dtype == np.int32, k
     for row in batch_rows(batch):

@@ -116,7 +116,7 @@ def test_auto_choices_are_logged(caplog):
   c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, 1, 1
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
   assert c.attention.impl == 'auto' and c.attention.loss_chunk == -1  # the defaults
-  with caplog.at_level(logging.INFO, logger='loomax'):
+  with caplog.at_level(logging.INFO):
     assert resolve_attention_impl(c, mesh) == 'xla'
     c.seq_len = 65536
     assert resolve_attention_impl(c, mesh) == 'blockwise'

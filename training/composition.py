@@ -1,5 +1,7 @@
-"""The composition root: picks the attention implementation and activation sharding for a run
-and hands them to the model (models never see a mesh)."""
+"""The composition root: picks the attention implementation, the recurrent layers' token-order
+ops and the activation sharding for a run, and hands them to the model (models never see a
+mesh). It also refuses, at start-up, every way of splitting a sequence that a model's layers
+cannot follow (`check_token_order`)."""
 
 import functools
 import logging
@@ -9,18 +11,24 @@ import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
-from modeling import kernels
+from modeling import kernels, registry, ssm
 from modeling.kernels import auto as kernel_choice
 from modeling.transformer import Runtime
 from parallelism import context as context_lib
 from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
+from parallelism.context import layout as context_layout
+from parallelism.context import scan as context_scan
+from parallelism.context import shared_kv as context_shared_kv
+from parallelism.context import window as context_window
+
+log = logging.getLogger(__name__)
 
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
-ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS, *attention_lib.TPU_KERNELS)
 
-log = logging.getLogger('loomax')
+
+ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS, *attention_lib.TPU_KERNELS)
 
 
 def _local_shapes(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -59,27 +67,116 @@ def make_block_kernel(config: ml_collections.ConfigDict) -> kernels.BlockKernel:
                              interpret=pick == 'pallas' and kernels.on_cpu())
 
 
+def _context_kernel(config: ml_collections.ConfigDict):
+  """(per-block kernel, its single-device `AttendFn`, key tile its key lengths must divide;
+  0 = any) for code that runs a kernel on a context-parallel layout (window halo, shared K/V,
+  disaggregated tasks): masks by position, so index-masked kernels (jax_nn's cuDNN path,
+  splash) never see a permuted or split sequence."""
+  block = make_block_kernel(config)
+  tile = {'xla': 0, 'pallas': min(block.block_kv, kernels.pallas_block_cap())}.get(
+      block.impl, block.block_kv)
+  return block, kernels.attend(block), tile
+
+
 def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   impl = resolve_attention_impl(config, mesh)
   context_impl = config.parallelism.context_impl
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
-  kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
-  if impl in attention_lib.TILED:
-    kernel = functools.partial(kernel, block_q=config.attention.block_q,
-                               block_kv=config.attention.block_kv)
   if context_impl == 'none':
+    kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
+    if impl in attention_lib.TILED:
+      kernel = functools.partial(kernel, block_q=config.attention.block_q,
+                                 block_kv=config.attention.block_kv)
     if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
       kernel = functools.partial(kernel, index_ordered=True)
     return kernel
-  # Index-masked kernels (jax_nn's cuDNN path, splash) never see a context-parallel layout:
-  # the rings and the disaggregated plan call the per-block kernel below instead.
-  block = make_block_kernel(config)
+  block, kernel, tile = _context_kernel(config)
   if context_impl == 'disaggregated':
-    return disaggregation_attend.make_attend(config, mesh, kernels.attend(block))
-  return context_lib.make_context_attend(config, mesh, block)
+    return disaggregation_attend.make_attend(config, mesh, kernel)
+  ring = context_lib.make_context_attend(config, mesh, block)
+  # Causal window layers whose window fits one local chunk take one hop instead of the ring.
+  p = config.parallelism
+  return context_window.with_window_halo(
+      ring, kernel, mesh, p.rules, context=context_layout.context_size(mesh, p.rules),
+      zigzag=context_layout.uses_zigzag(config, mesh), block_kv=tile)
+
+
+def _config_value(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node.get(part, 0) if hasattr(node, 'get') else 0
+  return node
+
+
+def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Every run that splits or permutes a sequence must have layers that can follow the split:
+  a clear error naming the layer type and the key to change, before anything is compiled."""
+  name = config.model.name
+  family = registry.get_family(name)
+  p = config.parallelism
+  if p.context_impl == 'disaggregated':
+    window = _config_value(config, family.window_key)
+    if window:
+      raise ValueError(
+          f"parallelism.context_impl='disaggregated' supports causal attention without a "
+          f"sliding window, but model.name={name!r} has {family.window_key}={window}"
+          + (" (its self-decoder's window-attention layers always use one)"
+             if family.window_key != 'model.sliding_window' else '')
+          + ": use parallelism.context_impl='ring' (or 'none')")
+  layers = family.order_dependent_layers
+  if not layers:
+    return
+  kinds = ', '.join(layers)
+  n = context_layout.context_size(mesh, p.rules)
+  if n > 1 and not family.uses_recurrence_seam:
+    raise ValueError(
+        f'mesh.context={n} splits each sequence (parallelism.context_impl={p.context_impl!r}, '
+        f'parallelism.zigzag={p.zigzag}), but model.name={name!r} has {kinds} layers that '
+        'follow array order and have no context-parallel form: set mesh.context=1')
+  h = p.hybrid_dp
+  if h.enabled and max(h.layouts) > 1:
+    raise ValueError(
+        f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
+        f'over groups of up to {max(h.layouts)} devices, but model.name={name!r} has {kinds} '
+        'layers (a scan and a causal conv over array order) that hybrid-DP groups do not carry '
+        'across devices: set parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
+
+
+def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The recurrent layers' token-order ops: None (the model's own single-device scan) unless
+  the sequence is split over a context axis, then the distributed scan and conv halo."""
+  family = registry.get_family(config.model.name)
+  p = config.parallelism
+  if not family.uses_recurrence_seam or context_layout.context_size(mesh, p.rules) == 1:
+    return None
+  s = config.model.sambay
+  return context_scan.ContextRecurrence(
+      mesh, p.rules, ssm.make_scan(s.scan_impl, s.scan_chunk),
+      zigzag=context_layout.uses_zigzag(config, mesh), chunk=s.scan_chunk)
+
+
+def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
+  """K/V read by several layers (SambaY's cross-decoder): gathered once over the context axis
+  when context parallel (and the kv heads split evenly over the head shards), else None
+  (every reader calls the runtime's attention)."""
+  p = config.parallelism
+  if p.context_impl not in context_lib.IMPLS or p.context_impl == 'none':
+    return None
+  if context_layout.context_size(mesh, p.rules) == 1:
+    return None
+  heads = rules_lib.logical_to_spec(('act_heads',), p.rules, mesh)[0]
+  if config.model.num_kv_heads % rules_lib.mesh_axes_size(mesh, heads):
+    log.warning('shared K/V: model.num_kv_heads=%d does not divide over the head shards; '
+                'each cross-attention layer uses parallelism.context_impl=%r on its own',
+                config.model.num_kv_heads, p.context_impl)
+    return None
+  return context_shared_kv.GatheredKV(mesh, p.rules, _context_kernel(config)[1])
 
 
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
+  check_token_order(config, mesh)
   return Runtime(attend=make_attend(config, mesh),
-                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules))
+                 constrain=rules_lib.make_constrain(mesh, config.parallelism.rules),
+                 recurrence=make_recurrence(config, mesh),
+                 shared_kv=make_shared_kv(config, mesh))

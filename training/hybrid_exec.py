@@ -32,6 +32,7 @@ from parallelism import hybrid_dp
 from parallelism.context import ring
 from parallelism.context.sharded import ContextAxis
 from training import step as step_lib
+from training.composition import check_token_order
 from training.state import ModelSetup, TrainState
 
 POOL = ('data', 'context')  # the mesh axes that form the pool, in device order
@@ -81,6 +82,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                      f'pool device a full replica); got {busy}')
   if config.model.sliding_window:
     raise ValueError('parallelism.hybrid_dp.enabled does not support model.sliding_window')
+  check_token_order(config, mesh)   # recurrent layers: whole documents per device only
   hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
 
 

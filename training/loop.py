@@ -62,6 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_iter = hybrid_data.make_train_iterator(config)
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
+  eval_per_byte = data_lib.tokens_per_byte(eval_batches)  # None without byte counts
 
   state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
                                                                 workdir, train_iter)
@@ -171,7 +172,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         log.warning('signal received: saved step %d; exiting without the final eval', step)
         break
       if eval_due:
-        writer.write(step, {'eval/loss': evaluate(eval_step, state.params, eval_batches)})
+        writer.write(step, data_lib.eval_row(evaluate(eval_step, state.params, eval_batches),
+                                             eval_per_byte))
     if pending is not None:
       finish_step(*pending)
     final_step = int(state.step)
@@ -179,8 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not stopping:
       save(final_step, force=True)  # before the final eval, which a preemption may cut short
       eval_loss = evaluate(eval_step, state.params, eval_batches)
-      writer.write(final_step, {'eval/loss': eval_loss})
-      last_row['eval/loss'] = eval_loss
+      writer.write(final_step, data_lib.eval_row(eval_loss, eval_per_byte))
+      last_row.update(data_lib.eval_row(eval_loss, eval_per_byte))
   finally:
     if profiling:
       jax.profiler.stop_trace()

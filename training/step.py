@@ -94,7 +94,11 @@ def make_train_step(setup: ModelSetup, accum_steps: int = 1,
     rng = jax.random.fold_in(state.rng, state.step)
     total, count, grads = _accumulated_grads(state.params, graphdef, batch, rng, accum_steps,
                                              constrain_micro, loss_chunk)
-    return apply_gradients(setup, state, total, count, grads)
+    state, metrics = apply_gradients(setup, state, total, count, grads)
+    if 'target_bytes' in batch:  # bytes of text per target (training/data): nats -> bits/byte
+      nbytes = jnp.maximum(jnp.sum(batch['target_bytes']).astype(jnp.float32), 1.0)
+      metrics['train/bits_per_byte'] = total / (nbytes * jnp.log(2.0))
+    return state, metrics
 
   return train_step
 

@@ -117,5 +117,11 @@ def attend(kernel: BlockKernel):
   return fn
 
 
+def pallas_block_cap() -> int:
+  """The largest tile the Pallas kernel uses (larger configured blocks are capped to it)."""
+  from modeling.kernels import pallas_flash
+  return pallas_flash.MAX_BLOCK
+
+
 def on_cpu() -> bool:
   return jax.default_backend() == 'cpu'

@@ -2,20 +2,24 @@
 
 from training.data.pipeline import (
     SOURCES,
+    eval_row,
     local_batch_size,
     make_eval_batches,
     make_train_dataset,
     make_train_iterator,
     measure_tokens_per_sec,
     resume_train_iterator,
+    tokens_per_byte,
 )
 
 __all__ = [
     'SOURCES',
+    'eval_row',
     'local_batch_size',
     'make_eval_batches',
     'make_train_dataset',
     'make_train_iterator',
     'measure_tokens_per_sec',
     'resume_train_iterator',
+    'tokens_per_byte',
 ]

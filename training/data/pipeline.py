@@ -4,6 +4,8 @@ Built on grain, so the training iterator checkpoints exactly (get_state/set_stat
 grain.checkpoint.CheckpointSave/CheckpointRestore).
 """
 
+import functools
+import math
 import time
 from typing import Callable
 
@@ -11,7 +13,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from training.data import packing, position, sources, tasks
+from training.data import packing, position, sources, tasks, tokenizer
 
 SOURCES = sources.DOCUMENT_SOURCES + tasks.TASK_SOURCES
 _EVAL_OVERSAMPLE = 64  # windows read per window used: a wide sample, bounded reads
@@ -29,6 +31,11 @@ def local_batch_size(config, process_count: int) -> int:
 def _check_source(config) -> None:
   if config.data.source not in SOURCES:
     raise ValueError(f'data.source={config.data.source!r} is unknown; choose one of {SOURCES}.')
+  spec = config.data.get('tokenizer', 'bytes')
+  if config.data.source in tasks.TASK_SOURCES and spec != 'bytes':
+    raise ValueError(f'data.tokenizer={spec!r} applies to document sources only; '
+                     f'data.source={config.data.source!r} generates its own token ids '
+                     "(set data.tokenizer='bytes').")
 
 
 def _rows(config, split: str, process_index: int, process_count: int, *,
@@ -67,7 +74,19 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
       num_packing_bins=config.data.num_packing_bins,
       seed=(config.seed + _PACKING_SEED_SALT) % 2**32,
       shuffle_window=config.data.shuffle_window if shuffle else 0, tracked=True)
-  return rows, lambda j: packing.num_pieces(len(local[j]), config.seq_len)
+  return (rows.map(_byte_counter(config)),
+          lambda j: packing.num_pieces(len(local[j]), config.seq_len))
+
+
+def _byte_counter(config) -> Callable[[dict], dict]:
+  """Adds 'target_bytes' to a row: the UTF-8 bytes of text each target token stands for, so the
+  step can report bits per byte (comparable across tokenizers)."""
+  table = tokenizer.load(config.data.get('tokenizer', 'bytes')).token_bytes()
+  return functools.partial(_add_target_bytes, table)
+
+
+def _add_target_bytes(table: np.ndarray, row: dict) -> dict:
+  return {**row, 'target_bytes': tokenizer.target_bytes(table, row['targets'])}
 
 
 def _tag_document(index: int, tokens) -> dict:
@@ -164,12 +183,32 @@ def make_eval_batches(config, *, num_batches: int, process_index: int = 0,
         grain.ReadOptions(num_threads=0))
     ds = packing.pack_documents(docs, seq_len=config.seq_len,
                                 num_packing_bins=config.data.num_packing_bins,
-                                seed=(config.seed + _PACKING_SEED_SALT) % 2**32)
+                                seed=(config.seed + _PACKING_SEED_SALT) % 2**32
+                                ).map(_byte_counter(config))
   else:
     ds = _rows(config, 'eval', process_index, process_count, shuffle=False)[0]
   it = iter(ds.batch(local_batch_size(config, process_count), drop_remainder=True))
   return [{k: v for k, v in next(it).items() if k not in packing.TRACKING_KEYS}
           for _ in range(num_batches)]
+
+
+def tokens_per_byte(batches: list[dict]) -> float | None:
+  """Target tokens per byte of text over (global) batches carrying 'target_bytes'; None when
+  they carry none (synthetic and task sources)."""
+  if not batches or 'target_bytes' not in batches[0]:
+    return None
+  import jax.numpy as jnp  # the batches may be global jax arrays spread over processes
+  tokens = sum(float(jnp.sum(b['targets'] >= 0)) for b in batches)
+  nbytes = sum(float(jnp.sum(b['target_bytes'])) for b in batches)
+  return tokens / nbytes if nbytes else None
+
+
+def eval_row(loss: float, per_byte: float | None) -> dict[str, float]:
+  """The eval metrics from the mean loss (nats/token): plus bits/byte when bytes are known."""
+  row = {'eval/loss': loss}
+  if per_byte is not None:
+    row['eval/bits_per_byte'] = loss * per_byte / math.log(2)
+  return row
 
 
 def measure_tokens_per_sec(config, seconds: float = 3.0) -> float:

@@ -5,11 +5,13 @@ train/eval split and per-process shards are deterministic and independent of whe
 """
 
 import glob
+import gzip
 import hashlib
+import io
 import json
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +29,7 @@ class DocumentSource(Protocol):
   def __getitem__(self, index: int) -> np.ndarray: ...
   def key(self, index: int) -> str: ...
   def keys(self) -> list[str]: ...
+  def doc_hashes(self) -> np.ndarray: ...  # uint64 per document, stable: decides the split
 
 
 def stdlib_python_files() -> list[str]:
@@ -63,35 +66,83 @@ def relative_keys(files: Sequence[str]) -> list[str]:
   return [os.path.relpath(f, root) for f in files]
 
 
-def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
-  """True where a document belongs to the held-out split, by a stable (unsalted) hash of its key."""
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+  """A stable (unsalted) 64-bit hash per key: blake2b, as Python's str hash is salted."""
+  return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), 'little')
+                   for k in keys], dtype=np.uint64)
+
+
+def mix_hashes(file_hashes: np.ndarray, file_ids: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+  """Stable per-document hashes from its file's hash and its number inside the file, computed
+  on whole arrays (splitmix64 finaliser), so 10M documents need no Python object each."""
+  z = file_hashes[file_ids] ^ (np.asarray(numbers, np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def eval_mask_of_hashes(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
+  """True where a document belongs to the held-out split, by its stable hash."""
   if not 0.0 <= eval_fraction < 1.0:
     raise ValueError(f'data.eval_fraction={eval_fraction} must be in [0, 1).')
-  # blake2b rather than hash(): Python's str hash is salted per process.
-  h = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), 'little')
-                for k in keys], dtype=np.uint64)
-  return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_fraction
+  return (hashes >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_fraction
+
+
+def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
+  """True where a document belongs to the held-out split, by a stable hash of its key."""
+  return eval_mask_of_hashes(key_hashes(keys), eval_fraction)
+
+
+def looks_binary(data: bytes) -> int:
+  """Offset of the first NUL byte (text never has one), or -1."""
+  return data.find(b'\0')
+
+
+def decode_text(data: bytes, where: str, errors: str = 'strict') -> str:
+  """UTF-8 text of a document; a binary or undecodable one is an error naming `where`."""
+  if (nul := looks_binary(data)) >= 0:
+    raise ValueError(f'{where}: looks binary (NUL byte at offset {nul}), not a text document; '
+                     'remove it from the paths.')
+  try:
+    return data.decode('utf-8', errors=errors)
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{where}: not valid UTF-8 at byte {e.start} ({e.reason}); fix or remove '
+                     "the file, or decode with errors='replace' (data.decode_errors / "
+                     '--errors).') from None
+
+
+def _tokenize(tok, data: bytes, where: str, errors: str) -> np.ndarray:
+  if tok is None or tok.spec == 'bytes':  # bytes are the tokens: no decoding
+    if (nul := looks_binary(data)) >= 0:
+      raise ValueError(f'{where}: looks binary (NUL byte at offset {nul}), not a text '
+                       'document; remove it from the paths.')
+    return tokenizer.encode(data)
+  return tok.encode(decode_text(data, where, errors))
 
 
 class TextFileSource:
-  """One document per file; bytes are the tokens. Files are read lazily in __getitem__."""
+  """One document per file, tokenised by `tok` (None: bytes). Files are read lazily."""
 
-  def __init__(self, files: Sequence[str]):
+  def __init__(self, files: Sequence[str], tok=None, errors: str = 'strict'):
     self._files = list(files)
     self._keys = relative_keys(self._files)
+    self._tok, self._errors = tok, errors
 
   def __len__(self) -> int:
     return len(self._files)
 
   def __getitem__(self, index: int) -> np.ndarray:
     with open(self._files[index], 'rb') as f:
-      return tokenizer.encode(f.read())
+      return _tokenize(self._tok, f.read(), self._files[index], self._errors)
 
   def key(self, index: int) -> str:
     return self._keys[index]
 
   def keys(self) -> list[str]:
     return list(self._keys)
+
+  def doc_hashes(self) -> np.ndarray:
+    return key_hashes(self._keys)
 
 
 def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +163,16 @@ def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
 class JsonlSource:
   """One document per non-blank line of JSON-lines files: the `text_field` of each object."""
 
-  def __init__(self, files: Sequence[str], text_field: str):
+  def __init__(self, files: Sequence[str], text_field: str, tok=None, errors: str = 'strict'):
     self._files = list(files)
+    for path in self._files:
+      if path.endswith(COMPRESSED):
+        raise ValueError(f'data.paths: {path} is compressed, which allows no random access; '
+                         'tokenise it once with scripts/prepare_data.py and train with '
+                         "data.source='array_record'.")
     self._file_keys = relative_keys(self._files)
     self._text_field = text_field
+    self._tok, self._errors = tok, errors
     file_ids, starts, ends, line_numbers = [], [], [], []
     for i, path in enumerate(self._files):
       s, e = _line_spans(path)
@@ -138,17 +195,10 @@ class JsonlSource:
     with open(path, 'rb') as f:
       f.seek(int(self._starts[index]))
       line = f.read(int(self._ends[index] - self._starts[index]))
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{where}: not valid JSON ({e}).') from None
-    if not isinstance(record, dict) or self._text_field not in record:
-      raise ValueError(f'{where}: no field data.text_field={self._text_field!r} in this line.')
-    text = record[self._text_field]
-    if not isinstance(text, str):
-      raise TypeError(f'{where}: field {self._text_field!r} is {type(text).__name__}, '
-                      'not a string.')
-    return tokenizer.encode(text)
+    text = jsonl_text(line, where, self._text_field, self._errors)
+    if self._tok is None or self._tok.spec == 'bytes':
+      return tokenizer.encode(text)
+    return self._tok.encode(text)
 
   def key(self, index: int) -> str:
     return f'{self._file_keys[self._file_ids[index]]}:{self._line_numbers[index]}'
@@ -157,6 +207,82 @@ class JsonlSource:
     return [f'{self._file_keys[f]}:{n}'
             for f, n in zip(self._file_ids, self._line_numbers, strict=True)]
 
+  def doc_hashes(self) -> np.ndarray:
+    return mix_hashes(key_hashes(self._file_keys), self._file_ids, self._line_numbers)
+
+
+def jsonl_text(line: bytes, where: str, text_field: str, errors: str = 'strict') -> str:
+  """The document in one JSON line; every problem is an error naming `where` (file:line)."""
+  try:
+    record = json.loads(decode_text(line, where, errors))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{where}: not valid JSON ({e}).') from None
+  if not isinstance(record, dict) or text_field not in record:
+    raise ValueError(f'{where}: no field data.text_field={text_field!r} in this line.')
+  text = record[text_field]
+  if not isinstance(text, str):
+    raise TypeError(f'{where}: field {text_field!r} is {type(text).__name__}, not a string.')
+  return text
+
+
+PREPARED_META = 'prepared.json'  # written by scripts/prepare_data.py beside its shards
+LENGTHS_FILE = 'lengths.npy'     # int32 tokens per document, in record order over all shards
+
+
+class RecordIndex:
+  """Global document numbers over per-file record counts, as numpy offsets (no per-document
+  Python objects: 10M documents cost a few arrays of 10M numbers)."""
+
+  def __init__(self, file_keys: Sequence[str], counts: Sequence[int]):
+    self.file_keys = list(file_keys)
+    self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def locate(self, index: int) -> tuple[int, int]:
+    file_id = int(np.searchsorted(self.offsets, index, side='right')) - 1
+    return file_id, index - int(self.offsets[file_id])
+
+  def doc_hashes(self) -> np.ndarray:
+    counts = np.diff(self.offsets)
+    file_ids = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    records = np.arange(len(self), dtype=np.int64) - self.offsets[file_ids]
+    return mix_hashes(key_hashes(self.file_keys), file_ids, records)
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+  """What identifies a tokenizer's ids: 'bytes', or the hash of its model file."""
+  return 'bytes' if tok.spec == 'bytes' else file_sha256(tok.path)
+
+
+def check_prepared(files: Sequence[str], tok) -> None:
+  """Shards written by prepare_data.py must be read with the tokenizer that wrote them."""
+  for d in sorted({os.path.dirname(os.path.abspath(f)) for f in files}):
+    meta_path = os.path.join(d, PREPARED_META)
+    if not os.path.exists(meta_path):
+      continue
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get('tokenizer_fingerprint') != tokenizer_fingerprint(tok):
+      raise ValueError(f'{d} was tokenised with {meta.get("tokenizer")!r} but '
+                       f'data.tokenizer={tok.spec!r}; set data.tokenizer to the tokenizer '
+                       'the shards were prepared with.')
+
+
+def load_document_lengths(directory: str) -> np.ndarray:
+  """Tokens per document of a prepare_data.py output (memory-mapped int32): the real length
+  distribution for the hybrid data parallel and disaggregation planners."""
+  return np.load(os.path.join(directory, LENGTHS_FILE), mmap_mode='r')
+
 
 class ArrayRecordSource:
   """One document per ArrayRecord record, stored as int32 little-endian token ids."""
@@ -164,20 +290,15 @@ class ArrayRecordSource:
   def __init__(self, files: Sequence[str], vocab_size: int):
     from array_record.python import array_record_data_source  # only this source needs it
     self._files = list(files)
-    self._file_keys = relative_keys(self._files)
     self._vocab_size = vocab_size
     self._readers = [array_record_data_source.ArrayRecordDataSource([f]) for f in self._files]
-    self._offsets = np.cumsum([0] + [len(r) for r in self._readers])
+    self._index = RecordIndex(relative_keys(self._files), [len(r) for r in self._readers])
 
   def __len__(self) -> int:
-    return int(self._offsets[-1])
-
-  def _locate(self, index: int) -> tuple[int, int]:
-    file_id = int(np.searchsorted(self._offsets, index, side='right')) - 1
-    return file_id, index - int(self._offsets[file_id])
+    return len(self._index)
 
   def __getitem__(self, index: int) -> np.ndarray:
-    file_id, record = self._locate(index)
+    file_id, record = self._index.locate(index)
     data = self._readers[file_id][record]
     if len(data) % 4:
       raise ValueError(f'{self._files[file_id]} record {record}: {len(data)} bytes is not a '
@@ -190,12 +311,14 @@ class ArrayRecordSource:
     return tokens
 
   def key(self, index: int) -> str:
-    file_id, record = self._locate(index)
-    return f'{self._file_keys[file_id]}:{record}'
+    file_id, record = self._index.locate(index)
+    return f'{self._index.file_keys[file_id]}:{record}'
 
   def keys(self) -> list[str]:
-    return [f'{k}:{r}' for k, reader in zip(self._file_keys, self._readers, strict=True)
-            for r in range(len(reader))]
+    return [self.key(i) for i in range(len(self))]
+
+  def doc_hashes(self) -> np.ndarray:
+    return self._index.doc_hashes()
 
 
 class SubsetSource:
@@ -227,20 +350,83 @@ def make_document_source(config, split: str) -> SubsetSource:
     raise ValueError(f"split={split!r}; choose 'train' or 'eval'.")
   name = config.data.source
   vocab_size = config.model.vocab_size
+  tok = tokenizer.load(config.data.get('tokenizer', 'bytes'))
+  tokenizer.check_vocab(tok, vocab_size)
+  errors = config.data.get('decode_errors', 'strict')
+  if errors not in ('strict', 'replace'):
+    raise ValueError(f"data.decode_errors={errors!r}; choose 'strict' or 'replace'.")
   if name == 'local_text':
-    tokenizer.check_byte_vocab(vocab_size, name)
     base = TextFileSource(resolve_paths(config.data.paths) if config.data.paths.strip()
-                          else stdlib_python_files())
+                          else stdlib_python_files(), tok, errors)
   elif name == 'text':
-    tokenizer.check_byte_vocab(vocab_size, name)
-    base = TextFileSource(resolve_paths(config.data.paths))
+    base = TextFileSource(resolve_paths(config.data.paths), tok, errors)
   elif name == 'jsonl':
-    tokenizer.check_byte_vocab(vocab_size, name)
-    base = JsonlSource(resolve_paths(config.data.paths), config.data.text_field)
+    base = JsonlSource(resolve_paths(config.data.paths), config.data.text_field, tok, errors)
   elif name == 'array_record':
-    base = ArrayRecordSource(resolve_paths(config.data.paths), vocab_size)
+    files = resolve_paths(config.data.paths)
+    check_prepared(files, tok)
+    base = ArrayRecordSource([f for f in files if f.endswith('.array_record')] or files,
+                             vocab_size)
   else:
     raise ValueError(f'data.source={name!r} is not a document source; choose one of '
                      f'{DOCUMENT_SOURCES}.')
-  held_out = eval_mask(base.keys(), config.data.eval_fraction)
+  held_out = eval_mask_of_hashes(base.doc_hashes(), config.data.eval_fraction)
   return SubsetSource(base, np.flatnonzero(held_out if split == 'eval' else ~held_out))
+
+
+# --- streaming readers (scripts/prepare_data.py, scripts/train_tokenizer.py) ---
+
+COMPRESSED = ('.gz', '.zst')
+STREAM_SOURCES = ('text', 'jsonl', 'parquet', 'local_text')
+
+
+def _open_bytes(path: str) -> io.BufferedIOBase:
+  if path.endswith('.gz'):
+    return gzip.open(path, 'rb')
+  if path.endswith('.zst'):
+    import zstandard  # optional: only .zst files need it
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'),
+                                                                        closefd=True))
+  return open(path, 'rb')
+
+
+def iter_texts(path: str, source: str, text_field: str = 'text', errors: str = 'strict',
+               raw: bool = False) -> Iterator[str | bytes]:
+  """The documents of one file, in order: the whole file (text), one per non-blank line
+  (jsonl, also .jsonl.gz / .jsonl.zst) or one per row of column `text_field` (parquet).
+  `raw`: text files as undecoded bytes (byte tokens need no decoding, as in training)."""
+  if source in ('text', 'local_text'):
+    with open(path, 'rb') as f:
+      data = f.read()
+    if raw:
+      if (nul := looks_binary(data)) >= 0:
+        raise ValueError(f'{path}: looks binary (NUL byte at offset {nul}), not a text '
+                         'document; remove it from the paths.')
+      yield data
+    else:
+      yield decode_text(data, path, errors)
+  elif source == 'jsonl':
+    try:
+      with _open_bytes(path) as f:
+        for number, line in enumerate(f, 1):
+          if line.strip():
+            yield jsonl_text(line, f'{path}:{number}', text_field, errors)
+    except (OSError, EOFError) as e:  # a corrupt or truncated compressed file
+      if isinstance(e, FileNotFoundError):
+        raise
+      raise ValueError(f'{path}: cannot be read as {source} ({e}).') from None
+  elif source == 'parquet':
+    import pyarrow.parquet as pq  # optional: only parquet needs it
+    try:
+      pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid for a non-parquet file
+      raise ValueError(f'{path}: not a parquet file ({e}).') from None
+    if text_field not in pf.schema_arrow.names:
+      raise ValueError(f'{path}: no column data.text_field={text_field!r} '
+                       f'(columns: {pf.schema_arrow.names}).')
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+      for text in batch.column(0).to_pylist():
+        if text is not None:
+          yield text
+  else:
+    raise ValueError(f'--source {source!r}; choose one of {STREAM_SOURCES}.')
