@@ -18,8 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seq_len = 512                    # tokens per packed sequence
   c.seed = 0                         # seeds params, data order and dropout-like RNG
   c.log_every = 20                   # metrics row every N steps
-  c.eval_every = 200                 # held-out eval every N steps (0 = only at the end)
-  c.eval_batches = 8                 # batches per held-out eval
+  c.eval_every = 200                 # held-out eval every N steps (0 = only at the end, -1 = off)
+  c.eval_batches = 8                 # batches per held-out eval (0 = eval off)
   # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
   # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
   # checkpoints directory to continue from (into an empty workdir).
@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      # (used only when the workdir holds no checkpoint yet)
   c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
   c.profile_start = 5                # first profiled step
-  c.progress = True                  # show a progress bar on process 0
+  c.progress = True                  # progress bar on process 0 (else, or off a terminal: log lines)
+  c.dry_run = False                  # print config, mesh, params, compiled step memory; no training
 
   # --- model ---
   m = c.model = ml_collections.ConfigDict()
@@ -108,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.tokenizer = 'bytes'
   d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
+  d.eval_paths = ''                  # globs of a separate eval corpus: then all of paths trains
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
   d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)
@@ -172,8 +174,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ('act_heads', 'tensor'),       # activations' head dimension
       ('act_mlp', 'tensor'),         # activations' MLP hidden dimension
       ('embed', 'fsdp'),             # parameters' model dimension
-      ('heads', 'tensor'),           # parameters' head dimension (q, and kv where divisible)
-      ('kv_heads', 'tensor'),
+      ('heads', 'tensor'),           # parameters' query-head dimension
+      ('kv_heads', 'tensor'),        # key/value heads; replicated where tensor does not divide them
       ('mlp', 'tensor'),             # parameters' MLP hidden dimension
       ('vocab', 'tensor'),
       ('layers', None),              # the stacked-layer dimension under scan
@@ -203,5 +205,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- performance accounting ---
   perf = c.perf = ml_collections.ConfigDict()
-  perf.peak_flops = 0.0              # per-device FLOP/s for MFU; 0 = measure with a matmul at start
+  perf.peak_flops = 0.0              # per-device FLOP/s for MFU; 0 = measure a matmul at start
+  perf.peak_trials = 10              # matmul timings at start; MFU divides by the fastest
   return c

@@ -211,7 +211,7 @@ def parameter_counts(cfg: Any) -> tuple[int, int]:
 
 
 def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
-  """Model FLOPs of one forward pass per token (MEASURING.md), counting all R = cart.loops
+  """Model FLOPs of one forward pass per token (docs/measuring.md), counting all R = cart.loops
   core applications. 2 x matmul parameters + 4 x S x H x Dh per attention (half if causal).
   W_lie pe[r] is one vector per iteration, not per token, and is left out."""
   c = cfg.cart

@@ -219,7 +219,7 @@ def _sliding_kv_len(window: int, seq_len: int, causal: bool) -> float:
 
 
 def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
-  """Model FLOPs of one forward pass per token (MEASURING.md).
+  """Model FLOPs of one forward pass per token (docs/measuring.md).
 
   2 x matmul params (LM head included) + attention 4 x S_kv x H x Dh per attention layer
   (full and cross: S_kv = seq_len, halved when causal; window: mean min(window, position))

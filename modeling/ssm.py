@@ -216,7 +216,8 @@ class Mamba(nnx.Module):
   """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs, scan_fn: ScanFn | None = None,
-               recurrence: Recurrence | None = None, constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
+               recurrence: Recurrence | None = None,
+               constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
                param_dtype=jnp.float32):
     D = cfg.d_model
     E, N, W, R = dims(cfg)
@@ -300,7 +301,7 @@ class Mamba(nnx.Module):
 def scan_flops_per_token(d_inner: int, d_state: int) -> float:
   """Scan FLOPs per token, our count: per (e, n) exp(dt A) 1 mul (+1 exp), dt x B 1 mul
   (dt x shared over n), a h + b 2, C . h 2 = 7; we use the common 9 x E x N estimate
-  (MEASURING.md), which also covers the exp and the reset select."""
+  (docs/measuring.md), which also covers the exp and the reset select."""
   return 9.0 * d_inner * d_state
 
 

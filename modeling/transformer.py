@@ -196,7 +196,7 @@ def apply_blocks(blocks, x_BLD, *, scanned: bool, remat: str,
 
 
 def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
-  """Model FLOPs of one forward pass per token (MEASURING.md): 2 x matmul params + attention."""
+  """Model FLOPs of one forward pass per token (docs/measuring.md): 2 x matmul params + attention."""
   D, H, K, Dh, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
   matmul_params = cfg.num_layers * per_layer + D * cfg.vocab_size

@@ -13,6 +13,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
 
+# Logical axes whose dimension is replicated, not refused, when the mesh cannot divide it:
+# with more tensor shards than key/value heads (tensor=4, num_kv_heads=2) every shard keeps
+# all K/V heads, as MaxText does; the attention seam repeats them per query head
+# (parallelism/context/sharded.py) and XLA slices what each shard needs.
+REPLICATE_IF_INDIVISIBLE = frozenset({'kv_heads'})
+
 
 def _as_tuple(mesh_axes) -> tuple[str, ...]:
   if mesh_axes is None:
@@ -66,8 +72,18 @@ def check_divisible(shape: Sequence[int], spec: P, mesh: Mesh, what: str) -> Non
                        f'{entry}={n} (shape {tuple(shape)}); change parallelism.rules or the mesh')
 
 
+def replicate_indivisible(shape: Sequence[int], logical_axes, spec: P, mesh: Mesh) -> P:
+  """`spec` with the REPLICATE_IF_INDIVISIBLE dimensions the mesh cannot divide replicated."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  for dim, (size, name) in enumerate(zip(shape, logical_axes)):
+    if name in REPLICATE_IF_INDIVISIBLE and size % mesh_axes_size(mesh, entries[dim]):
+      entries[dim] = None
+  return P(*entries)
+
+
 def named_sharding(shape, logical_axes, rules: Rules, mesh: Mesh, what: str) -> NamedSharding:
   spec = logical_to_spec(logical_axes, rules, mesh)
+  spec = replicate_indivisible(shape, logical_axes, spec, mesh)
   check_divisible(shape, spec, mesh, what)
   return NamedSharding(mesh, spec)
 

@@ -30,7 +30,7 @@ from parallelism import mesh as mesh_lib
 from training import perf
 from training import step as step_lib
 from training.composition import make_runtime
-from training.loop import batch_sharding
+from training.program import batch_sharding
 from training.state import setup_model
 
 MiB = 2 ** 20
@@ -63,11 +63,21 @@ def main():
   parser.add_argument('--d_model', type=int, default=256)
   parser.add_argument('--seq_len', type=int, default=1024)
   parser.add_argument('--micro_batch', type=int, default=8)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
   args = parser.parse_args()
+  if args.smoke:
+    args.d_model, args.seq_len, args.micro_batch = 64, 32, 1
+  R = 2 if args.smoke else 6
+  variants = ((1, 'none'), (R, 'none'), (R, 'full'), (R, 'dots'))
+  if args.smoke:
+    variants = variants[:3]
 
   rows = []
-  for loops, remat in ((1, 'none'), (6, 'none'), (6, 'full'), (6, 'dots')):
+  for loops, remat in variants:
     c = cart_paper.paper_config(args.d_model, loops)
+    if args.smoke:
+      c.model.vocab_size, c.model.cart.prelude_layers = 256, 1
     c.seq_len, c.batch_size = args.seq_len, args.micro_batch
     c.optimizer.grad_accum_steps = 1   # memory is per micro-batch; accumulation adds one grad copy
     c.mesh.data = 1
@@ -95,8 +105,8 @@ def main():
           f'{arg / MiB:,.1f} | {total / MiB:,.1f} | {total / base_total:.2f}x | '
           f'{resid / MiB:,.1f} |')
   r1, r6, r6_full = rows[0], rows[1], rows[2]
-  print(f'compiled: R=6 {r6[6] / MiB:,.0f} MiB vs R=1 {r1[6] / MiB:,.0f} MiB '
-        f'({r6[6] / r1[6]:.2f}x) | residuals: R=6 {r6[7] / r1[7]:.2f}x of R=1, '
+  print(f'compiled: R={R} {r6[6] / MiB:,.0f} MiB vs R=1 {r1[6] / MiB:,.0f} MiB '
+        f'({r6[6] / r1[6]:.2f}x) | residuals: R={R} {r6[7] / r1[7]:.2f}x of R=1, '
         f'remat_loop=full {r6_full[7] / r6[7]:.2f}x of no remat')
 
 

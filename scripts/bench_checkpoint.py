@@ -73,7 +73,10 @@ def main():
   p.add_argument('--mlp-dim', type=int, default=2048)
   p.add_argument('--vocab', type=int, default=16384)
   p.add_argument('--dir', default='/tmp/loomax_bench_ckpt')
+  p.add_argument('--smoke', action='store_true', help='seconds-long check: a 2-layer d=32 model')
   args = p.parse_args()
+  if args.smoke:
+    args.layers, args.d_model, args.mlp_dim, args.vocab = 2, 32, 64, 256
   shutil.rmtree(args.dir, ignore_errors=True)
   os.makedirs(args.dir)
 

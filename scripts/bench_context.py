@@ -6,7 +6,7 @@
 For each sequence length x context size (1, 2, 4, 8 devices, one sequence per step) x
 implementation, on fake CPU devices, float32, model: 2 layers, d=384, 6 heads (2 kv heads,
 head dim 64), SwiGLU 1536, vocab 8192, blockwise attention, chunked loss, parameters sharded
-over (fsdp, context). Columns (see ../shared/MEASURING.md):
+over (fsdp, context). Columns (see docs/measuring.md):
   mem GiB     per-device memory of the compiled train step (memory_analysis: temp + args +
               outputs - aliased); compile only, so long lengths cost no execution
   attn MiB/l  bytes one device sends per layer for attention, forward + backward, from the
@@ -63,17 +63,23 @@ from training.composition import make_attend
 from training.program import build_program
 
 GiB, MiB = 2 ** 30, 2 ** 20
+# The benchmark's model; --smoke shrinks it (and the lengths) to a seconds-long check.
+MODEL = dict(num_layers=2, d_model=384, num_heads=6, num_kv_heads=2, head_dim=64, mlp_dim=1536,
+             vocab_size=8192)
+BLOCK, LOSS_CHUNK = 1024, 4096
+SMOKE_MODEL = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                   mlp_dim=64, vocab_size=256)
 
 
 def bench_config(seq_len: int, context: int, impl: str, remat: str = 'none'):
   c = base.get_config()
   c.seq_len, c.batch_size, c.steps = seq_len, 1, 10
   m = c.model
-  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = 2, 384, 6, 2, 64
-  m.mlp_dim, m.vocab_size, m.remat = 1536, 8192, remat
+  m.update(MODEL)
+  m.remat = remat
   c.attention.impl = 'blockwise'
-  c.attention.block_q = c.attention.block_kv = 1024
-  c.attention.loss_chunk = 4096
+  c.attention.block_q = c.attention.block_kv = BLOCK
+  c.attention.loss_chunk = LOSS_CHUNK
   c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, context, 1
   c.parallelism.context_impl = impl if context > 1 else 'none'
   c.parallelism.rules = tuple((n, ('fsdp', 'context')) if n == 'embed' else (n, a)
@@ -341,9 +347,17 @@ def main():
   ap.add_argument('--tiny', action='store_true',
                   help='seconds: only the ratio table, at 512 tokens on 4 devices, block 64')
   ap.add_argument('--json', default='', help='also write the results here')
+  ap.add_argument('--smoke', action='store_true',
+                  help='seconds-long check: a 1-layer d=32 model at 128 tokens, ring on 2 devices')
   args = ap.parse_args()
   if args.tiny:
     args.lengths, args.ratio_length, args.ratio_context, args.repeats = '', 512, 4, 2
+  if args.smoke:
+    global BLOCK, LOSS_CHUNK
+    MODEL.update(SMOKE_MODEL)
+    BLOCK, LOSS_CHUNK = 64, 0
+    args.lengths, args.contexts, args.impls, args.time_lengths = '128', '1,2', 'ring', '128'
+    args.repeats, args.search, args.run_length, args.ratio_length = 1, False, 0, 0
   lengths = [int(x) for x in args.lengths.split(',') if x]
   contexts = [int(x) for x in args.contexts.split(',')]
   impls = args.impls.split(',')

@@ -208,7 +208,10 @@ def main():
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--impls', default='dp,ring,dca')
+  ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dca only')
   args = ap.parse_args()
+  if args.smoke:
+    args.seq_len, args.rows_per_device, args.repeats, args.impls = 128, 2, 1, 'dca'
   B, L = N * args.rows_per_device, args.seq_len
   raw = long_tail_batch(B, L, args.seed, 256)
 
@@ -279,6 +282,8 @@ def main():
   if 'dca' in results and 'ring' in results:
     parts.append(f'attention bytes/device/layer dca {results["dca"][1] / MiB:.2f} MiB vs ring '
                  f'{results["ring"][1] / MiB:.2f} MiB')
+  if not parts and 'dca' in results:
+    parts.append(f'dca attention FLOPs max/mean {results["dca"][0]:.3f}')
   print('summary: ' + '; '.join(parts))
 
 

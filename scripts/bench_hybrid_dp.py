@@ -12,7 +12,7 @@ documents for all three:
            all 8 devices with the zigzag ring (the only static mesh that fits a document of 8C)
   packing  mesh data=8, no context parallelism: documents first-fit packed into rows of 8C
            (the longest document must fit one row), rows spread over the 8 devices
-Columns (../shared/MEASURING.md):
+Columns (docs/measuring.md):
   MiB sent/dev  bytes one device sends per step, from the optimized HLO (collective-permute
                 pairs, all-reduce 2(N-1)/N, loops x trip count), mean over devices, summed
                 over every program the step runs (hdp: each micro-batch + the update)
@@ -132,7 +132,7 @@ def run_hdp(c, docs, cost, state0, repeats):
   h = c.parallelism.hybrid_dp
   t0 = time.perf_counter()
   plan = hybrid_dp.plan([len(d) for d in docs], ex.pool, h.capacity, layouts=h.layouts,
-                        slack=h.slack, cost=cost)
+                        slack=h.slack, cost=cost, whole_groups=ex.whole_groups)
   micro = hybrid_dp.batch_buffers(plan, docs)
   plan_s = time.perf_counter() - t0
   per_mb = np.stack([hybrid_dp.buffer_flops(b, cost) for _, b in micro])
@@ -206,7 +206,10 @@ def main():
   ap.add_argument('--shape', type=float, default=1.2, help='pareto: alpha; lognormal: sigma')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--repeats', type=int, default=2)
+  ap.add_argument('--smoke', action='store_true', help='seconds-long check: C=64, 12 documents')
   args = ap.parse_args()
+  if args.smoke:
+    args.capacity, args.docs, args.scale, args.repeats = 64, 12, 16.0, 1
   C = args.capacity
   c = bench_config(C, block=min(64, C // 2))
   docs = make_docs(args.docs, args.dist, args.scale, args.shape, N * C, args.seed)

@@ -2,7 +2,7 @@
 count, selective-scan throughput against a sequential `lax.scan`, and decoding cache bytes.
 
 Ren et al., "Decoder-Hybrid-Decoder Architecture for Efficient Reasoning with Long
-Generation" (2025). Counted as ../shared/MEASURING.md says: model FLOPs = 3 x forward FLOPs
+Generation" (2025). Counted as docs/measuring.md says: model FLOPs = 3 x forward FLOPs
 from each family's `forward_flops_per_token` (the scan at 9 x d_inner x d_state per token per
 Mamba layer); peak measured in this run by a 2048^2 float32 matmul; times are the median of
 5 steps after compilation and a warm-up step (min and max printed too).
@@ -144,21 +144,32 @@ def cache_rows(contexts):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--quick', action='store_true', help='short sequences, a smoke run')
+  parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: 2 layers, 64 tokens, one scan variant')
   parser.add_argument('--max_mib', type=float, default=4096,
                       help='largest compiled training step to run; above it, time the forward')
   args = parser.parse_args()
   jax.config.update('jax_default_matmul_precision', 'highest')
   seq_lens = (512, 1024) if args.quick else (2048, 8192)
+  scans = ('sequential', 'associative', 'chunked:64', 'chunked:256')
+  if args.smoke:
+    global REPEATS
+    seq_lens, scans, REPEATS = (64,), ('sequential', 'chunked:64'), 1
   dev = jax.devices()[0]
   mesh = Mesh(np.array(jax.devices()[:1]), ('d',))
-  peak = perf.measure_peak_flops(mesh, jnp.float32)
+  peak_n = 256 if args.smoke else 2048
+  peak = perf.measure_peak_flops(mesh, jnp.float32, n=peak_n)
   s_cfg = sambay_model_config()
+  if args.smoke:
+    s_cfg.d_model, s_cfg.mlp_dim, s_cfg.sambay.window = 32, 64, 16
+    s_cfg.head_dim, s_cfg.vocab_size, s_cfg.remat = 16, 256, 'none'
   n_params = count_params(s_cfg)
   d_cfg = dense_model_config(n_params, s_cfg)
   print(f'# bench_sambay | backend {jax.default_backend()} | device {dev.device_kind} x1 | '
-        f'jax {jax.__version__} | float32, batch 1, remat full | peak {peak / 1e9:.0f} GFLOP/s '
-        f'(2048^2 matmul, this run)')
+        f'jax {jax.__version__} | float32, batch 1, remat {s_cfg.remat} | '
+        f'peak {peak / 1e9:.0f} GFLOP/s '
+        f'(best of 10 {peak_n}^2 matmuls, this run)')
   print(f'# sambay: L={s_cfg.num_layers} d={s_cfg.d_model} H={s_cfg.num_heads}x{s_cfg.head_dim} '
         f'K={s_cfg.num_kv_heads} mlp={s_cfg.mlp_dim} window={s_cfg.sambay.window} '
         f'scan={s_cfg.sambay.scan_impl}:{s_cfg.sambay.scan_chunk} NoPE, {n_params:,} params | '
@@ -183,7 +194,7 @@ def main():
         f'{"train GFLOP/s":>14} {"train MiB":>10}')
   scan_res = {}
   for seq in seq_lens:
-    for impl in ('sequential', 'associative', 'chunked:64', 'chunked:256'):
+    for impl in scans:
       r = scan_throughput(impl, seq, args.max_mib)
       scan_res[(impl, seq)] = r
       print(f'{impl:16} {seq:6d} {r["fwd_tok/s"]:10.0f} {r["train_tok/s"]:12.0f} '
@@ -192,15 +203,14 @@ def main():
   print('\n# decoding cache bytes per token of context (batch 1, model dtype; SSM state float32); '
         'dense = same depth/width/KV heads, K and V in every layer')
   print(f'{"config":12} {"context":>8} {"sambay B/tok":>13} {"dense B/tok":>12} {"dense/sambay":>13}')
-  crow = cache_rows((4096, 32768, 131072))
+  crow = cache_rows((4096,) if args.smoke else (4096, 32768, 131072))
   for name, n, s, d, ratio in crow:
     print(f'{name:12} {n:8d} {s:13.0f} {d:12.0f} {ratio:12.1f}x')
 
   long = seq_lens[-1]
   ds, ss = results[('dense', long)], results[('sambay', long)]
   seq_s = scan_res[('sequential', long)]['train_tok/s']
-  best = max(('associative', 'chunked:64', 'chunked:256'),
-             key=lambda i: scan_res[(i, long)]['train_tok/s'])
+  best = max(scans[1:], key=lambda i: scan_res[(i, long)]['train_tok/s'])
   print(f'summary @{long} ({ss["mode"].split()[0]}): sambay {ss["tok/s"]:,.0f} tok/s '
         f'(MFU {ss["mfu_causal"]:.1%}) vs dense {ds["tok/s"]:,.0f} tok/s '
         f'(MFU {ds["mfu_causal"]:.1%}) | best scan {best} '

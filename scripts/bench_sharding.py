@@ -16,39 +16,33 @@ if 'jax' not in sys.modules:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from parallelism import mesh as mesh_lib  # noqa: E402
-from training import perf  # noqa: E402
+from training import data as data_lib, perf  # noqa: E402
 from training.program import build_program  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
+flags.DEFINE_bool('smoke', False, 'Seconds-long check: a 1-layer d=32 model, two meshes, 1 step.')
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
           dict(fsdp=4, tensor=2), dict(tensor=8)]
 
 
+def _synthetic(c):
+  c = c.copy_and_resolve_references()
+  c.data.source = 'synthetic'
+  return c
 
-def random_batch(config, seed=0, num_docs=3):
-  """Rows of `num_docs` packed documents of random tokens and lengths, 2 padding positions."""
-  rng = np.random.default_rng(seed)
-  B, L, V = config.batch_size, config.seq_len, config.model.vocab_size
-  inputs = rng.integers(0, V, (B, L), dtype=np.int32)
-  targets = rng.integers(0, V, (B, L), dtype=np.int32)
-  seg = np.zeros((B, L), np.int32)
-  pos = np.zeros((B, L), np.int32)
-  for b in range(B):
-    cuts = np.sort(rng.choice(np.arange(1, L - 2), num_docs - 1, replace=False))
-    bounds = [0, *cuts, L - 2]
-    for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-      seg[b, s:e] = d + 1
-      pos[b, s:e] = np.arange(e - s)
-  targets[seg == 0] = -1
-  return {'inputs': inputs, 'targets': targets, 'segment_ids': seg, 'positions': pos}
+
+def shrink_for_smoke(c):
+  """--smoke: a 1-layer d=32 model on 8 x 32-token rows, a seconds-long check."""
+  c.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+  c.batch_size, c.seq_len = 8, 32
+
 
 def state_bytes_per_device(state) -> int:
   return sum(x.addressable_shards[0].data.nbytes
@@ -58,6 +52,10 @@ def state_bytes_per_device(state) -> int:
 def main(_):
   absl_logging.set_verbosity(absl_logging.WARNING)
   c = flags.FLAGS.config
+  meshes = MESHES
+  if flags.FLAGS.smoke:
+    shrink_for_smoke(c)
+    meshes, flags.FLAGS.steps = [MESHES[0], MESHES[3]], 1
   dev = jax.devices()[0]
   n = len(jax.devices())
   print(f'# bench_sharding | {dev.platform} {dev.device_kind} x{n} | jax {jax.__version__} | '
@@ -68,9 +66,10 @@ def main(_):
   header = (f"{'mesh':<28} {'tokens/s':>9} {'params+opt MiB':>15} {'step mem MiB':>13} "
             f"{'sent MiB':>9} {'all-reduce':>11} {'all-gather':>11} {'red-scatter':>11}")
   print(header)
-  batch = random_batch(c)
+  # Uniform random tokens (data.source=synthetic): the step costs the same for any tokens.
+  batch = next(data_lib.make_train_iterator(_synthetic(c)))
   results = {}
-  for sizes in MESHES:
+  for sizes in meshes:
     cfg = c.copy_and_resolve_references()
     cfg.mesh.update({'data': 1, 'fsdp': 1, 'context': 1, 'tensor': 1, **sizes})
     name = ' x '.join(f'{k}={v}' for k, v in sizes.items())

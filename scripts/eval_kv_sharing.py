@@ -5,6 +5,7 @@ Depth-Wise Cache Sharing" (Filippova et al., 2026): every g-th layer keeps a cac
 read their group leader's, g = 1..4 (100/50/33/25% retention).
 
     python scripts/eval_kv_sharing.py --checkpoint runs/tiny [--step N] [--groups 1,2,3,4]
+    python scripts/eval_kv_sharing.py --smoke   # trains a 2-step tiny run first, then evaluates
 
 --checkpoint is the run's workdir (holding config.json) or its checkpoints/ folder.
 """
@@ -20,19 +21,18 @@ import jax
 import ml_collections
 from flax import nnx
 
+from checkpoint import universal
 from checkpoint.manager import Checkpointer
 from modeling import decode
 from modeling.kv_routing import CachePlan
 from parallelism import mesh as mesh_lib
 from training import data as data_lib
 from training import loss as loss_lib
-from training.composition import make_runtime
-from training.loop import batch_sharding, to_global
-from training.state import setup_model
+from training.program import build_program
 
 
 def load_run(checkpoint: str, step: int | None = None):
-  """(config, setup, params, step) of a run written by training/loop.py."""
+  """(config, program, params, step) of a run written by training/loop.py."""
   workdir = os.path.abspath(checkpoint)
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     workdir = os.path.dirname(workdir)  # given workdir/checkpoints
@@ -41,24 +41,22 @@ def load_run(checkpoint: str, step: int | None = None):
     raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no config.json in it or its parent')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  mesh = mesh_lib.make_mesh(config.mesh)
-  setup = setup_model(config, mesh, make_runtime(config, mesh))
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  program = build_program(config, mesh_lib.make_mesh(config.mesh))
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
-  state, _ = ckpt.restore(step, setup.abstract, None)
+  state, _, _ = universal.restore_state(ckpt, step, config, program.setup, program.mesh)
   ckpt.close()
-  return config, setup, mesh, state.params, step
+  return config, program, state.params, step
 
 
-def evaluate_plans(config, setup, mesh, params, groups, num_batches: int) -> list[dict]:
+def evaluate_plans(config, program, params, groups, num_batches: int) -> list[dict]:
   """Per g: mean held-out next-token loss under CachePlan.every(L, g), and the cache bytes of
   one `seq_len`-token sequence (K and V of the cached layers, in model.dtype)."""
-  sharding = batch_sharding(config, mesh)
-  batches = [to_global(b, sharding) for b in data_lib.make_eval_batches(
+  batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
       config, num_batches=num_batches)]
-  model = nnx.merge(setup.graphdef, params)
+  model = nnx.merge(program.setup.graphdef, params)
 
   @nnx.jit(static_argnames='plan')
   def loss_sum(model, batch, plan):
@@ -89,16 +87,38 @@ def header(config, what: str) -> str:
           f'cache: K+V bytes of one seq_len-token sequence')
 
 
+def smoke_run() -> str:
+  """A 2-step run of a 2-layer d=32 model in a temporary workdir; returns the workdir."""
+  import tempfile
+
+  from configs import tiny
+  from training import loop
+  c = tiny.get_config()
+  c.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+  c.steps, c.batch_size, c.seq_len, c.log_every, c.eval_every = 2, 8, 32, 1, -1
+  c.progress, c.checkpoint.async_save = False, False
+  c.perf.peak_flops = 1e12  # the loop's MFU is not what this script reports
+  workdir = tempfile.mkdtemp(prefix='eval_kv_sharing_smoke_')
+  loop.run(c, workdir)
+  return workdir
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='run workdir or its checkpoints/')
+  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
   parser.add_argument('--step', type=int, default=None, help='default: the latest')
   parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
   parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
   args = parser.parse_args(argv)
-  config, setup, mesh, params, step = load_run(args.checkpoint, args.step)
+  if args.smoke:
+    args.checkpoint, args.groups, args.eval_batches = smoke_run(), '1,2', 1
+  elif not args.checkpoint:
+    parser.error('--checkpoint is required (or --smoke)')
+  config, program, params, step = load_run(args.checkpoint, args.step)
   groups = [int(g) for g in args.groups.split(',')]
-  rows = evaluate_plans(config, setup, mesh, params, groups,
+  rows = evaluate_plans(config, program, params, groups,
                         args.eval_batches or config.eval_batches)
   print(header(config, f'KV cache sharing: {args.checkpoint} step {step}, trained with '
                        f'kv_routing.p={config.model.kv_routing.p}'))

@@ -34,6 +34,7 @@ from training.state import count_params, init_train_state, setup_model
 
 TRAIN_LOOPS = (2, 4, 6)
 EVAL_LOOPS = (1, 2, 4, 6, 8, 12, 16)
+SMOKE = False  # --smoke: a narrow model as well
 
 
 def study_config(args, loops: int):
@@ -43,6 +44,9 @@ def study_config(args, loops: int):
   c.optimizer.warmup_steps = max(1, args.steps // 10)
   c.mesh.data = 1
   c.progress = False
+  if SMOKE:
+    c.model.update(d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    c.model.cart.prelude_layers = 1
   return c
 
 
@@ -50,7 +54,7 @@ def dense_config(args, stored: int):
   """The transformer with the CART models' widths and the layer count closest in stored
   parameters (the embedding is tied in both)."""
   best = None
-  for layers in range(1, 13):
+  for layers in range(1, 4 if SMOKE else 13):  # smoke: the narrow model needs few layers
     c = study_config(args, TRAIN_LOOPS[0])
     c.model.name = 'transformer'
     c.model.num_layers = layers
@@ -114,7 +118,13 @@ def main():
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--seq_len', type=int, default=128)
   parser.add_argument('--eval_batches', type=int, default=8)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: R=2 only, 2 steps of 2 x 32 tokens, d=32')
   args = parser.parse_args()
+  if args.smoke:
+    global TRAIN_LOOPS, EVAL_LOOPS, SMOKE
+    TRAIN_LOOPS, EVAL_LOOPS, SMOKE = (2,), (2,), True
+    args.steps, args.batch_size, args.seq_len, args.eval_batches = 2, 2, 32, 1
   wall = time.perf_counter()
 
   mesh = mesh_lib.make_mesh(study_config(args, 2).mesh, jax.devices()[:1])

@@ -41,6 +41,8 @@ def study_config(args, p: float):
   c.model.head_dim = args.d_model // c.model.num_heads
   c.model.mlp_dim = 3 * args.d_model
   c.model.kv_routing.p = p
+  if args.smoke:
+    c.perf.peak_flops = 1e12  # MFU is not what this study reports: skip the measurement
   return c
 
 
@@ -53,7 +55,11 @@ def main(argv=None):
   parser.add_argument('--eval_batches', type=int, default=16)
   parser.add_argument('--p', type=float, default=0.6, help='keep-own probability of the routed run')
   parser.add_argument('--workdir', default='/tmp/kv_routing_study')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: 2 steps of 8 x 32 tokens, d_model 32')
   args = parser.parse_args(argv)
+  if args.smoke:
+    args.steps, args.batch_size, args.seq_len, args.d_model, args.eval_batches = 2, 8, 32, 32, 1
   logging.basicConfig(level=logging.WARNING)
 
   results = {}
@@ -64,8 +70,8 @@ def main(argv=None):
     start = time.perf_counter()
     row = loop.run(config, workdir)
     train_s = time.perf_counter() - start
-    config, setup, mesh, params, _ = load_run(workdir)
-    plans = evaluate_plans(config, setup, mesh, params, GROUPS, config.eval_batches)
+    config, program, params, _ = load_run(workdir)
+    plans = evaluate_plans(config, program, params, GROUPS, config.eval_batches)
     # The loop's own final eval (full cache) must agree with ours at g = 1.
     assert abs(plans[0]['loss'] - row['eval/loss']) < 1e-4, (plans[0]['loss'], row['eval/loss'])
     results[p] = (plans, row['train/loss'], train_s)

@@ -127,7 +127,9 @@ def test_unknown_config_key_is_an_error(tmp_path):
   out = run_train_py('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
                      '--config.model.num_layerz=3')
   assert out.returncode != 0
-  assert 'num_layerz' in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "train.py: error: unknown config key 'model.num_layerz' (from --config.model.num_layerz); "
+      "did you mean 'model.num_layers'?"]
 
 
 def test_train_py_end_to_end(tmp_path):
@@ -138,6 +140,9 @@ def test_train_py_end_to_end(tmp_path):
                      '--config.model.mlp_dim=64', '--config.seq_len=32', '--config.batch_size=4',
                      '--config.eval_batches=1', '--config.perf.peak_flops=1e12')
   assert out.returncode == 0, out.stderr[-3000:]
+  # stderr is not a terminal here, so the rows are logged as lines (a cluster log file).
+  step_lines = [line for line in out.stderr.splitlines() if '] step ' in line and 'loss' in line]
+  assert len(step_lines) == 2, out.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert rows[-1]['step'] == 4 and np.isfinite(rows[-1]['eval/loss'])
   assert os.listdir(tmp_path / 'checkpoints')

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
 
+log = logging.getLogger('loomax')
+
 
 ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS, *attention_lib.TPU_KERNELS)
 
@@ -84,6 +86,12 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
   if context_impl == 'none':
+    context = mesh.shape.get('context', 1)
+    if context > 1:
+      log.warning("mesh.context=%d with parallelism.context_impl='none': no context-parallel "
+                  'attention; the single-device kernel sees the sharded sequence and XLA '
+                  'gathers it as it sees fit. Set parallelism.context_impl (allgather, ring, '
+                  'token_ring or auto).', context)
     kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
     if impl in attention_lib.TILED:
       kernel = functools.partial(kernel, block_q=config.attention.block_q,
@@ -135,12 +143,14 @@ def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         f'parallelism.zigzag={p.zigzag}), but model.name={name!r} has {kinds} layers that '
         'follow array order and have no context-parallel form: set mesh.context=1')
   h = p.hybrid_dp
-  if h.enabled and max(h.layouts) > 1:
+  # With the seam, hybrid-DP groups run the context scan and conv halo per group
+  # (`hybrid_exec.GroupRecurrence`, plans made with whole_groups=True).
+  if h.enabled and max(h.layouts) > 1 and not family.uses_recurrence_seam:
     raise ValueError(
         f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
         f'over groups of up to {max(h.layouts)} devices, but model.name={name!r} has {kinds} '
-        'layers (a scan and a causal conv over array order) that hybrid-DP groups do not carry '
-        'across devices: set parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
+        'layers that follow array order and have no context-parallel form: set '
+        'parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
 
 
 def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):

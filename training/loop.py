@@ -1,12 +1,13 @@
 """The training loop: config -> mesh -> data -> sharded state -> steps -> metrics/checkpoints.
 
-Each arrow of ../shared/ARCHITECTURE.md's data flow is one call below.
+Each arrow of the data flow in docs/architecture.md is one call below.
 """
 
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -18,9 +19,9 @@ from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import checkpointing, perf
+from training import checkpointing, perf, throughput
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
-from training.monitor import MetricWriter, Progress
+from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
 from training.state import count_params
 
@@ -45,7 +46,10 @@ def write_config(config, workdir):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last logged metrics row."""
   distributed.initialize(config.distributed)
+  setup_logging()
   mesh = mesh_lib.make_mesh(config.mesh)
+  if config.get('dry_run', False):
+    return dry_run(config, build_program(config, mesh))
   ckpt = checkpointing.open_checkpointer(config, workdir)
   start_plan = checkpointing.plan_start(config, ckpt)
   config = checkpointing.resolve_config(config, start_plan)
@@ -60,8 +64,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if hybrid:
     hybrid_data.check_config(config, mesh)
     train_iter = hybrid_data.make_train_iterator(config)
+  eval_on = eval_enabled(config)
   eval_batches = [program.global_batch(b) for b in data_lib.make_eval_batches(
-      config, num_batches=config.eval_batches, process_index=pid, process_count=nproc)]
+      config, num_batches=config.eval_batches, process_index=pid,
+      process_count=nproc)] if eval_on else []
   eval_per_byte = data_lib.tokens_per_byte(eval_batches)  # None without byte counts
 
   state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
@@ -89,14 +95,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   tokens_per_step = config.batch_size * config.seq_len
   flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
-  peak = config.perf.peak_flops or perf.measure_peak_flops(mesh)
+  timing = throughput.Throughput(tokens_per_step, flops_per_token, matmul_peak(config, mesh))
+  # Real tokens are counted on this process's rows; every process loads as many.
+  real_scale = 1 if hybrid else nproc
   writer = MetricWriter(workdir)
   progress = Progress(config.steps, start, enabled=config.progress)
+  log_lines = not (progress.active and sys.stderr.isatty())  # a log file gets the rows
   stop_requested = _install_signal_handlers()
 
-  pending = None       # (step, metrics on device): fetched one step late, keeps dispatch async
+  # (step, metrics on device, real tokens, data wait s): fetched one step late, keeps
+  # dispatch async.
+  pending = None
   last_row: dict[str, Any] = {}
-  window_start, window_steps = time.perf_counter(), 0
   profiling = False
 
   finite = {'step': start, 'ok': True}  # whether the state after that step may be saved
@@ -106,8 +116,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     saver.save(step, state, train_iter.get_state(),
                finite['ok'] and finite['step'] == step, force=force)
 
-  def finish_step(step, metrics):
-    nonlocal window_start, window_steps, last_row, skipped
+  compile_logged = []  # perf/compile_s goes into the first row only
+
+  def finish_step(step, metrics, real_tokens, data_wait_s):
+    nonlocal last_row, skipped
     loss = float(metrics['loss'])
     checked = {k: float(metrics[k]) for k in ('loss', 'grad_norm', 'param_norm', 'skipped')
                if k in metrics}
@@ -122,15 +134,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           f'stopping without saving it; {saver.describe_last_good()} (lower '
                           'optimizer.lr, check the data, enable optimizer.clip_norm, or set '
                           'optimizer.skip_nonfinite=True)')
-    window_steps += 1
+    if step > start + 1:  # the first step was compiled and timed alone
+      timing.step_done(real_tokens, data_wait_s)
     if step % config.log_every == 0 or step == config.steps:
-      elapsed = time.perf_counter() - window_start
-      tps = window_steps * tokens_per_step / elapsed
+      perf_row = timing.row()
+      tps = perf_row.get('perf/tokens_per_sec')
       row = {'train/loss': loss, 'train/perplexity': math.exp(min(loss, 50.0)),
              'train/lr': float(metrics['lr']), 'train/grad_norm': float(metrics['grad_norm']),
-             'train/param_norm': float(metrics['param_norm']),
-             'perf/tokens_per_sec': tps, 'perf/step_time_s': elapsed / window_steps,
-             'perf/mfu': tps * flops_per_token / peak}
+             'train/param_norm': float(metrics['param_norm']), **perf_row}
+      if timing.compile_s is not None and not compile_logged:
+        row['perf/compile_s'] = timing.compile_s
+        compile_logged.append(True)
       row.update({k: float(v) for k, v in metrics.items()
                   if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens', 'skipped')})
       if config.optimizer.skip_nonfinite:
@@ -141,7 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.write(step, row)
       last_row = row
       progress.update(step, loss, tps)
-      window_start, window_steps = time.perf_counter(), 0
+      if log_lines:
+        log.info('%s', throughput.log_line(step, loss, perf_row))
     else:
       progress.update(step)
 
@@ -151,38 +166,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
-      batch = prepare(next(train_iter))
-      state, metrics = train_step(state, batch)
+      t0 = time.perf_counter()
+      host_batch = next(train_iter)
+      batch = prepare(host_batch)
+      data_wait_s = time.perf_counter() - t0
+      real = throughput.real_tokens(host_batch) * real_scale
+      if step == start + 1:
+        state, metrics = timing.first_step(train_step, state, batch)
+      else:
+        state, metrics = train_step(state, batch)
       if pending is not None:
         finish_step(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, real, data_wait_s)
       if profiling and step >= config.profile_start + config.profile_steps - 1:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         profiling = False
       stopping = stop_requested()
       save_due = config.checkpoint.every and step % config.checkpoint.every == 0
-      eval_due = config.eval_every and step % config.eval_every == 0 and step != config.steps
+      eval_due = (eval_on and config.eval_every > 0 and step % config.eval_every == 0
+                  and step != config.steps)
       if stopping or save_due or eval_due:
         finish_step(*pending)  # a step is saved only once it is known finite
         pending = None
+        timing.pause()  # saves and evals stay out of the throughput window
       if stopping or save_due:
         save(step, force=stopping)
       if stopping:
         log.warning('signal received: saved step %d; exiting without the final eval', step)
         break
       if eval_due:
-        writer.write(step, data_lib.eval_row(evaluate(eval_step, state.params, eval_batches),
-                                             eval_per_byte))
+        eval_loss = evaluate(eval_step, state.params, eval_batches)
+        writer.write(step, data_lib.eval_row(eval_loss, eval_per_byte))
+        log.info('eval at step %d: loss %.4f', step, eval_loss)
+      timing.resume()
     if pending is not None:
       finish_step(*pending)
     final_step = int(state.step)
     last_row = {**last_row, 'step': final_step, 'params': n_params}
     if not stopping:
       save(final_step, force=True)  # before the final eval, which a preemption may cut short
-      eval_loss = evaluate(eval_step, state.params, eval_batches)
-      writer.write(final_step, data_lib.eval_row(eval_loss, eval_per_byte))
-      last_row.update(data_lib.eval_row(eval_loss, eval_per_byte))
+      if eval_on:
+        eval_loss = evaluate(eval_step, state.params, eval_batches)
+        eval_metrics = data_lib.eval_row(eval_loss, eval_per_byte)
+        writer.write(final_step, eval_metrics)
+        log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
+        last_row.update(eval_metrics)
   finally:
     if profiling:
       jax.profiler.stop_trace()
@@ -190,6 +219,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return last_row
+
+
+def eval_enabled(config) -> bool:
+  """eval_every=-1 or eval_batches=0 turn held-out eval off (periodic and final)."""
+  return config.eval_every >= 0 and config.eval_batches > 0
+
+
+def matmul_peak(config, mesh) -> float:
+  """perf.peak_flops, or the best of perf.peak_trials matmul timings (logged once)."""
+  if config.perf.peak_flops:  # per device, as accelerator data sheets state it
+    log.info('MFU against perf.peak_flops=%.3g FLOP/s per device x %d (given, not measured)',
+             config.perf.peak_flops, mesh.devices.size)
+    return config.perf.peak_flops * mesh.devices.size
+  trials = perf.measure_peak_trials(mesh, trials=config.perf.get('peak_trials', 10))
+  log.info('matmul peak over %d device(s): best of %d trials %.3g FLOP/s (median %.3g, '
+           'worst %.3g); MFU divides by the best', mesh.devices.size, len(trials), max(trials),
+           float(sorted(trials)[len(trials) // 2]), min(trials))
+  return max(trials)
+
+
+def dry_run(config, program) -> dict[str, Any]:
+  """Prints the resolved config, the mesh, the parameter count and the per-device compiled
+  memory of the train step; trains nothing."""
+  compiled = program.compiled_train_step()
+  memory = perf.compiled_memory_bytes(compiled)
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(program.setup.abstract.params))
+  if jax.process_index() == 0:
+    print(config_json(config))
+    print(f'mesh: {mesh_lib.describe(program.mesh)} over {program.mesh.devices.size} devices')
+    print(f'parameters: {n_params:,}')
+    print(f'train step compiled memory per device: {memory / 2**20:,.1f} MiB '
+          '(temp + arguments + outputs - aliased)')
+  return {'step': 0, 'params': n_params, 'perf/compiled_memory_bytes': memory}
 
 
 def _install_signal_handlers():

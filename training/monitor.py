@@ -1,6 +1,7 @@
 """Where metrics go: TensorBoard events, metrics.jsonl and a progress bar (process 0 only)."""
 
 import json
+import logging
 import math
 import os
 from typing import Mapping
@@ -42,8 +43,9 @@ class Progress:
   """A tqdm bar showing step, loss, tokens/s and ETA; silent off process 0."""
 
   def __init__(self, total: int, initial: int, enabled: bool):
+    self.active = enabled and jax.process_index() == 0
     self.bar = tqdm.tqdm(total=total, initial=initial, dynamic_ncols=True, unit='step',
-                         disable=not enabled or jax.process_index() != 0)
+                         disable=not self.active)
 
   def update(self, step: int, loss: float | None = None, tokens_per_sec: float | None = None):
     if loss is not None:
@@ -55,3 +57,12 @@ class Progress:
 
   def close(self):
     self.bar.close()
+
+
+def setup_logging() -> None:
+  """Makes loomax's INFO lines (mesh, parameters, resume, step rows, eval) visible on process
+  0 and keeps other processes to warnings. Under absl the root logger stops at WARNING, so
+  the level is set on the 'loomax' logger itself; a level a caller chose is left alone."""
+  logger = logging.getLogger('loomax')
+  if logger.level == logging.NOTSET:
+    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)

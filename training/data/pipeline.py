@@ -108,7 +108,8 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
   if len(order) == 0:
     raise ValueError(f'data.source={config.data.source!r} has no eval documents for process '
                      f'{process_index} of {process_count} (data.eval_fraction='
-                     f'{config.data.eval_fraction}).')
+                     f'{config.data.eval_fraction}); give a separate eval corpus with '
+                     'data.eval_paths, or turn eval off with eval_every=-1 or eval_batches=0.')
   L = config.seq_len
   windows, cap = [], _EVAL_OVERSAMPLE * needed
   for i in order:

@@ -355,21 +355,26 @@ def make_document_source(config, split: str) -> SubsetSource:
   errors = config.data.get('decode_errors', 'strict')
   if errors not in ('strict', 'replace'):
     raise ValueError(f"data.decode_errors={errors!r}; choose 'strict' or 'replace'.")
+  # data.eval_paths: a separate eval corpus; then every document of data.paths trains.
+  eval_paths = config.data.get('eval_paths', '').strip()
+  paths = eval_paths if eval_paths and split == 'eval' else config.data.paths
   if name == 'local_text':
-    base = TextFileSource(resolve_paths(config.data.paths) if config.data.paths.strip()
-                          else stdlib_python_files(), tok, errors)
+    base = TextFileSource(resolve_paths(paths) if paths.strip() else stdlib_python_files(),
+                          tok, errors)
   elif name == 'text':
-    base = TextFileSource(resolve_paths(config.data.paths), tok, errors)
+    base = TextFileSource(resolve_paths(paths), tok, errors)
   elif name == 'jsonl':
-    base = JsonlSource(resolve_paths(config.data.paths), config.data.text_field, tok, errors)
+    base = JsonlSource(resolve_paths(paths), config.data.text_field, tok, errors)
   elif name == 'array_record':
-    files = resolve_paths(config.data.paths)
+    files = resolve_paths(paths)
     check_prepared(files, tok)
     base = ArrayRecordSource([f for f in files if f.endswith('.array_record')] or files,
                              vocab_size)
   else:
     raise ValueError(f'data.source={name!r} is not a document source; choose one of '
                      f'{DOCUMENT_SOURCES}.')
+  if eval_paths:
+    return SubsetSource(base, np.arange(len(base)))
   held_out = eval_mask_of_hashes(base.doc_hashes(), config.data.eval_fraction)
   return SubsetSource(base, np.flatnonzero(held_out if split == 'eval' else ~held_out))
 

@@ -1,0 +1,72 @@
+"""Every CLI starts: each scripts/*.py (found by glob, so new scripts are covered) and train.py
+answer --help, and each benchmark, study and eval script finishes its --smoke run.
+
+The scripts run as subprocesses, two at a time in the background from the first test on, so
+the imports (~2 s of JAX per process) and the smoke runs overlap on CI's two cores.
+"""
+
+import concurrent.futures
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'scripts', '*.py'))
+                 if not p.endswith('__init__.py'))
+CLIS = SCRIPTS + ['train.py']
+# Benchmarks, studies and evals must have a seconds-long --smoke mode (the project standard).
+MEASURING = [s for s in SCRIPTS
+             if os.path.basename(s).startswith(('bench_', 'study_', 'eval_'))]
+TIMEOUT_S = 600
+
+
+def _run(args: list[str]) -> tuple[int, str, float]:
+  # No forced device count: scripts that need 8 fake devices set it themselves.
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=TIMEOUT_S, env=env)
+  return out.returncode, out.stdout + out.stderr, time.perf_counter() - start
+
+
+@pytest.fixture(scope='module')
+def launched():
+  """Starts every --help and every smoke run at once on a 2-wide pool; tests await theirs."""
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  jobs = {('help', s): pool.submit(_run, [s, '--help']) for s in CLIS}
+  jobs.update({('smoke', s): pool.submit(_run, [s, '--smoke']) for s in MEASURING})
+  yield jobs
+  pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_scripts_are_discovered():
+  assert 'scripts/bench_train.py' in SCRIPTS and len(MEASURING) >= 10, SCRIPTS
+
+
+@pytest.mark.parametrize('script', CLIS)
+def test_help(script, launched):
+  rc, out, _ = launched[('help', script)].result()
+  # absl apps (train.py, bench_train, bench_sharding) print the flags and exit 1 on --help.
+  assert rc == 0 or (rc == 1 and 'Try --helpfull' in out), out[-3000:]
+  assert 'usage' in out.lower() or 'flags:' in out.lower(), out[-3000:]
+  assert 'Traceback' not in out, out[-3000:]
+
+
+@pytest.mark.parametrize('script', MEASURING)
+def test_has_a_smoke_mode(script, launched):
+  _, out, _ = launched[('help', script)].result()
+  assert '--smoke' in out or '--[no]smoke' in out, f'{script} needs a seconds-long --smoke mode'
+
+
+@pytest.mark.parametrize('script', MEASURING)
+def test_smoke_run(script, launched):
+  rc, out, seconds = launched[('smoke', script)].result()
+  assert rc == 0, out[-5000:]
+  # Every benchmark ends with its table or a summary line, not just a clean exit.
+  lines = [line for line in out.splitlines() if line.strip()]
+  assert any(s in out for s in ('summary', '|', 'loss')), lines[-10:]
+  print(f'{script} --smoke: {seconds:.1f} s')
