@@ -95,11 +95,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()
-  # xla | jax_nn (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise
-  a.impl = 'xla'
-  a.block_q = 512                    # blockwise: query block
-  a.block_kv = 512                   # blockwise: key/value block
-  a.loss_chunk = 0                   # >0: LM head + loss over sequence chunks of N tokens
+  # auto | xla | jax_nn | blockwise | pallas | splash (modeling/kernels/). auto: the fused
+  # Pallas kernel on GPU; Splash on one TPU (context_impl none); otherwise xla while one
+  # layer's float32 scores fit 1 GiB per device, else blockwise (logged). jax_nn: cuDNN on
+  # GPU for one device (causal, windows), else XLA. splash: TPU only.
+  # Context-parallel rings run the matching per-block kernel (pallas | blockwise | xla).
+  a.impl = 'auto'
+  a.block_q = 512                    # blockwise / pallas: query block
+  a.block_kv = 512                   # blockwise / pallas: key/value block
+  # >0: LM head + loss over sequence chunks of N tokens; 0: whole sequence at once;
+  # -1 (auto): chunks once the float32 [tokens, vocab] logits pass 1 GiB (training/loss.py)
+  a.loss_chunk = -1
 
   # --- data (training/data/) ---
   d = c.data = ml_collections.ConfigDict()

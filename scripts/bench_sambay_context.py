@@ -128,7 +128,7 @@ def attention_bytes(c, mesh, window: int) -> dict:
   ids = _arg(mesh, (1, L), P(None, 'context'), np.int32)
   out = {}
   for name, attend in (('runtime', composition.make_attend(c, mesh)),
-                       ('ring', make_context_attend(c, mesh, composition._kernel(c)))):
+                       ('ring', make_context_attend(c, mesh, composition.make_block_kernel(c)))):
     def loss(q, k, v, seg, pos, attend=attend):
       return attend(q, k, v, causal=True, window=window,
                     **self_attention_kwargs(seg, pos)).sum()
