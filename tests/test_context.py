@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from modeling.attention import KERNELS, self_attention_kwargs, xla_attention
+from modeling.attention import self_attention_kwargs, xla_attention
 from parallelism import mesh as mesh_lib
 from parallelism.context import balance, cost, layout, make_context_attend
 from tests import attention_data as data

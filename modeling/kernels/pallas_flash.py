@@ -73,7 +73,7 @@ def _dot(a, b):
 def _compiler_params(num_warps: int = 4, num_stages: int = 2):
   """Triton parameters on GPU; the class was renamed across jax versions."""
   from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
+  cls = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
