@@ -20,6 +20,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 20                   # metrics row every N steps
   c.eval_every = 200                 # held-out eval every N steps (0 = only at the end, -1 = off)
   c.eval_batches = 8                 # batches per held-out eval (0 = eval off)
+  # Long-context evals run at every eval (training/evals.py); the loop's eval/loss always runs.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar
+  c.eval.lengths = ''                # comma-separated context lengths; '' = seq_len
+  c.eval.tokens = 16384              # position_loss: held-out tokens per length
+  c.eval.passkey_samples = 4         # passkey: examples per (length, needle depth)
+  c.eval.mqar_pairs = '4,16,64'      # mqar: key-value pair counts (those that fit the length)
+  c.eval.mqar_samples = 8            # mqar: examples per (length, pairs)
   # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
   # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
   # checkpoints directory to continue from (into an empty workdir).
@@ -92,11 +100,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- attention kernel on one device (the seam in modeling/attention.py) ---
   a = c.attention = ml_collections.ConfigDict()
-  # xla | jax_nn (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise
-  a.impl = 'xla'
-  a.block_q = 512                    # blockwise: query block
-  a.block_kv = 512                   # blockwise: key/value block
-  a.loss_chunk = 0                   # >0: LM head + loss over sequence chunks of N tokens
+  # auto | xla | jax_nn | blockwise | pallas | splash (modeling/kernels/). auto: the fused
+  # Pallas kernel on GPU; Splash on one TPU (context_impl none); otherwise xla while one
+  # layer's float32 scores fit 1 GiB per device, else blockwise (logged). jax_nn: cuDNN on
+  # GPU for one device (causal, windows), else XLA. splash: TPU only.
+  # Context-parallel rings run the matching per-block kernel (pallas | blockwise | xla).
+  a.impl = 'auto'
+  a.block_q = 512                    # blockwise / pallas: query block
+  a.block_kv = 512                   # blockwise / pallas: key/value block
+  # >0: LM head + loss over sequence chunks of N tokens; 0: whole sequence at once;
+  # -1 (auto): chunks once the float32 [tokens, vocab] logits pass 1 GiB (training/loss.py)
+  a.loss_chunk = -1
 
   # --- data (training/data/) ---
   d = c.data = ml_collections.ConfigDict()

@@ -10,10 +10,13 @@ sliding window, pos_i - pos_j < window). That stays correct under packing and un
 permutation of the sequence (the zigzag layout of ring attention).
 """
 
+import logging
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger('loomax')
 
 # Finite, so fully masked rows give a uniform softmax instead of NaN (see JAX_NOTES).
 MASK_VALUE = -1e30
@@ -65,12 +68,29 @@ def xla_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_po
 
 
 def jax_nn_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
-                     kv_positions, causal, window=0, implementation=None):
-  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies)."""
+                     kv_positions, causal, window=0, index_ordered: bool = False):
+  """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where the mask fits, else XLA.
+
+  cuDNN (through jax.nn) knows causal-by-index and local windows, not positions or packed
+  segments. With `index_ordered` (the caller promises positions increase with the index
+  inside every segment: one device, no zigzag) causal and windows go to cuDNN as `is_causal`
+  and `local_window_size`, and segments as a boolean mask (which cuDNN applies as a bias:
+  exact, but an [L, S] tensor). Otherwise, and on other backends, jax.nn's XLA path runs with
+  the full position mask. Which one ran is logged once per trace.
+  """
   mask_BLS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                             causal=causal, window=window)
+  if jax.default_backend() == 'gpu' and index_ordered and causal:
+    seg_BLS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    log.info('attention jax_nn: cuDNN (is_causal, window %d, segment mask as bias)', window)
+    return jax.nn.dot_product_attention(
+        q_BLHD, k_BSKD, v_BSKD, mask=seg_BLS[:, None], is_causal=True,
+        local_window_size=(window - 1, 0) if window else None, implementation='cudnn')
+  why = ('not a GPU backend' if jax.default_backend() != 'gpu' else
+         'not causal' if not causal else 'positions not in index order (context parallel)')
+  log.info('attention jax_nn: XLA implementation (%s)', why)
   return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_BLS[:, None],
-                                      implementation=implementation)
+                                      implementation='xla')
 
 
 def self_attention_kwargs(segment_ids_BL, positions_BL) -> dict:
@@ -84,9 +104,28 @@ def blockwise_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs):
   return blockwise.blockwise_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs)
 
 
+def pallas_attention(q_BLHD, k_BSKD, v_BSKD, *, block_q: int = 128, block_kv: int = 128,
+                     **kwargs):
+  """The fused Pallas flash kernel (`modeling/kernels/pallas_flash.py`); interpret mode on CPU."""
+  from modeling import kernels  # imported here: kernels build on this module
+  kernel = kernels.BlockKernel('pallas', block_q, block_kv, interpret=kernels.on_cpu())
+  return kernels.attend(kernel)(q_BLHD, k_BSKD, v_BSKD, **kwargs)
+
+
+def splash_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs):
+  """TPU Splash attention (`modeling/kernels/splash.py`): one device, index order only."""
+  from modeling.kernels import splash  # imported here: kernels build on this module
+  return splash.splash_attention(q_BLHD, k_BSKD, v_BSKD, **kwargs)
+
+
 # Single-device kernels by `attention.impl`; training/ wraps them for context parallelism.
 KERNELS = {
     'xla': xla_attention,
     'jax_nn': jax_nn_attention,
     'blockwise': blockwise_attention,
+    'pallas': pallas_attention,
 }
+# Kernels that run only on their accelerator (tests loop over KERNELS on CPU).
+TPU_KERNELS = {'splash': splash_attention}
+# Kernels that take attention.block_q / block_kv.
+TILED = ('blockwise', 'pallas', 'splash')

@@ -13,8 +13,9 @@ ranges that do not overlap, every query before every key in (segment, position) 
 so skipping never changes results; it is made for the whole local batch at once, so a block
 is computed if any row needs it.
 
-`flash_forward` / `flash_backward` are also the per-step kernels of ring attention and
-TokenRing (`parallelism/context/`), which merge partial results by their log-sum-exp.
+`flash_forward` / `flash_backward` are the `blockwise` implementation of the per-block
+kernel seam (`modeling/kernels/`) that ring attention, TokenRing and all-gather
+(`parallelism/context/`) call, merging partial results by their log-sum-exp.
 Rows that see no key at all get output 0 and log-sum-exp `MASK_VALUE` (plain softmax would
 give a uniform average there; self-attention never has such rows, a token sees itself).
 """

@@ -72,38 +72,59 @@ def layer_blocks(model: transformer.Transformer) -> list[transformer.Block]:
           for l in range(model.cfg.num_layers)]
 
 
+def cached_attend_kwargs(batch: int, new: int, slots: int, start) -> dict:
+  """Masking inputs for `new` tokens at positions start.. against a cache of `slots` slots:
+  slots not yet written are padding (segment 0); the written ones and the new tokens are
+  segment 1, and causality comes from the positions."""
+  positions_BT = jnp.broadcast_to(start + jnp.arange(new, dtype=jnp.int32), (batch, new))
+  kv_positions_BS = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
+  return {'q_segment_ids': jnp.ones((batch, new), jnp.int32),
+          'kv_segment_ids': (kv_positions_BS < start + new).astype(jnp.int32),
+          'q_positions': positions_BT, 'kv_positions': kv_positions_BS}
+
+
+def extend_block(block: transformer.Block, x_BTD, kv_cache, start, attend_kwargs,
+                 write: bool = True):
+  """One pre-norm `transformer.Block` over T new tokens with keys/values from a cache.
+
+  `kv_cache` = (k [B, S, K, Dh], v): when `write`, this block computes its own K/V for the new
+  tokens and writes them at `start`; otherwise it reads another layer's cache as it is.
+  Returns (x, kv_cache).
+  """
+  attn = block.attn
+  h_BTD = block.attn_norm(x_BTD).astype(attn.dtype)
+  positions_BT = attend_kwargs['q_positions']
+  q_BTHD = attn.query(h_BTD, positions_BT)
+  k_cache, v_cache = kv_cache
+  if write:
+    k_BTKD, v_BTKD = attn.key_value(h_BTD, positions_BT)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKD.astype(k_cache.dtype),
+                                           (0, start, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKD.astype(v_cache.dtype),
+                                           (0, start, 0, 0))
+  o_BTHD = attn.runtime.attend(q_BTHD, k_cache, v_cache, causal=attn.causal,
+                               window=attn.window, **attend_kwargs)
+  x_BTD = x_BTD + jnp.einsum('blhk,hkd->bld', o_BTHD, attn.wo[...].astype(attn.dtype))
+  x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+  return x_BTD, (k_cache, v_cache)
+
+
 def _extend(model, tokens_BT, cache: KVCache, plan: CachePlan):
   """Appends T tokens at positions cache.length + t: the same pre-norm block as
   transformer.Block, with queries over the new tokens and keys over the cache."""
   _check_plan(model.cfg, plan)
   B, T = tokens_BT.shape
-  S = cache.k[0].shape[1]
   start = cache.length
-  positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-  kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  # Slots not yet written are padding (segment 0); the new tokens are segment 1.
-  kv_segment_ids_BS = (kv_positions_BS < start + T).astype(jnp.int32)
-  attend_kwargs = {'q_segment_ids': jnp.ones((B, T), jnp.int32),
-                   'kv_segment_ids': kv_segment_ids_BS,
-                   'q_positions': positions_BT, 'kv_positions': kv_positions_BS}
+  attend_kwargs = cached_attend_kwargs(B, T, cache.k[0].shape[1], start)
   slot = {l: i for i, l in enumerate(plan.cached)}
   k_cache, v_cache = list(cache.k), list(cache.v)
 
   x_BTD = model.embed(tokens_BT, transformer.dtype_of(model.cfg.dtype))
   for l, block in enumerate(layer_blocks(model)):
-    attn = block.attn
-    h_BTD = block.attn_norm(x_BTD).astype(attn.dtype)
-    q_BTHD = attn.query(h_BTD, positions_BT)
-    if plan.sources[l] == l:
-      k_BTKD, v_BTKD = attn.key_value(h_BTD, positions_BT)
-      i = slot[l]
-      k_cache[i] = jax.lax.dynamic_update_slice(k_cache[i], k_BTKD, (0, start, 0, 0))
-      v_cache[i] = jax.lax.dynamic_update_slice(v_cache[i], v_BTKD, (0, start, 0, 0))
     i = slot[plan.sources[l]]
-    o_BTHD = attn.runtime.attend(q_BTHD, k_cache[i], v_cache[i], causal=attn.causal,
-                                 window=attn.window, **attend_kwargs)
-    x_BTD = x_BTD + jnp.einsum('blhk,hkd->bld', o_BTHD, attn.wo[...].astype(attn.dtype))
-    x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+    x_BTD, (k_cache[i], v_cache[i]) = extend_block(
+        block, x_BTD, (k_cache[i], v_cache[i]), start, attend_kwargs,
+        write=plan.sources[l] == l)
   logits_BTV = model.logits(model.final_norm(x_BTD))
   return logits_BTV, KVCache(k=tuple(k_cache), v=tuple(v_cache), length=start + T)
 

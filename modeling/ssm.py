@@ -216,7 +216,8 @@ class Mamba(nnx.Module):
   """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs, scan_fn: ScanFn | None = None,
-               recurrence: Recurrence | None = None, constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
+               recurrence: Recurrence | None = None,
+               constrain: ax.Constrain = ax.unconstrained, dtype=jnp.float32,
                param_dtype=jnp.float32):
     D = cfg.d_model
     E, N, W, R = dims(cfg)

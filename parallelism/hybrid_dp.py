@@ -17,6 +17,13 @@ Execution (`hybrid_exec.py`) runs micro-batches of one group size g at a time (o
 program per g). Inside a group each document is cut into 2g pieces and device i holds pieces
 i and 2g-1-i (zigzag per document, ByteScale section 5.3), so every member does the same
 causal work.
+
+`whole_groups=True` (models with recurrent layers: a scan and a causal conv follow token
+order) gives a split document its group to itself: padded to g x capacity tokens, so each
+member holds exactly two pieces of capacity/2, the layout of a zigzag context axis, and the
+context-parallel scan and conv halo (`context/scan.py`) run unchanged inside the group. Short
+documents then go only to g = 1 micro-batches. The price is padding: up to 1 - g'/g of the
+group (g' the next smaller layout) instead of under 2g tokens.
 """
 
 import dataclasses
@@ -85,10 +92,11 @@ def _member_takes(L: int, g: int) -> list[np.ndarray]:
   return [np.r_[m * p:(m + 1) * p, (2 * g - 1 - m) * p:(2 * g - m) * p] for m in range(g)]
 
 
-def split_cost(s: int, g: int, cost: CostModel) -> np.ndarray:
+def split_cost(s: int, g: int, cost: CostModel, L: int | None = None) -> np.ndarray:
   """[g] FLOPs of each member for a document split over a group: real tokens and causal
-  (query, key) pairs of its own queries (padding at the document's end makes it uneven)."""
-  L = padded_length(s, g)
+  (query, key) pairs of its own queries (padding at the document's end makes it uneven).
+  `L`: the padded length (default `padded_length(s, g)`)."""
+  L = padded_length(s, g) if L is None else L
   out = np.zeros(g)
   for m, take in enumerate(_member_takes(L, g)):
     real = take[take < s]
@@ -124,6 +132,7 @@ class Plan:
   degrees: np.ndarray
   micro_batches: list[MicroBatch]
   device_cost: np.ndarray   # modelled FLOPs per device over the step
+  whole_groups: bool = False  # a split document fills its group (see the module docstring)
 
   @property
   def layouts_used(self) -> tuple[int, ...]:
@@ -140,13 +149,13 @@ class Plan:
     return 1.0 - float(self.lengths.sum()) / slots
 
 
-def _pack_long(lengths, degrees, capacity, cost: CostModel) -> list[Unit]:
+def _pack_long(lengths, degrees, capacity, cost: CostModel, whole_groups: bool) -> list[Unit]:
   """Alg. 1 for documents longer than C: best-fit into groups of their degree, each split
-  over its whole group."""
+  over its whole group (with `whole_groups`, alone, filling every member)."""
   units: list[Unit] = []
   for i in sorted(np.flatnonzero(degrees > 1), key=lambda i: (-degrees[i], -lengths[i], i)):
     s, g = int(lengths[i]), int(degrees[i])
-    t = per_device_tokens(s, g)
+    t = capacity if whole_groups else per_device_tokens(s, g)
     fits = [u for u in units if u.g == g and u.used.max() + t <= capacity]
     u = min(fits, key=lambda u: capacity - u.used.max() - t) if fits else None
     if u is None:
@@ -154,7 +163,7 @@ def _pack_long(lengths, degrees, capacity, cost: CostModel) -> list[Unit]:
       units.append(u)
     u.docs.append((int(i), -1))
     u.used += t
-    u.cost += split_cost(s, g, cost)
+    u.cost += split_cost(s, g, cost, g * capacity if whole_groups else None)
   return units
 
 
@@ -177,7 +186,7 @@ def _balance_long(units: list[Unit], n: int, load: np.ndarray) -> list[MicroBatc
 
 
 def _place_short(order, lengths, capacity, cost: CostModel, micro: list[MicroBatch],
-                 load: np.ndarray, slack: float) -> None:
+                 load: np.ndarray, slack: float, whole_groups: bool) -> None:
   """Alg. 2 for documents of at most C, largest first, each whole onto one device: the least
   loaded one, or any within `slack` x mean load of it where the document fits space already
   in a micro-batch (best fit: fewer, fuller micro-batches); otherwise a new single-device
@@ -188,7 +197,8 @@ def _place_short(order, lengths, capacity, cost: CostModel, micro: list[MicroBat
     tol = slack * load.mean()
     near = np.flatnonzero(load <= load.min() + tol)
     fits = [(capacity - u.used[d % mb.g] - s, load[d], d, k) for k, mb in enumerate(micro)
-            for d in near for u in [mb.groups[d // mb.g]] if u.used[d % mb.g] + s <= capacity]
+            for d in near for u in [mb.groups[d // mb.g]] if u.used[d % mb.g] + s <= capacity
+            and not (whole_groups and mb.g > 1)]
     if fits:
       _, _, d, k = min(fits)
     else:
@@ -204,7 +214,7 @@ def _place_short(order, lengths, capacity, cost: CostModel, micro: list[MicroBat
 
 def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
          layouts: Sequence[int] = (1, 2, 4, 8), slack: float = 0.02,
-         cost: CostModel = CostModel()) -> Plan:
+         cost: CostModel = CostModel(), whole_groups: bool = False) -> Plan:
   """The plan of one global batch from its document lengths (deterministic)."""
   if capacity % 2:
     raise ValueError(f'parallelism.hybrid_dp.capacity={capacity} must be even (zigzag halves)')
@@ -214,19 +224,22 @@ def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
     raise ValueError('hybrid_dp: every document needs at least one token')
   degrees = np.array([degree(int(s), capacity, layouts) for s in lengths], np.int64)
   load = np.zeros(num_devices)
-  micro = _balance_long(_pack_long(lengths, degrees, capacity, cost), num_devices, load)
+  micro = _balance_long(_pack_long(lengths, degrees, capacity, cost, whole_groups), num_devices,
+                        load)
   short = sorted(np.flatnonzero(degrees == 1), key=lambda i: (-lengths[i], i))
-  _place_short(short, lengths, capacity, cost, micro, load, slack)
+  _place_short(short, lengths, capacity, cost, micro, load, slack, whole_groups)
   micro = [MicroBatch(mb.g, [u if u.docs else None for u in mb.groups]) for mb in micro]
-  return Plan(num_devices, capacity, lengths, degrees, micro, load)
+  return Plan(num_devices, capacity, lengths, degrees, micro, load, whole_groups)
 
 
 # ------------------------------------------------------------------ host buffers
 
-def _doc_arrays(tokens: np.ndarray, seg: int, g: int) -> dict[str, np.ndarray]:
-  """One document as next-token rows, padded to a multiple of 2g (segment 0 = padding)."""
+def _doc_arrays(tokens: np.ndarray, seg: int, g: int, L: int | None = None
+                ) -> dict[str, np.ndarray]:
+  """One document as next-token rows, padded to L (default: a multiple of 2g; segment 0 =
+  padding)."""
   s = len(tokens)
-  L = padded_length(s, g)
+  L = padded_length(s, g) if L is None else L
   out = {k: np.zeros(L, np.int32) for k in FIELDS}
   out['inputs'][:s] = tokens
   out['targets'][:] = -1
@@ -237,9 +250,10 @@ def _doc_arrays(tokens: np.ndarray, seg: int, g: int) -> dict[str, np.ndarray]:
 
 
 def device_buffers(micro: MicroBatch, docs: Sequence[np.ndarray], num_devices: int,
-                   capacity: int) -> dict[str, np.ndarray]:
+                   capacity: int, whole_groups: bool = False) -> dict[str, np.ndarray]:
   """int32 [num_devices, capacity] per field: device d's tokens in micro-batch `micro`. A
-  document split over a group is cut into 2g pieces, member i holding pieces i and 2g-1-i."""
+  document split over a group is cut into 2g pieces, member i holding pieces i and 2g-1-i
+  (with `whole_groups`, pieces of capacity/2: the document padded to g x capacity)."""
   out = {k: np.zeros((num_devices, capacity), np.int32) for k in FIELDS}
   out['targets'][:] = -1
   g = micro.g
@@ -249,7 +263,8 @@ def device_buffers(micro: MicroBatch, docs: Sequence[np.ndarray], num_devices: i
     fill = np.zeros(g, np.int64)
     for seg, (i, member) in enumerate(unit.docs, start=1):
       split = member < 0
-      d = _doc_arrays(np.asarray(docs[i]), seg, g if split else 1)
+      d = _doc_arrays(np.asarray(docs[i]), seg, g if split else 1,
+                      g * capacity if split and whole_groups else None)
       takes = _member_takes(len(d['inputs']), g if split else 1)
       for m, take in zip(range(g) if split else [member], takes):
         dev, f = j * g + m, fill[m]
@@ -263,7 +278,8 @@ def batch_buffers(p: Plan, docs: Sequence[np.ndarray]) -> list[tuple[int, dict[s
   """(group size, buffers) per micro-batch, in execution order."""
   if len(docs) != len(p.lengths) or any(len(d) != s for d, s in zip(docs, p.lengths)):
     raise ValueError('hybrid_dp: documents do not match the lengths the plan was made from')
-  return [(mb.g, device_buffers(mb, docs, p.num_devices, p.capacity)) for mb in p.micro_batches]
+  return [(mb.g, device_buffers(mb, docs, p.num_devices, p.capacity, p.whole_groups))
+          for mb in p.micro_batches]
 
 
 def buffer_flops(buffers: dict[str, np.ndarray], cost: CostModel) -> np.ndarray:

@@ -20,11 +20,24 @@ over (fsdp, context). Columns (see docs/measuring.md):
   flops max/mean  per-device forward attention FLOPs from the blockwise kernel's block
               schedule in the data layout used (zigzag), and for the contiguous layout
   fwd+bwd s   train-step time, median of 5 after a warm-up (min-max), only for --time_lengths
+
+Then the attention alone at --ratio_length on --ratio_context devices (B=1, 4 heads x 64,
+float32, causal, blocks 512, zigzag layout), forward + backward:
+  cpu x       process CPU time (time.process_time: all threads of all fake devices) of each
+              implementation over the single-device blockwise kernel on the same tokens,
+              median of --repeats after a warm-up. The fake devices share the cores, so this
+              measures the extra work of splitting, not scaling.
+  live        block pairs the per-block kernel computes (its block table: pairs it cannot
+              prove fully masked) over all pairs of the L x L score matrix, per implementation
+
+    python scripts/bench_context.py --tiny               # seconds: the ratio table only
+    python scripts/bench_context.py --lengths= --json out.json   # the ratio table at 4096
 """
 
 import argparse
+import functools
+import json
 import os
-import re
 import resource
 import sys
 import time
@@ -39,10 +52,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from modeling.attention import self_attention_kwargs
+from modeling import blockwise
+from modeling.attention import KERNELS, self_attention_kwargs
 from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
-from parallelism.context import balance, layout
+from parallelism.context import balance, layout, make_context_attend
 from training import perf
 from training.composition import make_attend
 from training.program import build_program
@@ -74,87 +88,7 @@ def bench_config(seq_len: int, context: int, impl: str, remat: str = 'none'):
 
 # ---------------------------------------------------------------- HLO collective bytes
 
-_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
-_COLLECTIVES = ('collective-permute', 'all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all')
-
-
-def _type_bytes(type_text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(type_text):
-    total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
-  return total
-
-
-def _computations(hlo: str) -> dict[str, list[str]]:
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
-    if head and not line.startswith(' '):
-      name = 'ENTRY' if head.group(1) else head.group(2)
-      comps[name] = []
-    elif name is not None and line.startswith('  '):
-      comps[name].append(line)
-  return comps
-
-
-def collective_bytes_per_device(hlo: str, num_devices: int) -> np.ndarray:
-  """Bytes each device sends in one execution of the program (see the module docstring)."""
-  comps = _computations(hlo)
-  sent = np.zeros(num_devices)
-
-  def visit(name: str, weight: float):
-    for line in comps.get(name, []):
-      line = re.sub(r', metadata=\{.*?\}(?=, |$)', '', line)
-      m = re.match(r'\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([\w\-]+)\(', line)
-      if not m:
-        continue
-      result_type, op = m.groups()
-      if op == 'while':
-        body = re.search(r'body=%?([\w.\-]+)', line).group(1)
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-        if trip is None:
-          raise ValueError(f'while loop without a known trip count: {line[:200]}')
-        visit(body, weight * int(trip.group(1)))
-      elif op == 'conditional':
-        branches = re.search(r'branch_computations=\{([^}]*)\}', line)
-        names = ([b.strip().lstrip('%') for b in branches.group(1).split(',')] if branches else
-                 [re.search(f'{k}=%?([\\w.\\-]+)', line).group(1)
-                  for k in ('true_computation', 'false_computation')])
-        for b in names:
-          visit(b, weight / len(names))
-      elif op in ('call', 'fusion'):
-        called = re.search(r'(?:to_apply|calls)=%?([\w.\-]+)', line)
-        if called:
-          visit(called.group(1), weight)
-      base_op = op.removesuffix('-start')
-      if base_op not in _COLLECTIVES:
-        continue
-      size = _type_bytes(result_type)
-      if op.endswith('-start') and base_op != 'all-reduce':
-        size = _type_bytes(result_type) // 2  # start ops return (operand, result) tuples
-      if base_op == 'collective-permute':
-        for src, _ in re.findall(r'\{(\d+),(\d+)\}', re.search(
-            r'source_target_pairs=\{(.*?)\}\}', line).group(0)):
-          sent[int(src)] += weight * size
-        continue
-      groups = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
-      group = len(groups.group(1).split(',')) if groups else num_devices
-      iota = re.search(r'replica_groups=\[\d+,(\d+)\]', line)
-      group = int(iota.group(1)) if iota else group
-      if base_op == 'all-gather':
-        per = size / group * (group - 1)
-      elif base_op == 'reduce-scatter':
-        per = size * (group - 1)
-      elif base_op == 'all-reduce':
-        per = 2 * (group - 1) / group * size
-      else:
-        per = size * (group - 1) / group
-      sent[:] += weight * per
-
-  visit('ENTRY', 1.0)
-  return sent
+collective_bytes_per_device = perf.collective_bytes_per_device   # trip-count aware; see perf.py
 
 
 # ---------------------------------------------------------------- programs
@@ -224,6 +158,95 @@ def flops_balance(c, zigzag: bool) -> float:
       block=c.attention.block_q, owner=owner))
 
 
+# ---------------------------------------------------------------- attention alone: CPU-time ratio
+
+RATIO_HEADS, RATIO_HEAD_DIM, RATIO_BLOCK = 4, 64, 512
+
+
+def _live_pairs(q_ids, kv_ids, bq: int, bk: int) -> int:
+  """Block pairs the kernel computes for these queries x keys (its own block table)."""
+  (qseg, qpos), (kseg, kpos) = q_ids, kv_ids
+  return int(np.asarray(blockwise.block_table(qseg, kseg, qpos, kpos, causal=True, window=0,
+                                              block_q=bq, block_kv=bk)).sum())
+
+
+def live_fraction(impl: str, L: int, n: int, block: int = RATIO_BLOCK) -> float:
+  """Computed block area over the L x L scores, following each implementation's schedule
+  (tiles fitted to the zigzag chunk as the implementations fit them)."""
+  seg, pos = np.ones((1, L), np.int32), np.arange(L, dtype=np.int32)[None]
+  if impl == 'blockwise':
+    b = blockwise.fit_block(L, block, 'block')
+    return _live_pairs((seg, pos), (seg, pos), b, b) * b * b / L ** 2
+  pos = layout.to_zigzag(pos, n)
+  T = L // n
+  b = blockwise.fit_block(T // 2, block, 'block')
+  shard = lambda i, sl=slice(None): (seg[:, i * T:(i + 1) * T][:, sl], pos[:, i * T:(i + 1) * T][:, sl])
+  front, back = slice(0, T // 2), slice(T // 2, T)
+  pairs = 0
+  for j in range(n):
+    if impl == 'allgather':
+      pairs += _live_pairs(shard(j), (seg, pos), b, b)
+    elif impl == 'ring':
+      pairs += sum(_live_pairs(shard(j), shard((j - s) % n), b, b) for s in range(n))
+    elif impl == 'token_ring':  # device j computes for owner (j + s) mod n, on its own K/V
+      pairs += _live_pairs(shard(j), shard(j), b, b)
+      for s in range(1, n):
+        owner = (j + s) % n
+        pairs += _live_pairs(shard(owner, back), shard(j, front), b, b)
+        ahead = j + s < n
+        pairs += _live_pairs(shard(owner, front if ahead else back),
+                             shard(j, front if ahead else back), b, b)
+    else:
+      raise ValueError(impl)
+  return pairs * b * b / L ** 2
+
+
+def _cpu_time(fn, args, repeats: int):
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.process_time()
+    jax.block_until_ready(fn(*args))
+    times.append(time.process_time() - t0)
+  return float(np.median(times)), min(times), max(times)
+
+
+def attention_ratios(L: int, n: int, impls, repeats: int, block: int = RATIO_BLOCK):
+  """[(impl, median s, min, max, ratio vs single-device blockwise, live fraction)]."""
+  r = np.random.RandomState(0)
+  H, D = RATIO_HEADS, RATIO_HEAD_DIM
+  q, k, v = (r.randn(1, L, H, D).astype(np.float32) for _ in range(3))
+  seg, pos = np.ones((1, L), np.int32), np.arange(L, dtype=np.int32)[None]
+
+  def grad_fn(attend):
+    loss = lambda q, k, v, s, p: attend(q, k, v, causal=True,
+                                        **self_attention_kwargs(s, p)).sum()
+    return jax.jit(jax.grad(loss, (0, 1, 2)))
+
+  single = functools.partial(KERNELS['blockwise'], block_q=block, block_kv=block)
+  base_t = _cpu_time(grad_fn(single), (q, k, v, seg, pos), repeats)
+  rows = [('blockwise', *base_t, 1.0, live_fraction('blockwise', L, n, block))]
+  for impl in impls:
+    c = base.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, n, 1
+    c.parallelism.context_impl = impl
+    c.attention.block_q = c.attention.block_kv = block
+    attend = make_context_attend(c, mesh_lib.make_mesh(c.mesh, jax.devices()[:n]))
+    t = _cpu_time(grad_fn(attend), tuple(layout.to_zigzag(x, n) for x in (q, k, v, seg, pos)),
+                  repeats)
+    rows.append((impl, *t, t[0] / base_t[0], live_fraction(impl, L, n, block)))
+  return rows
+
+
+def print_ratios(rows, L, n, repeats):
+  print(f'# attention alone, L={L}, context={n}, B=1, {RATIO_HEADS} heads x {RATIO_HEAD_DIM}, '
+        f'float32, causal, zigzag, fwd+bwd, process CPU time, median of {repeats}')
+  print(f'{"impl":<11} {"cpu s (min-max)":>22} {"cpu x":>6} {"live":>6}')
+  for impl, med, lo, hi, ratio, live in rows:
+    print(f'{impl:<11} {f"{med:.3f} ({lo:.3f}-{hi:.3f})":>22} {ratio:>6.3f} {live:>6.3f}',
+          flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 def main():
@@ -237,22 +260,47 @@ def main():
   ap.add_argument('--run_length', type=int, default=0,
                   help='also run one train step at this length on ONE device (slow)')
   ap.add_argument('--search', action='store_true', help='longest length fitting 1 device')
+  ap.add_argument('--ratio_length', type=int, default=4096,
+                  help='attention-alone CPU-time ratio table at this length (0 = skip)')
+  ap.add_argument('--ratio_context', type=int, default=8)
+  ap.add_argument('--tiny', action='store_true',
+                  help='seconds: only the ratio table, at 512 tokens on 4 devices, block 64')
+  ap.add_argument('--json', default='', help='also write the results here')
   ap.add_argument('--smoke', action='store_true',
                   help='seconds-long check: a 1-layer d=32 model at 128 tokens, ring on 2 devices')
   args = ap.parse_args()
+  if args.tiny:
+    args.lengths, args.ratio_length, args.ratio_context, args.repeats = '', 512, 4, 2
   if args.smoke:
     global BLOCK, LOSS_CHUNK
     MODEL.update(SMOKE_MODEL)
     BLOCK, LOSS_CHUNK = 64, 0
     args.lengths, args.contexts, args.impls, args.time_lengths = '128', '1,2', 'ring', '128'
-    args.repeats, args.search, args.run_length = 1, False, 0
-  lengths = [int(x) for x in args.lengths.split(',')]
+    args.repeats, args.search, args.run_length, args.ratio_length = 1, False, 0, 0
+  lengths = [int(x) for x in args.lengths.split(',') if x]
   contexts = [int(x) for x in args.contexts.split(',')]
   impls = args.impls.split(',')
   timed = {int(x) for x in args.time_lengths.split(',') if x}
 
   print(f'# bench_context | backend {jax.default_backend()} | {jax.device_count()} x '
         f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
+  out = {'rows': [], 'ratios': []}
+  ratio_note = ''
+  if args.ratio_length:
+    rows = attention_ratios(args.ratio_length, args.ratio_context, impls, args.repeats,
+                            block=64 if args.tiny else RATIO_BLOCK)
+    print_ratios(rows, args.ratio_length, args.ratio_context, args.repeats)
+    out['ratios'] = [dict(zip(('impl', 'cpu_s', 'cpu_s_min', 'cpu_s_max', 'ratio', 'live'), r))
+                     for r in rows]
+    ratio_note = (f'cpu x vs 1-device blockwise at L={args.ratio_length}, context='
+                  f'{args.ratio_context}: ' + ', '.join(f'{r[0]} {r[4]:.3f} (live {r[5]:.2f})'
+                                                        for r in rows[1:]))
+  if not lengths:
+    print('summary: ' + ratio_note)
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(out, f, indent=1)
+    return
   print('# model: 2 layers, d=384, 6 heads (2 kv), head dim 64, mlp 1536, vocab 8192, remat=none,'
         ' batch 1 sequence, blockwise attention (block 1024), loss_chunk 4096, params over '
         '(fsdp, context), zigzag layout for context > 1; causal attention FLOPs')
@@ -279,6 +327,9 @@ def main():
         ratio = mem / single_mem[L] if L in single_mem else float('nan')
         zig, contiguous = flops_balance(c, True), flops_balance(c, False)
         results.append((L, n, impl, mem, ratio, zig, contiguous))
+        out['rows'].append(dict(seq_len=L, context=n, impl=impl, mem_bytes=mem, mem_ratio=ratio,
+                                attn_bytes_mean=float(attn.mean()), step_bytes_mean=float(
+                                    step_bytes.mean()), flops_imbalance=zig, timing=timing))
         print(f'{L:>8} {n:>3} {impl:<10} {mem / GiB:>8.3f} {ratio:>8.3f} '
               f'{attn.mean() / MiB:>10.2f} ({attn.max() / MiB:>8.2f}) '
               f'{step_bytes.mean() / MiB:>9.1f} {zig:>14.3f} {contiguous:>7.3f} {timing:>22}',
@@ -329,7 +380,10 @@ def main():
         + ', '.join(f'{r[2]} {r[4]:.3f}' for r in best8)
         + f' | flops max/mean zigzag <= {worst_zig:.3f} (contiguous up to {contig:.3f})'
         + (f' | longest 1-device fit {longest:,}' if longest else '')
-        + (f' | {run_note}' if run_note else ''))
+        + (f' | {run_note}' if run_note else '') + (f' | {ratio_note}' if ratio_note else ''))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -43,7 +43,7 @@ from parallelism import disaggregation as dca
 from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
 from parallelism.context import layout
-from scripts.bench_context import collective_bytes_per_device
+from training.perf import collective_bytes_per_device
 from training import perf
 from training import step as step_lib
 from training.composition import make_attend, make_runtime

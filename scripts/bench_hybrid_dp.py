@@ -46,7 +46,7 @@ from training import hybrid_exec
 from parallelism import mesh as mesh_lib
 from parallelism import rules as rules_lib
 from parallelism.context import layout
-from scripts.bench_context import collective_bytes_per_device
+from training.perf import collective_bytes_per_device
 from training import step as step_lib
 from training.composition import make_runtime
 from training.state import init_train_state, setup_model
@@ -132,7 +132,7 @@ def run_hdp(c, docs, cost, state0, repeats):
   h = c.parallelism.hybrid_dp
   t0 = time.perf_counter()
   plan = hybrid_dp.plan([len(d) for d in docs], ex.pool, h.capacity, layouts=h.layouts,
-                        slack=h.slack, cost=cost)
+                        slack=h.slack, cost=cost, whole_groups=ex.whole_groups)
   micro = hybrid_dp.batch_buffers(plan, docs)
   plan_s = time.perf_counter() - t0
   per_mb = np.stack([hybrid_dp.buffer_flops(b, cost) for _, b in micro])

@@ -38,7 +38,6 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,7 +46,6 @@ from configs import sambay_tiny
 from modeling import sambay, ssm
 from modeling.attention import self_attention_kwargs
 from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
 from parallelism.context import make_context_attend
 from scripts.bench_context import collective_bytes_per_device
 from training import composition, perf
@@ -130,7 +128,7 @@ def attention_bytes(c, mesh, window: int) -> dict:
   ids = _arg(mesh, (1, L), P(None, 'context'), np.int32)
   out = {}
   for name, attend in (('runtime', composition.make_attend(c, mesh)),
-                       ('ring', make_context_attend(c, mesh, composition._kernel(c)))):
+                       ('ring', make_context_attend(c, mesh, composition.make_block_kernel(c)))):
     def loss(q, k, v, seg, pos, attend=attend):
       return attend(q, k, v, causal=True, window=window,
                     **self_attention_kwargs(seg, pos)).sum()
@@ -239,8 +237,8 @@ def main(argv=None):
   ap.add_argument('--seq_len', type=int, default=65536)
   ap.add_argument('--context', type=int, default=8)
   ap.add_argument('--smoke', action='store_true',
-                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: a quick check of '
-                       'the bytes rows')
+                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: '
+                       'a quick check of the bytes rows')
   ap.add_argument('--json', default='', help='also write the results to this path')
   args = ap.parse_args(argv)
   jax.config.update('jax_default_matmul_precision', 'highest')

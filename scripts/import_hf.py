@@ -3,11 +3,11 @@
     python scripts/import_hf.py --hf hf/tiny --out runs/imported [--config configs/tiny.py]
 
 The result has the layout scripts/convert_checkpoint.py --params-only writes (parameters plus
-step and rng, no optimizer state, at step 0): start training from it with --config.init_from=DIR, convert
-it to another mesh, layout or dtype, or export it again. Its config is --config (default
-configs/base.py) with the model.* keys of config.json; an HF tokenizer.json beside the
-weights is copied and named in data.tokenizer. Refuses what does not map (checkpoint/hf.py)
-and an existing --out.
+step and rng, no optimizer state, at step 0): start training from it with
+--config.init_from=DIR, convert it to another mesh, layout or dtype, or export it again. Its
+config is --config (default configs/base.py) with the model.* keys of config.json; an HF
+tokenizer.json beside the weights is copied and named in data.tokenizer. Refuses what does
+not map (checkpoint/hf.py) and an existing --out.
 """
 
 import argparse

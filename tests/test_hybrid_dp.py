@@ -211,3 +211,32 @@ def test_hybrid_gradient_matches_single_device(runs):
 def test_program_count_is_bounded(runs):
   assert len(runs['layouts']) >= 3  # the mixed batch really uses several layouts
   assert runs['programs'] == len(runs['layouts']) + 1  # one per group size + the update
+
+
+def test_whole_groups_plan_gives_a_split_document_its_group_in_halves():
+  """whole_groups=True (recurrent models): each g > 1 group holds one document, member m
+  tokens [m h, (m+1) h) and [(2g-1-m) h, (2g-m) h) of it (h = C/2), short documents only in
+  g = 1 micro-batches, and every document's tokens exactly once."""
+  C, n = 16, 8
+  r = np.random.default_rng(0)
+  lengths = [int(s) for s in r.integers(1, 4 * C + 1, 24)]
+  docs = [r.integers(1, 100, s).astype(np.int32) for s in lengths]
+  p = hybrid_dp.plan(lengths, n, C, layouts=(1, 2, 4), whole_groups=True)
+  assert set(p.layouts_used) == {1, 2, 4}
+  seen = 0
+  for mb, (g, b) in zip(p.micro_batches, hybrid_dp.batch_buffers(p, docs)):
+    seen += int((b['segment_ids'] > 0).sum())
+    if g == 1:
+      continue
+    for j, unit in enumerate(mb.groups):
+      rows = slice(j * g, (j + 1) * g)
+      if unit is None:
+        assert not b['segment_ids'][rows].any()
+        continue
+      assert len(unit.docs) == 1 and unit.docs[0][1] == -1
+      s = lengths[unit.docs[0][0]]
+      for m in range(g):
+        want = np.r_[m * C // 2:(m + 1) * C // 2, (2 * g - 1 - m) * C // 2:(2 * g - m) * C // 2]
+        np.testing.assert_array_equal(b['positions'][j * g + m], want)
+        np.testing.assert_array_equal(b['segment_ids'][j * g + m] > 0, want < s)
+  assert seen == sum(lengths)

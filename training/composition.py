@@ -6,11 +6,13 @@ cannot follow (`check_token_order`)."""
 import functools
 import logging
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
-from modeling import registry, ssm
+from modeling import kernels, registry, ssm
+from modeling.kernels import auto as kernel_choice
 from modeling.transformer import Runtime
 from parallelism import context as context_lib
 from parallelism import disaggregation_attend
@@ -28,21 +30,58 @@ CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
 log = logging.getLogger('loomax')
 
 
-def _kernel(config: ml_collections.ConfigDict):
-  """The single-device attention kernel named by `attention.impl`."""
+ATTENTION_IMPLS = ('auto', *attention_lib.KERNELS, *attention_lib.TPU_KERNELS)
+
+
+def _local_shapes(config: ml_collections.ConfigDict, mesh: Mesh):
+  """(batch, heads, q_len, kv_len) one device's attention sees, for the 'auto' budget."""
+  shape = dict(mesh.shape)
+  batch_shards = shape.get('data', 1) * shape.get('fsdp', 1)
+  context = shape.get('context', 1) if config.parallelism.context_impl != 'none' else 1
+  return (-(-config.batch_size // batch_shards),
+          -(-config.model.num_heads // shape.get('tensor', 1)),
+          config.seq_len // context, config.seq_len)
+
+
+def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str:
+  """attention.impl, with 'auto' resolved for this run's backend and shapes (logged)."""
   impl = config.attention.impl
-  if impl not in attention_lib.KERNELS:
-    raise ValueError(f'attention.impl={impl!r}; valid: {sorted(attention_lib.KERNELS)}')
-  kernel = attention_lib.KERNELS[impl]
-  if impl == 'blockwise':
-    kernel = functools.partial(kernel, block_q=config.attention.block_q,
-                               block_kv=config.attention.block_kv)
-  return kernel
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention.impl={impl!r}; valid: {list(ATTENTION_IMPLS)}')
+  if impl == 'splash' and jax.default_backend() != 'tpu':
+    raise ValueError(f"attention.impl='splash' needs a TPU backend (this is "
+                     f"{jax.default_backend()}); use auto, pallas or blockwise")
+  if impl != 'auto':
+    return impl
+  batch, heads, q_len, kv_len = _local_shapes(config, mesh)
+  pick, why = kernel_choice.choose(jax.default_backend(), batch=batch, heads=heads,
+                                   q_len=q_len, kv_len=kv_len,
+                                   index_ordered=config.parallelism.context_impl == 'none')
+  log.info('attention.impl=auto -> %s (%s)', pick, why)
+  return pick
+
+
+def make_block_kernel(config: ml_collections.ConfigDict) -> kernels.BlockKernel:
+  """The per-block kernel the context-parallel implementations call (logged)."""
+  pick, why = kernel_choice.block_impl(config.attention.impl, jax.default_backend())
+  log.info('context-parallel per-block kernel: %s (%s)', pick, why)
+  return kernels.BlockKernel(pick, config.attention.block_q, config.attention.block_kv,
+                             interpret=pick == 'pallas' and kernels.on_cpu())
+
+
+def _context_kernel(config: ml_collections.ConfigDict):
+  """(per-block kernel, its single-device `AttendFn`, key tile its key lengths must divide;
+  0 = any) for code that runs a kernel on a context-parallel layout (window halo, shared K/V,
+  disaggregated tasks): masks by position, so index-masked kernels (jax_nn's cuDNN path,
+  splash) never see a permuted or split sequence."""
+  block = make_block_kernel(config)
+  tile = {'xla': 0, 'pallas': min(block.block_kv, kernels.pallas_block_cap())}.get(
+      block.impl, block.block_kv)
+  return block, kernels.attend(block), tile
 
 
 def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
-  impl = config.attention.impl
-  kernel = _kernel(config)
+  impl = resolve_attention_impl(config, mesh)
   context_impl = config.parallelism.context_impl
   if context_impl not in CONTEXT_IMPLS:
     raise ValueError(f'parallelism.context_impl={context_impl!r}; valid: {list(CONTEXT_IMPLS)}')
@@ -53,16 +92,22 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
                   'attention; the single-device kernel sees the sharded sequence and XLA '
                   'gathers it as it sees fit. Set parallelism.context_impl (allgather, ring, '
                   'token_ring or auto).', context)
+    kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
+    if impl in attention_lib.TILED:
+      kernel = functools.partial(kernel, block_q=config.attention.block_q,
+                                 block_kv=config.attention.block_kv)
+    if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
+      kernel = functools.partial(kernel, index_ordered=True)
     return kernel
+  block, kernel, tile = _context_kernel(config)
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, kernel)
-  ring = context_lib.make_context_attend(config, mesh, kernel)
+  ring = context_lib.make_context_attend(config, mesh, block)
   # Causal window layers whose window fits one local chunk take one hop instead of the ring.
   p = config.parallelism
   return context_window.with_window_halo(
       ring, kernel, mesh, p.rules, context=context_layout.context_size(mesh, p.rules),
-      zigzag=context_layout.uses_zigzag(config, mesh),
-      block_kv=config.attention.block_kv if impl == 'blockwise' else 0)
+      zigzag=context_layout.uses_zigzag(config, mesh), block_kv=tile)
 
 
 def _config_value(config: ml_collections.ConfigDict, key: str):
@@ -98,12 +143,14 @@ def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         f'parallelism.zigzag={p.zigzag}), but model.name={name!r} has {kinds} layers that '
         'follow array order and have no context-parallel form: set mesh.context=1')
   h = p.hybrid_dp
-  if h.enabled and max(h.layouts) > 1:
+  # With the seam, hybrid-DP groups run the context scan and conv halo per group
+  # (`hybrid_exec.GroupRecurrence`, plans made with whole_groups=True).
+  if h.enabled and max(h.layouts) > 1 and not family.uses_recurrence_seam:
     raise ValueError(
         f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
         f'over groups of up to {max(h.layouts)} devices, but model.name={name!r} has {kinds} '
-        'layers (a scan and a causal conv over array order) that hybrid-DP groups do not carry '
-        'across devices: set parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
+        'layers that follow array order and have no context-parallel form: set '
+        'parallelism.hybrid_dp.layouts=(1,) (whole documents per device)')
 
 
 def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -134,7 +181,7 @@ def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
                 'each cross-attention layer uses parallelism.context_impl=%r on its own',
                 config.model.num_kv_heads, p.context_impl)
     return None
-  return context_shared_kv.GatheredKV(mesh, p.rules, _kernel(config))
+  return context_shared_kv.GatheredKV(mesh, p.rules, _context_kernel(config)[1])
 
 
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:

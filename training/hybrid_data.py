@@ -59,7 +59,8 @@ class TrainStep:
 
   def __call__(self, state, documents):
     p = hybrid_dp.plan([len(d) for d in documents], self.executor.pool, self.h.capacity,
-                       layouts=self.h.layouts, slack=self.h.slack, cost=self.cost)
+                       layouts=self.h.layouts, slack=self.h.slack, cost=self.cost,
+                       whole_groups=self.executor.whole_groups)
     state, metrics = self.executor.train_step(state, hybrid_dp.batch_buffers(p, documents))
     metrics = dict(metrics)
     metrics['hdp/flops_imbalance'] = p.imbalance()

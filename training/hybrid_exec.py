@@ -9,6 +9,12 @@ the pool (each device its [1, C] tokens); gradients stay per device while micro-
 layout accumulate, and are summed once per step, then normalised by the global token count, so
 the update equals plain data parallelism on the same documents.
 
+Recurrent layers (SambaY's Mamba: a scan and a causal conv over token order) run inside each
+group with the context-parallel scan and conv halo (`context/scan.py`), over a `GroupAxis`
+instead of the context mesh axis. That code needs the zigzag context layout (two halves per
+device), so for such models the plan is made with `whole_groups=True` (`whole_groups` below):
+a split document fills its group alone, and `gradients` refuses buffers laid out otherwise.
+
 Built variant: every micro-batch has one group size for the whole pool (micro-batches of
 different g run one after another), so the program count is the number of distinct g + 1 (the
 update). Mixed-size layouts in one micro-batch are not built.
@@ -26,10 +32,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from modeling import registry
+from modeling import registry, ssm
 from modeling.transformer import Runtime
 from parallelism import hybrid_dp
 from parallelism.context import ring
+from parallelism.context import scan as context_scan
 from parallelism.context.sharded import ContextAxis
 from training import step as step_lib
 from training.composition import check_token_order
@@ -41,24 +48,83 @@ POOL = ('data', 'context')  # the mesh axes that form the pool, in device order
 @dataclasses.dataclass(frozen=True)
 class GroupAxis(ContextAxis):
   """A context axis of `size` devices: the aligned groups of `size` consecutive pool devices.
-  `shift` is one static permutation that cycles inside every group at once."""
+  Every collective is one static permutation applied inside every group at once, so the
+  context code written for a mesh axis (ring, scan, conv halo) runs per group unchanged."""
   pool: int = 1
 
   def index(self) -> jax.Array:
     return jax.lax.axis_index(self._name()) % self.size
 
-  def shift(self, tree, offset: int):
+  def send(self, tree, pairs):
+    """ppermute along (source, destination) member pairs, in every group; members no pair
+    reaches receive zeros."""
     if self.size == 1:
       return tree
     g = self.size
-    pairs = [(j, j - j % g + (j % g + offset) % g) for j in range(self.pool)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, self._name(), pairs), tree)
+    pool_pairs = [(b + s % g, b + d % g) for b in range(0, self.pool, g) for s, d in pairs]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, self._name(), pool_pairs), tree)
 
-  def send(self, tree, pairs):
-    raise NotImplementedError('hybrid_dp groups support the ring (shift) only')
+  def shift(self, tree, offset: int):
+    return self.send(tree, [(j, j + offset) for j in range(self.size)])
 
   def all_gather(self, x, axis: int):
-    raise NotImplementedError('hybrid_dp groups support the ring (shift) only')
+    """Tiled all-gather over the group's members in member order, by g-1 shifts (meant for
+    small arrays, such as the scan's per-piece summaries)."""
+    if self.size == 1:
+      return x
+    g = self.size
+    got = jnp.stack([x] + [self.shift(x, o) for o in range(1, g)])  # got[o]: from member me-o
+    src = (self.index() - jnp.arange(g)) % g
+    ordered = jnp.take(got, jnp.argsort(src), axis=0)              # [g, ...] by member
+    ordered = jnp.moveaxis(ordered, 0, axis)
+    shape = list(x.shape)
+    shape[axis] *= g
+    return ordered.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRecurrence:
+  """`ssm.Recurrence` for a document split over a group (per device, inside the pool's
+  shard_map): the context-parallel scan and conv halo over a `GroupAxis`, zigzag layout."""
+  axis: GroupAxis
+  scan_fn: Any
+  chunk: int
+
+  def conv(self, x_BLE, w_WE, b_E, segment_ids_BL):
+    return context_scan.local_conv(x_BLE, w_WE, b_E, segment_ids_BL, axis=self.axis,
+                                   zigzag=True)
+
+  def scan(self, x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, *, segment_ids_BL):
+    return context_scan.local_scan(x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, segment_ids_BL,
+                                   axis=self.axis, zigzag=True, scan_fn=self.scan_fn,
+                                   chunk=self.chunk)
+
+
+def whole_groups(config: ml_collections.ConfigDict) -> bool:
+  """Whether plans for this model must give a split document its group alone
+  (`hybrid_dp.plan(whole_groups=...)`): yes when it has order-dependent (recurrent) layers."""
+  return bool(registry.get_family(config.model.name).order_dependent_layers)
+
+
+def check_whole_group_layout(g: int, buffers: dict[str, np.ndarray]) -> None:
+  """Refuses g > 1 buffers not laid out as `whole_groups=True` makes them: in every group,
+  either nothing or one document whose member m holds tokens [m h, (m+1) h) and
+  [(2g-1-m) h, (2g-m) h), h = capacity / 2."""
+  seg, pos = np.asarray(buffers['segment_ids']), np.asarray(buffers['positions'])
+  n, C = seg.shape
+  h = C // 2
+  want = np.stack([np.r_[m * h:(m + 1) * h, (2 * g - 1 - m) * h:(2 * g - m) * h]
+                   for m in range(g)])
+  for j in range(0, n, g):
+    s, p = seg[j:j + g], pos[j:j + g]
+    if not s.any():
+      continue
+    ids = np.unique(s[s > 0])
+    if len(ids) != 1 or not (p == want).all() or not (C % 2 == 0):
+      raise ValueError(
+          f'hybrid_dp: a group of {g} devices holds buffers not planned with whole_groups=True, '
+          'which this model (recurrent layers over token order) needs: make the plan with '
+          'hybrid_dp.plan(..., whole_groups=hybrid_exec.whole_groups(config))')
 
 
 def group_attend(g: int, pool: int, block_q: int, block_kv: int):
@@ -82,7 +148,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                      f'pool device a full replica); got {busy}')
   if config.model.sliding_window:
     raise ValueError('parallelism.hybrid_dp.enabled does not support model.sliding_window')
-  check_token_order(config, mesh)   # recurrent layers: whole documents per device only
+  check_token_order(config, mesh)   # order-dependent layers without the recurrence seam: g = 1
   hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
 
 
@@ -107,9 +173,24 @@ class Executor:
     """Compiled programs in use: one per group size seen, plus the update."""
     return len(self._programs) + 1
 
+  @property
+  def whole_groups(self) -> bool:
+    return whole_groups(self.config)
+
+  def _recurrence(self, g: int):
+    """None (the model's own local scan) for g = 1 or a model without recurrent layers."""
+    if g == 1 or not registry.get_family(self.config.model.name).uses_recurrence_seam:
+      return None
+    s = self.config.model.sambay
+    return GroupRecurrence(GroupAxis(POOL, g, self.pool), ssm.make_scan(s.scan_impl,
+                                                                        s.scan_chunk),
+                           s.scan_chunk)
+
   def _graphdef(self, g: int):
     a = self.config.attention
-    runtime = Runtime(attend=group_attend(g, self.pool, a.block_q, a.block_kv))
+    # Shared K/V (SambaY's cross-decoder) stays None: each reader runs the group ring.
+    runtime = Runtime(attend=group_attend(g, self.pool, a.block_q, a.block_kv),
+                      recurrence=self._recurrence(g))
     model = nnx.eval_shape(
         lambda: registry.build_model(self.config.model, rngs=nnx.Rngs(0), runtime=runtime))
     return nnx.split(model, nnx.Param, ...)[0]
@@ -153,6 +234,9 @@ class Executor:
     total = jax.device_put(np.zeros(self.pool, np.float32), self.per_device)
     count = jax.device_put(np.zeros(self.pool, np.float32), self.per_device)
     for k, (g, buffers) in enumerate(micro_batches):
+      if g > 1 and self.whole_groups and not isinstance(next(iter(buffers.values())),
+                                                        jax.Array):
+        check_whole_group_layout(g, buffers)
       batch = buffers if isinstance(next(iter(buffers.values())), jax.Array) else self.put(buffers)
       acc, total, count = self.program(g)(params, acc, total, count, batch,
                                           jax.random.fold_in(rng, k))

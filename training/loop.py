@@ -19,7 +19,7 @@ from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import checkpointing, perf, throughput
+from training import checkpointing, evals, perf, telemetry, throughput
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
@@ -99,6 +99,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Real tokens are counted on this process's rows; every process loads as many.
   real_scale = 1 if hybrid else nproc
   writer = MetricWriter(workdir)
+  tele = telemetry.Telemetry(config, program)   # telemetry.py: padding, balance, comm, memory
+  writer.write(start, tele.startup())
+  task_evals = evals.in_training(config, program)   # eval.tasks beyond 'loss': {} when none
   progress = Progress(config.steps, start, enabled=config.progress)
   log_lines = not (progress.active and sys.stderr.isatty())  # a log file gets the rows
   stop_requested = _install_signal_handlers()
@@ -147,6 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         compile_logged.append(True)
       row.update({k: float(v) for k, v in metrics.items()
                   if k not in ('loss', 'lr', 'grad_norm', 'param_norm', 'tokens', 'skipped')})
+      row.update(tele.row(state.params, None if hybrid else batch))
       if config.optimizer.skip_nonfinite:
         row['train/skipped_steps'] = skipped
       mem = perf.device_memory_bytes()
@@ -168,6 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         profiling = True
       t0 = time.perf_counter()
       host_batch = next(train_iter)
+      tele.observe(host_batch)
       batch = prepare(host_batch)
       data_wait_s = time.perf_counter() - t0
       real = throughput.real_tokens(host_batch) * real_scale
@@ -197,7 +202,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         break
       if eval_due:
         eval_loss = evaluate(eval_step, state.params, eval_batches)
-        writer.write(step, data_lib.eval_row(eval_loss, eval_per_byte))
+        writer.write(step, {**data_lib.eval_row(eval_loss, eval_per_byte),
+                            **task_evals(state.params)})
         log.info('eval at step %d: loss %.4f', step, eval_loss)
       timing.resume()
     if pending is not None:
@@ -209,7 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if eval_on:
         eval_loss = evaluate(eval_step, state.params, eval_batches)
         eval_metrics = data_lib.eval_row(eval_loss, eval_per_byte)
-        writer.write(final_step, eval_metrics)
+        writer.write(final_step, {**eval_metrics, **task_evals(state.params)})
         log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
         last_row.update(eval_metrics)
   finally:

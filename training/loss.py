@@ -1,15 +1,33 @@
 """Next-token cross-entropy, summed (not averaged) so micro-batches and devices add up exactly.
 
-With `attention.loss_chunk` > 0 the LM head and the loss run over sequence chunks under
+With `attention.loss_chunk` > 0 (or -1, automatic: once the logits pass `LOGITS_BUDGET`) the
+LM head and the loss run over sequence chunks under
 `jax.checkpoint` inside a scan, so the [tokens, vocab] logits exist one chunk at a time in
 the forward pass and are recomputed chunk by chunk in the backward pass: memory grows as
 chunk x vocab, not length x vocab.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
 from modeling.scopes import LOSS_SCOPE
+
+log = logging.getLogger('loomax')
+
+LOGITS_BUDGET = 1 << 30  # bytes of float32 [tokens, vocab] logits before loss_chunk=-1 chunks
+AUTO_CHUNK_BYTES = 1 << 28  # the chunk it then picks: the longest whose logits fit this
+
+
+def auto_chunk(batch: int, length: int, vocab: int) -> int:
+  """attention.loss_chunk=-1: 0 (no chunking) while batch x length x vocab float32 logits fit
+  LOGITS_BUDGET, else the longest divisor of `length` whose chunk logits fit AUTO_CHUNK_BYTES."""
+  if 4 * batch * length * vocab <= LOGITS_BUDGET:
+    return 0
+  fits = [c for c in range(1, length + 1) if length % c == 0 and 4 * batch * c * vocab
+          <= AUTO_CHUNK_BYTES]
+  return max(fits) if fits else 1
 
 
 def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,12 +66,18 @@ def chunked_cross_entropy_sum(h_BLD: jax.Array, head_DV: jax.Array, targets_BL: 
 
 
 def lm_loss_sum(model, h_BLD: jax.Array, targets_BL: jax.Array, *, chunk: int = 0):
-  """The LM head and the loss together; `chunk` > 0 (attention.loss_chunk) chunks both."""
+  """The LM head and the loss together; `chunk` > 0 (attention.loss_chunk) chunks both,
+  -1 picks the chunk from the logits' size (`auto_chunk`, logged)."""
   with jax.named_scope(LOSS_SCOPE):
     return _lm_loss_sum(model, h_BLD, targets_BL, chunk)
 
 
 def _lm_loss_sum(model, h_BLD, targets_BL, chunk):
+  if chunk < 0:
+    B, L = targets_BL.shape
+    chunk = auto_chunk(B, L, model.head_matrix().shape[-1])
+    log.info('attention.loss_chunk=-1 -> %d (batch %d x %d tokens x vocab %d)', chunk, B, L,
+             model.head_matrix().shape[-1])
   if chunk and chunk < h_BLD.shape[1]:
     return chunked_cross_entropy_sum(h_BLD, model.head_matrix(), targets_BL, chunk)
   return cross_entropy_sum(model.logits(h_BLD), targets_BL)

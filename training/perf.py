@@ -128,3 +128,104 @@ def time_call(fn, repeats: int = 5) -> dict[str, float]:
     times.append(time.perf_counter() - t0)
   return {'median': float(np.median(times)), 'min': float(np.min(times)),
           'max': float(np.max(times))}
+
+
+# --------------------------------------------------------------- trip-count-aware collectives
+# Moved here from scripts/bench_context.py so the benchmarks and the training telemetry count
+# communication one way. Unlike `collective_bytes`, ops inside while loops count once per
+# iteration (their known trip count), ops inside an N-way conditional 1/N each, and
+# collective-permute is charged to each (source, target) pair's source device.
+
+_HLO_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]')
+
+
+def _type_bytes(type_text: str) -> int:
+  return sum(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
+             for dtype, dims in _HLO_SHAPE.findall(type_text))
+
+
+def _hlo_computations(hlo: str) -> dict[str, list[str]]:
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head and not line.startswith(' '):
+      name = 'ENTRY' if head.group(1) else head.group(2)
+      comps[name] = []
+    elif name is not None and line.startswith('  '):
+      comps[name].append(line)
+  return comps
+
+
+def collective_bytes_by_kind(hlo: str, num_devices: int) -> dict[str, np.ndarray]:
+  """Bytes each device sends in one execution of the program, per collective kind
+  ('collective-permute', 'all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all'), as
+  float64 [num_devices] arrays: collective-permute operand bytes per (source, target) pair,
+  all-gather output x (N - 1) / N, reduce-scatter output x (N - 1), all-reduce
+  2 (N - 1) / N x buffer, all-to-all (N - 1) / N x buffer, for groups of N devices."""
+  comps = _hlo_computations(hlo)
+  sent = {k: np.zeros(num_devices) for k in _COLLECTIVES}
+
+  def visit(name: str, weight: float):
+    for line in comps.get(name, []):
+      line = re.sub(r', metadata=\{.*?\}(?=, |$)', '', line)
+      m = re.match(r'\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([\w\-]+)\(', line)
+      if not m:
+        continue
+      result_type, op = m.groups()
+      if op == 'while':
+        body = re.search(r'body=%?([\w.\-]+)', line).group(1)
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+        if trip is None:
+          raise ValueError(f'while loop without a known trip count: {line[:200]}')
+        visit(body, weight * int(trip.group(1)))
+      elif op == 'conditional':
+        branches = re.search(r'branch_computations=\{([^}]*)\}', line)
+        names = ([b.strip().lstrip('%') for b in branches.group(1).split(',')] if branches else
+                 [re.search(f'{k}=%?([\\w.\\-]+)', line).group(1)
+                  for k in ('true_computation', 'false_computation')])
+        for b in names:
+          visit(b, weight / len(names))
+      elif op in ('call', 'fusion'):
+        called = re.search(r'(?:to_apply|calls)=%?([\w.\-]+)', line)
+        if called:
+          visit(called.group(1), weight)
+      base_op = op.removesuffix('-start')
+      if base_op not in _COLLECTIVES:
+        continue
+      size = _type_bytes(result_type)
+      if op.endswith('-start') and base_op != 'all-reduce':
+        size = _type_bytes(result_type) // 2  # start ops return (operand, result) tuples
+      if base_op == 'collective-permute':
+        for src, _ in re.findall(r'\{(\d+),(\d+)\}', re.search(
+            r'source_target_pairs=\{(.*?)\}\}', line).group(0)):
+          sent[base_op][int(src)] += weight * size
+        continue
+      groups = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
+      group = len(groups.group(1).split(',')) if groups else num_devices
+      iota = re.search(r'replica_groups=\[\d+,(\d+)\]', line)
+      group = int(iota.group(1)) if iota else group
+      if base_op == 'all-gather':
+        per = size / group * (group - 1)
+      elif base_op == 'reduce-scatter':
+        per = size * (group - 1)
+      elif base_op == 'all-reduce':
+        per = 2 * (group - 1) / group * size
+      else:
+        per = size * (group - 1) / group
+      sent[base_op][:] += weight * per
+
+  visit('ENTRY', 1.0)
+  return sent
+
+
+def collective_bytes_per_device(hlo: str, num_devices: int) -> np.ndarray:
+  """Bytes each device sends in one execution of the program, all kinds together."""
+  return sum(collective_bytes_by_kind(hlo, num_devices).values())
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  """The compiled program's per-device memory analysis (also on CPU): its parts and total."""
+  m = compiled.memory_analysis()
+  return {'temp': int(m.temp_size_in_bytes), 'arguments': int(m.argument_size_in_bytes),
+          'outputs': int(m.output_size_in_bytes), 'aliased': int(m.alias_size_in_bytes),
+          'total': compiled_memory_bytes(compiled)}

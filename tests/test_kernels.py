@@ -1,0 +1,172 @@
+"""Per-block kernels (`modeling/kernels/`) against the blockwise reference, and `auto`'s choices.
+
+The Pallas kernel runs in Pallas interpret mode on CPU (the same kernel body the Triton
+lowering compiles on GPU): forward within 1e-5, gradients within 1e-4, with packed segments,
+separate query / key ids (a ring step's shapes: fewer queries than keys), sliding windows and
+GQA (4 query heads over 2 kv heads). Shapes are tiny: interpret mode runs every grid
+program in Python-level loops.
+"""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from modeling.attention import self_attention_kwargs
+from modeling.kernels import BlockKernel, attend
+from modeling.kernels import auto
+from parallelism import mesh as mesh_lib
+from parallelism.context import make_context_attend
+from tests import attention_data as data
+from training import loss as loss_lib
+from training.composition import make_attend, resolve_attention_impl
+
+BLOCKWISE = BlockKernel('blockwise', 16, 8)
+PALLAS = BlockKernel('pallas', 16, 8, interpret=True)
+DENSE = BlockKernel('xla')
+
+
+def _grads(kernel, causal, window, seg, pos):
+  loss = lambda q, k, v: (attend(kernel)(q, k, v, causal=causal, window=window,
+                                         **self_attention_kwargs(seg, pos))
+                          * data.head_weights()).sum()
+  return jax.grad(loss, (0, 1, 2))
+
+
+@pytest.mark.parametrize('impl,causal,window', [('pallas', True, 7), ('pallas', False, 0),
+                                                ('xla', True, 7)],
+                         ids=['pallas-causal_w7', 'pallas-full', 'xla-causal_w7'])
+def test_kernel_matches_blockwise(impl, causal, window):
+  kernel = PALLAS if impl == 'pallas' else DENSE
+  q, k, v = data.qkv()
+  seg, pos = data.segments(packed=True)
+  # Forward on a ring step's shapes: the last 32 queries against all 64 keys.
+  qs = slice(32, 64)
+  args = (q[:, qs], k, v, seg[:, qs], seg, pos[:, qs], pos)
+  run = lambda kern: jax.jit(lambda *a: kern.forward(*a, causal=causal, window=window))(*args)
+  (o, lse), (o_ref, lse_ref) = run(kernel), run(BLOCKWISE)
+  np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(lse, lse_ref, atol=1e-5, rtol=0)
+  grads = jax.jit(_grads(kernel, causal, window, seg, pos))(q, k, v)
+  grads_ref = jax.jit(_grads(BLOCKWISE, causal, window, seg, pos))(q, k, v)
+  for name, g, g_ref in zip('qkv', grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=f'd{name} {impl}')
+
+
+def test_pallas_kernel_in_a_ring():
+  """The ring calls the configured per-block kernel: Pallas steps equal blockwise steps."""
+  c = base.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, 2, 1
+  c.parallelism.context_impl, c.parallelism.zigzag = 'ring', False
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:2])
+  q, k, v = data.qkv()
+  seg, pos = data.segments(packed=True)
+  out = {}
+  for kernel in (PALLAS, BLOCKWISE):
+    f = make_context_attend(c, mesh, kernel)
+    loss = lambda q, k, v: (f(q, k, v, causal=True, window=0, **self_attention_kwargs(seg, pos))
+                            * data.head_weights()).sum()
+    out[kernel.impl] = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+  for name, g, g_ref in zip('qkv', out['pallas'], out['blockwise']):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=f'd{name}')
+
+
+def test_splash_in_interpret_mode():
+  """TPU Splash (index-order masks + segment ids) equals plain attention on the tokens that
+  matter (padding may differ, see modeling/kernels/splash.py): packed, causal window, GQA.
+  Splash needs multiples of 128, hence its own, longer, single-row data."""
+  from modeling.attention import xla_attention
+  from modeling.kernels.splash import splash_attention
+  r = np.random.RandomState(0)
+  L, H, K, D = 256, 4, 2, 16
+  q, k, v = (r.randn(1, L, h, D).astype(np.float32) for h in (H, K, K))
+  seg = np.ones((1, L), np.int32)
+  seg[0, 100:], seg[0, 230:] = 2, 0
+  pos = np.zeros((1, L), np.int32)
+  for t in range(1, L):
+    pos[:, t] = np.where(seg[:, t] == seg[:, t - 1], pos[:, t - 1] + 1, 0)
+  kw = dict(causal=True, window=40, **self_attention_kwargs(seg, pos))
+  weights = (seg > 0)[..., None, None] * np.sin(np.arange(H * D)).reshape(H, D)
+
+  def both(attend):
+    f = lambda q, k, v: (attend(q, k, v, **kw) * weights).sum()
+    return jax.jit(lambda q, k, v: (attend(q, k, v, **kw), jax.grad(f, (0, 1, 2))(q, k, v)))
+
+  o, g = both(lambda *a, **kw: splash_attention(*a, block_q=128, block_kv=128, interpret=True,
+                                                **kw))(q, k, v)
+  o_ref, g_ref = both(xla_attention)(q, k, v)
+  np.testing.assert_allclose(np.asarray(o)[seg > 0], np.asarray(o_ref)[seg > 0], atol=1e-5)
+  for name, a, b in zip('qkv', g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=f'd{name}')
+
+
+def test_auto_choices_are_logged(caplog):
+  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512)[0] == 'pallas'
+  assert auto.choose('cpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'  # 512 MiB
+  assert auto.choose('cpu', batch=1, heads=6, q_len=65536, kv_len=65536)[0] == 'blockwise'
+  assert auto.block_impl('jax_nn', 'cpu')[0] == 'xla'
+  assert auto.block_impl('auto', 'gpu')[0] == 'pallas'
+  assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096,
+                     index_ordered=True)[0] == 'splash'
+  assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'
+  assert auto.block_impl('splash', 'tpu')[0] == 'blockwise'
+  c = base.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, 1, 1
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+  assert c.attention.impl == 'auto' and c.attention.loss_chunk == -1  # the defaults
+  with caplog.at_level(logging.INFO):
+    assert resolve_attention_impl(c, mesh) == 'xla'
+    c.seq_len = 65536
+    assert resolve_attention_impl(c, mesh) == 'blockwise'
+  assert 'attention.impl=auto -> blockwise' in caplog.text
+  c.attention.impl = 'flash'
+  with pytest.raises(ValueError, match="attention.impl='flash'"):
+    make_attend(c, mesh)
+  c.attention.impl = 'splash'
+  with pytest.raises(ValueError, match="attention.impl='splash' needs a TPU"):
+    make_attend(c, mesh)
+
+
+def test_jax_nn_logs_its_fallback(caplog):
+  q, k, v = data.qkv()
+  seg, pos = data.segments(packed=True)
+  from modeling.attention import jax_nn_attention, xla_attention
+  with caplog.at_level(logging.INFO, logger='loomax'):
+    o = jax_nn_attention(q, k, v, causal=True, window=0, **self_attention_kwargs(seg, pos))
+  assert 'XLA implementation (not a GPU backend)' in caplog.text
+  np.testing.assert_allclose(o, xla_attention(q, k, v, causal=True, window=0,
+                                              **self_attention_kwargs(seg, pos)), atol=1e-5)
+
+
+def test_auto_loss_chunk():
+  assert loss_lib.auto_chunk(1, 512, 8192) == 0  # 16 MiB of logits: no chunking
+  chunk = loss_lib.auto_chunk(1, 65536, 8192)    # 2 GiB: chunks of at most 256 MiB
+  assert chunk == 8192 and 65536 % chunk == 0
+
+
+def test_bench_gpu_tiny(tmp_path):
+  """The one-shot GPU benchmark runs end to end on CPU with --tiny, every row succeeding."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'bench_gpu.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  run = subprocess.run([sys.executable, 'scripts/bench_gpu.py', '--tiny', '--json', str(out)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'FAILED' not in run.stdout, run.stdout
+  assert run.stdout.strip().splitlines()[-1].startswith('summary: model')
+  rows = json.loads(out.read_text())['rows']
+  whats = [r['what'] for r in rows]
+  assert whats.count('attn') == 4 and 'peak mem' in whats
+  assert {r['impl'] for r in rows if r['what'] == 'ring@4'} == {'ring', 'allgather'}
+  for r in rows:
+    if r['what'] == 'async':  # CPU: synchronous permutes, none inside a conditional
+      assert r['counts']['collective-permute'] > 0 and r['in_conditionals'] == 0
+  help_run = subprocess.run([sys.executable, 'scripts/bench_gpu.py', '--help'], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=120)
+  assert help_run.returncode == 0 and '--tiny' in help_run.stdout

@@ -1,0 +1,178 @@
+"""Run telemetry for TensorBoard and metrics.jsonl: padding, attention balance, communication,
+compiled memory and CART's loop states.
+
+Once at start-up, from the compiled train step (no execution):
+  comm/<kind>_bytes      bytes one device sends per step (mean over devices), from the optimized
+                         HLO with while-loop trip counts (perf.collective_bytes_by_kind):
+                         gradients = all-reduce + reduce-scatter, param_gather = all-gather,
+                         ring_kv = collective-permute (context-parallel K/V), all_to_all
+                         (disaggregated attention); comm/total_bytes and comm/max_device_bytes
+  mem/compiled_*_bytes   per-device memory of the compiled step (memory_analysis: temp,
+                         arguments, outputs, total = temp + args + outputs - aliased)
+Per logged window, from the host batches actually run (averaged over the window's steps):
+  data/real_token_fraction, data/padding_fraction   tokens in a document vs padding slots
+  balance/attn_flops_max, _mean, balance/attn_imbalance
+                         forward attention FLOPs per device and attention layer: a token at
+                         position p in its document attends to min(p + 1, window) keys, 4 x H x
+                         Dh FLOPs each; devices hold rows over the batch axes and, in the stored
+                         layout (zigzag when context parallel), 1/n of each row over the
+                         context axis. Disaggregated attention: the planner's per-device pairs
+                         after moving work. Hybrid DP reports its own (hdp/*).
+At logging steps, for CART: cart/state_rms_loop_<r>, the RMS of the state after core
+application r on the logged batch (one extra forward pass per log row).
+"""
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from modeling import cart as cart_lib
+from modeling.cart_core import loop_index_table
+from parallelism import disaggregation
+from training import perf
+
+log = logging.getLogger('loomax')
+
+COMM_KINDS = {'gradients': ('all-reduce', 'reduce-scatter'), 'param_gather': ('all-gather',),
+              'ring_kv': ('collective-permute',), 'all_to_all': ('all-to-all',)}
+
+
+def compiled_figures(compiled, num_devices: int) -> dict[str, float]:
+  """comm/* and mem/* of a compiled step (see the module docstring)."""
+  by_op = perf.collective_bytes_by_kind(compiled.as_text(), num_devices)
+  row = {f'comm/{kind}_bytes': float(sum(by_op[o] for o in ops).mean())
+         for kind, ops in COMM_KINDS.items()}
+  total = sum(by_op.values())
+  row['comm/total_bytes'] = float(total.mean())
+  row['comm/max_device_bytes'] = float(total.max())
+  for part, v in perf.compiled_memory(compiled).items():
+    row[f'mem/compiled_{part}_bytes'] = float(v)
+  return row
+
+
+def attention_flops_per_device(segment_ids_BL, positions_BL, batch_devices: int,
+                               context_devices: int, *, heads: int, head_dim: int,
+                               window: int = 0) -> np.ndarray:
+  """Forward attention FLOPs per device and attention layer, [batch_devices * context_devices]
+  (see the module docstring); rows and columns as stored (zigzag already applied)."""
+  B, L = segment_ids_BL.shape
+  keys = np.asarray(positions_BL, np.float64) + 1
+  if window:
+    keys = np.minimum(keys, window)
+  work = np.where(np.asarray(segment_ids_BL) > 0, keys, 0.0) * 4 * heads * head_dim
+  if B % batch_devices or L % context_devices:
+    raise ValueError(f'batch [{B}, {L}] does not split over {batch_devices} x {context_devices} '
+                     'devices')
+  return work.reshape(batch_devices, B // batch_devices, context_devices,
+                      L // context_devices).sum(axis=(1, 3)).ravel()
+
+
+class Telemetry:
+  """What the training loop calls: `startup()` once, `observe(host_batch)` per step,
+  `row(params, device_batch)` at each log step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, program):
+    self.config, self.program = config, program
+    self.hybrid = config.parallelism.hybrid_dp.enabled
+    self.disaggregated = config.parallelism.context_impl == 'disaggregated'
+    mesh = program.mesh
+    self.batch_devices = disaggregation.batch_devices(config, mesh)
+    self.context_devices = mesh.devices.size // self.batch_devices // _tensor_size(mesh)
+    m = config.model
+    self.attn = dict(heads=m.num_heads, head_dim=m.head_dim,
+                     window=m.sliding_window if m.name != 'sambay' else 0)
+    self._reset()
+    self._cart_norms = None
+    if m.name == 'cart':
+      self._cart_norms = jax.jit(_cart_state_rms(program.setup.graphdef),
+                                 in_shardings=(program.setup.shardings.params,
+                                               program.batch_sharding))
+
+  def _reset(self):
+    self._steps, self._sums = 0, {}
+
+  def startup(self) -> dict[str, float]:
+    """Compile-time figures of the train step, computed once."""
+    if self.hybrid:
+      log.info('telemetry: hybrid DP compiles one program per layout; comm/mem not reported')
+      return {}
+    compiled = self.program.compiled_train_step()   # the jit cache serves the first step
+    try:
+      return compiled_figures(compiled, self.program.mesh.devices.size)
+    except ValueError as e:   # e.g. a while loop whose trip count XLA does not know
+      log.warning('telemetry: comm/mem figures not reported: %s', e)
+      return {}
+
+  def observe(self, host_batch: dict[str, np.ndarray]) -> None:
+    """Per-step host-side figures of the batch about to run (cheap numpy)."""
+    if self.hybrid:   # a list of documents: hybrid DP reports padding and balance itself
+      return
+    seg = np.asarray(host_batch['segment_ids'])
+    add = {'data/real_token_fraction': float((seg > 0).mean())}
+    add['data/padding_fraction'] = 1.0 - add['data/real_token_fraction']
+    flops = self._device_flops(host_batch)
+    if flops is not None:
+      add.update({'balance/attn_flops_max': float(flops.max()),
+                  'balance/attn_flops_mean': float(flops.mean()),
+                  'balance/attn_imbalance': float(flops.max() / max(flops.mean(), 1e-30))})
+    for k, v in add.items():
+      self._sums[k] = self._sums.get(k, 0.0) + v
+    self._steps += 1
+
+  def _device_flops(self, host_batch):
+    if self.disaggregated:
+      # mesh.context is 1 here, so the host batch is the layout the planner sees.
+      kwargs = disaggregation.planner_kwargs(self.config)
+      _, scheds = disaggregation.plan_batch(host_batch['segment_ids'], host_batch['positions'],
+                                            self.batch_devices, **kwargs)
+      pairs = disaggregation.device_flops(scheds)[1]
+      return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim']
+    batch = self.program.host_layout(
+        {k: host_batch[k] for k in ('segment_ids', 'positions')})
+    return attention_flops_per_device(batch['segment_ids'], batch['positions'],
+                                      self.batch_devices, self.context_devices, **self.attn)
+
+  def row(self, params, device_batch) -> dict[str, float]:
+    """The window's means since the last row, plus CART's loop-state RMS on `device_batch`."""
+    out = {k: v / self._steps for k, v in self._sums.items()} if self._steps else {}
+    self._reset()
+    if self._cart_norms is not None and device_batch is not None:
+      norms = np.asarray(self._cart_norms(params, device_batch))
+      out.update({f'cart/state_rms_loop_{r}': float(v) for r, v in enumerate(norms)})
+    return out
+
+
+def _tensor_size(mesh) -> int:
+  return int(mesh.shape.get('tensor', 1))
+
+
+def _cart_state_rms(graphdef):
+  """(params, batch) -> [R] RMS over real tokens of the state after each core application,
+  running the model's own stages (anchor, loop_step) at the training R."""
+
+  def fn(params, batch):
+    model: Any = nnx.merge(graphdef, params)
+    seg, pos = batch['segment_ids'], batch['positions']
+    c = model.cfg.cart
+    R = model.num_loops(training=True)
+    e = model.anchor(batch['inputs'], segment_ids=seg, positions=pos)
+    kv = None if c.recompute_kv else model.kv_proj(e)
+    pe = jnp.asarray(loop_index_table(c.max_loops, c.loop_embed_dim)) if c.loop_embedding \
+        else None
+    real = (seg > 0).astype(jnp.float32)[..., None]
+    buf, out = (e,) * model.glue.slots, []
+    for r in range(R):
+      h = cart_lib.loop_step(model.core_at(r), model.glue, model.kv_proj, buf,
+                             None if pe is None else pe[r], kv, seg, pos)
+      buf = (h,) + buf[:-1]
+      ms = jnp.sum(jnp.square(h.astype(jnp.float32)) * real) / (
+          jnp.maximum(jnp.sum(real), 1.0) * h.shape[-1])
+      out.append(jnp.sqrt(ms))
+    return jnp.stack(out)
+
+  return fn
