@@ -141,10 +141,11 @@ def test_export_npz(source, tmp_path):
 # Orbax leaves a pending read coroutine behind when a corrupted array fails to decode.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_bad_input_fails_by_name_and_writes_nothing(source, tmp_path):
-  # A target mesh that does not divide a dimension: kv_heads=2 over tensor=4.
-  with pytest.raises(ValueError, match=r"attn.*wk.*not divisible by mesh tensor=4"):
+  # A target mesh that does not divide a dimension: heads=4 over tensor=8 (kv heads would be
+  # replicated, query heads cannot be).
+  with pytest.raises(ValueError, match=r"attn.*w[qo].*not divisible by mesh tensor=8"):
     convert.convert(target_setup,
-                    convert.Request(source, str(tmp_path / 'm'), mesh={'tensor': 4, 'data': 2}),
+                    convert.Request(source, str(tmp_path / 'm'), mesh={'tensor': 8}),
                     out=lambda s: None, progress=False)
   assert not os.path.exists(tmp_path / 'm')
   # A checkpoint of a different model config.
