@@ -136,8 +136,8 @@ def main(_):
                  'train_flops_per_token_full': full, 'peak_flops': peak, 'mfu_causal': mfu,
                  'mfu_full': tps * full / peak['wall'], 'mfu_causal_cpu_time': mfu_cpu,
                  'compiled_memory_bytes': mem, 'data_tokens_per_sec': data_tps,
-                 'breakdown': prof, 'peak_trials': trials, 'load_average': load, 'config': c.to_dict()}, f, indent=1,
-                default=str)
+                 'breakdown': prof, 'peak_trials': trials, 'load_average': load,
+                 'config': c.to_dict()}, f, indent=1, default=str)
   print(f'tokens/s {tps:,.0f} | MFU {mfu:.0%} (causal, wall) {mfu_cpu:.0%} (CPU time) | '
         f'peak {peak["wall"] / 1e9:,.0f} GFLOP/s | data {data_tps / 1e6:.1f}M tokens/s')
 

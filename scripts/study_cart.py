@@ -148,13 +148,8 @@ def main(argv=None):
       ax.legend()
     study_report.plot(path, draw)
 
-  path = study_report.write('cart', 'CART vs stored-matched dense, and inference R', body,
-                            verdict, holds, figure, out)
-  print('\n'.join(table))
-  print(verdict)
-  print(f'claim {"holds" if holds else "does NOT hold"}; wrote {path}')
-  # --smoke checks the plumbing on untrained models: its verdict means nothing, exit 0.
-  return 0 if holds or args.smoke else 1
+  return study_report.finish('cart', 'CART vs stored-matched dense, and inference R',
+                             body, verdict, holds, figure, out, table, args.smoke)
 
 
 if __name__ == '__main__':

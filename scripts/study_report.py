@@ -99,6 +99,17 @@ def write(name: str, title: str, body: str, verdict: str, holds: bool, figure=No
   return path
 
 
+def finish(name: str, title: str, body: str, verdict: str, holds: bool, figure, out_dir: str,
+           table: list[str], smoke: bool) -> int:
+  """Writes the report, prints the table and verdict; the process exit code."""
+  path = write(name, title, body, verdict, holds, figure, out_dir)
+  print('\n'.join(table))
+  print(verdict)
+  print(f'claim {"holds" if holds else "does NOT hold"}; wrote {path}')
+  # --smoke checks the plumbing on untrained models: its verdict means nothing, exit 0.
+  return 0 if holds or smoke else 1
+
+
 def plot(path: str, draw) -> None:
   """Calls draw(ax) on a fresh figure and saves it to `path`."""
   import matplotlib

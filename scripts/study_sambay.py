@@ -149,13 +149,8 @@ def main(argv=None):
       ax.set_title(f'SambaY study: {args.steps} steps, matched params')
     study_report.plot(path, draw)
 
-  path = study_report.write('sambay', 'SambaY vs YOCO-style (no GMU) vs dense', body, verdict,
-                            holds, figure, out)
-  print('\n'.join(table))
-  print(verdict)
-  print(f'claim {"holds" if holds else "does NOT hold"}; wrote {path}')
-  # --smoke checks the plumbing on untrained models: its verdict means nothing, exit 0.
-  return 0 if holds or args.smoke else 1
+  return study_report.finish('sambay', 'SambaY vs YOCO-style (no GMU) vs dense',
+                             body, verdict, holds, figure, out, table, args.smoke)
 
 
 if __name__ == '__main__':
