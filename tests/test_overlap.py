@@ -1,8 +1,8 @@
 """The rings' compiled programs let every transfer overlap compute (structural, no GPU needed).
 
 For ring and TokenRing (context 4, zigzag, causal, GQA), the optimized HLO of forward +
-backward (the forward pass is the part not under `transpose(jvp(...))`) must show: no collective inside a conditional; ring: every K/V send independent
-of any attention compute (double buffering), only dK/dV sent after their step's compute;
+backward (the forward pass is the part not under `transpose(jvp(...))`) must show: no collective
+inside a conditional; ring: every K/V send independent of any attention compute (double buffering), only dK/dV sent after their step's compute;
 TokenRing: every send has attention compute of the same pass it can run under, except the
 last step's returns, which have nothing left to hide behind.
 """

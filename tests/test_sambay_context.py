@@ -203,9 +203,9 @@ def reference():
 
 
 # Context 2 and 8 (zigzag) and 4 (contiguous), each on a packed and an unpacked batch; context 4
-# with zigzag is the training run below, and the scan alone above covers the other pairs. The attention strategy is not
-# what is tested here (test_context covers it), so the cheapest to compile, all-gather, serves;
-# the training run uses the ring.
+# with zigzag is the training run below, and the scan alone above covers the other pairs. The
+# attention strategy is not what is tested here (test_context covers it), so the cheapest to
+# compile, all-gather, serves; the training run uses the ring.
 @pytest.mark.parametrize('n,zigzag', [(2, True), (4, False), (8, True)])
 def test_sambay_on_a_split_sequence_equals_one_device(n, zigzag, reference):
   params, _, ref = reference
