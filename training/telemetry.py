@@ -132,10 +132,17 @@ class Telemetry:
                                             self.batch_devices, **kwargs)
       pairs = disaggregation.device_flops(scheds)[1]
       return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim']
+    # Each process holds only its own rows, which feed its share of the batch devices: the
+    # balance figures are over this process's devices (all of them in a single process).
+    batch_devices, nproc = self.batch_devices, jax.process_count()
+    if nproc > 1:
+      if batch_devices % nproc:
+        return None
+      batch_devices //= nproc
     batch = self.program.host_layout(
         {k: host_batch[k] for k in ('segment_ids', 'positions')})
     return attention_flops_per_device(batch['segment_ids'], batch['positions'],
-                                      self.batch_devices, self.context_devices, **self.attn)
+                                      batch_devices, self.context_devices, **self.attn)
 
   def row(self, params, device_batch) -> dict[str, float]:
     """The window's means since the last row, plus CART's loop-state RMS on `device_batch`."""
