@@ -4,6 +4,7 @@ eval and checkpoint time, real (non-padding) tokens, and a flagged impossible MF
 import json
 import logging
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -50,6 +51,7 @@ def runs(tmp_path_factory):
   handler = Collect()
   logger = logging.getLogger('loomax')
   logger.addHandler(handler)
+  handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   try:
     first = loop.run(tiny_config(**common, steps=12, eval_every=3, eval_batches=1,
                                  **{'data.eval_paths': eval_glob}), workdir)
@@ -58,7 +60,12 @@ def runs(tmp_path_factory):
   finally:
     logger.removeHandler(handler)
   return {'workdir': workdir, 'first': first, 'first_rows': first_rows, 'resumed': resumed,
-          'rows': rows_of(workdir), 'log': handler.lines}
+          'rows': rows_of(workdir), 'log': handler.lines, 'handlers_before': handlers_before,
+          'handlers_after': (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))}
+
+
+def test_the_run_gives_the_signal_handlers_back(runs):
+  assert runs['handlers_after'] == runs['handlers_before']
 
 
 def test_info_lines_per_logged_step(runs):

@@ -104,7 +104,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   task_evals = evals.in_training(config, program)   # eval.tasks beyond 'loss': {} when none
   progress = Progress(config.steps, start, enabled=config.progress)
   log_lines = not (progress.active and sys.stderr.isatty())  # a log file gets the rows
-  stop_requested = _install_signal_handlers()
 
   # (step, metrics on device, real tokens, data wait s): fetched one step late, keeps
   # dispatch async.
@@ -165,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       progress.update(step)
 
   stopping = False
+  stop_requested, restore_signals = _install_signal_handlers()
   try:
     for step in range(start + 1, config.steps + 1):
       if config.profile_steps and step == config.profile_start and pid == 0:
@@ -219,6 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
         last_row.update(eval_metrics)
   finally:
+    restore_signals()  # a notebook or test process gets its Ctrl-C and SIGTERM back
     if profiling:
       jax.profiler.stop_trace()
     progress.close()
@@ -261,8 +262,10 @@ def dry_run(config, program) -> dict[str, Any]:
 
 
 def _install_signal_handlers():
-  """SIGTERM/SIGINT ask the loop to stop after the current step and save."""
+  """SIGTERM/SIGINT ask the loop to stop after the current step and save. Returns
+  (stop_requested, restore): restore puts the previous handlers back."""
   flag = {'stop': False}
+  previous = {}
 
   def handler(signum, frame):
     del frame
@@ -273,7 +276,12 @@ def _install_signal_handlers():
 
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
-      signal.signal(sig, handler)
+      previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread (e.g. under some test runners)
       pass
-  return lambda: flag['stop']
+
+  def restore():
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+  return lambda: flag['stop'], restore
