@@ -87,7 +87,8 @@ def test_windows_exclude_compilation_eval_and_checkpoints(runs):
   # The first window (steps 2-3) follows the compiled step 1; before, it held the compile
   # (~100x a step here) and read ~1/50 of the steady rate. The window after each eval and
   # checkpoint, and the first after the resume (which compiles again), are no exceptions.
-  assert min(tps) > 0.25 * steady, tps
+  # 0.1 leaves room for a busy machine's noise and still fails the compile-inclusive ~0.02.
+  assert min(tps) > 0.1 * steady, tps
   compiled = [r for r in train if 'perf/compile_s' in r]
   assert [r['step'] for r in compiled] == [3, 15]  # once per process start
   assert all(r['perf/compile_s'] > 2 * r['perf/step_time_s'] for r in compiled)
