@@ -92,9 +92,9 @@ def test_bad_mesh_errors(sizes, message):
 
 
 def test_indivisible_parameter_names_it():
-  with pytest.raises(ValueError, match=r"wk.*dimension 1 of size 2 is not divisible by mesh "
-                                       r"tensor=4"):
-    Trainer(tiny_config(**mesh_config(data=2, tensor=4)))
+  # kv heads (2) are replicated over tensor=8; the 4 query heads cannot be.
+  with pytest.raises(ValueError, match=r"w[qo].*of size 4 is not divisible by mesh tensor=8"):
+    Trainer(tiny_config(**mesh_config(data=1, tensor=8)))
 
 
 def test_rules_errors():
