@@ -13,7 +13,7 @@ import pytest
 from configs import base
 from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
-from training import hybrid_data, loop
+from training import hybrid_data, loop, throughput
 from training.data import sources
 
 C, SEQ_LEN = 16, 12                # capacity; eval rows (shorter than many documents)
@@ -96,6 +96,10 @@ def test_documents_whole_up_to_max_doc_len_and_cut_past_it(corpus, max_doc_len):
     for a, b in zip(pieces, pieces[1:]):
       assert a[-1] == b[0]
   assert pos == len(items)
+
+
+def test_real_tokens_counts_whole_documents():
+  assert throughput.real_tokens([np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int32)]) == 8
 
 
 def test_cut_is_logged_once(corpus, caplog):
