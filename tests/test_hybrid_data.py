@@ -188,6 +188,9 @@ def test_loop_trains_evaluates_and_resumes_the_stream(corpus, tmp_path):
   row = loop.run(c, first)
   assert np.isfinite(row['train/loss']) and np.isfinite(row['eval/loss'])
   assert row['hdp/micro_batches'] >= 1
+  # Steps of whole documents: tokens/s counts their tokens (not batch_size x seq_len), no MFU.
+  assert row['perf/tokens_per_sec'] == pytest.approx(row['perf/real_tokens_per_sec'])
+  assert 'perf/mfu' not in row
   with open(f'{first}/checkpoints/2/data/process_0-of-1.json') as f:
     saved = json.load(f)
   fresh = hybrid_data.make_train_iterator(c)

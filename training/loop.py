@@ -93,9 +93,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = hybrid_data.TrainStep(config, mesh, program.setup)
     prepare = lambda documents: documents
 
-  tokens_per_step = config.batch_size * config.seq_len
-  flops_per_token = perf.train_flops_per_token(config.model, config.seq_len)
-  timing = throughput.Throughput(tokens_per_step, flops_per_token, matmul_peak(config, mesh))
+  if hybrid:
+    # A step is batch_size whole documents of any length: tokens/s counts their tokens, and
+    # MFU is not reported (a token's FLOPs depend on its document's length; the planner's
+    # modelled and executed figures are hdp/*).
+    timing = throughput.Throughput(None, None, matmul_peak(config, mesh))
+  else:
+    timing = throughput.Throughput(config.batch_size * config.seq_len,
+                                   perf.train_flops_per_token(config.model, config.seq_len),
+                                   matmul_peak(config, mesh))
   # Real tokens are counted on this process's rows; every process loads as many.
   real_scale = 1 if hybrid else nproc
   writer = MetricWriter(workdir)

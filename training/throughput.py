@@ -28,12 +28,13 @@ def real_tokens(local_batch: Any) -> int:
 class Throughput:
   """Counts active seconds, steps, tokens and data-wait time between logged rows.
 
-  `total_tokens_per_step`: token positions per step (batch_size x seq_len, padding included);
-  `flops_per_token`: train FLOPs per token position (training/perf.py); `peak`: the FLOP/s
-  MFU divides by.
+  `total_tokens_per_step`: token positions per step (batch_size x seq_len, padding included;
+  None: the step's real tokens, for steps of whole documents); `flops_per_token`: train FLOPs
+  per token position (training/perf.py; None: no MFU); `peak`: the FLOP/s MFU divides by.
   """
 
-  def __init__(self, total_tokens_per_step: int, flops_per_token: float, peak: float):
+  def __init__(self, total_tokens_per_step: int | None, flops_per_token: float | None,
+               peak: float):
     self.total_tokens_per_step = total_tokens_per_step
     self.flops_per_token = flops_per_token
     self.peak = peak
@@ -92,9 +93,12 @@ class Throughput:
     self._reset(running=running)
     if steps == 0 or active <= 0:
       return {}
-    tps = steps * self.total_tokens_per_step / active
+    per_step = self.total_tokens_per_step
+    tps = (steps * per_step if per_step is not None else real) / active
     out = {'perf/tokens_per_sec': tps, 'perf/real_tokens_per_sec': real / active,
            'perf/step_time_s': active / steps, 'perf/data_wait_s': wait / steps}
+    if self.flops_per_token is None:
+      return out
     mfu = tps * self.flops_per_token / self.peak
     if mfu > 1.0:
       log.warning('MFU %.2f > 1 is a measurement error (the matmul peak %.3g FLOP/s is too low: '
