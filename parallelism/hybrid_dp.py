@@ -276,6 +276,13 @@ def _place_short(order, lengths, capacity, cost: CostModel, micro: list[_Uniform
 
 # ------------------------------------------------------------------ the lockstep planner
 
+@dataclasses.dataclass
+class _Group:
+  g: int
+  slots: np.ndarray                   # the micro-batch's slots, in member order
+  docs: list[int] = dataclasses.field(default_factory=list)   # split over the whole group
+
+
 class _Filling:
   """A micro-batch being filled: `n` device slots whose places in the pool are fixed at the
   end (any order of the same groups computes the same, so only the multiset of group sizes
@@ -285,24 +292,41 @@ class _Filling:
     self.used = np.zeros(n, np.int64)
     self.cost = np.zeros(n)
     self.claimed = np.zeros(n, bool)        # slot belongs to a group of g > 1
-    self.groups: list[tuple[Unit, np.ndarray]] = []   # split units and their slots (member order)
+    self.groups: list[_Group] = []
     self.whole: list[list[int]] = [[] for _ in range(n)]
 
   @property
   def peak(self) -> float:
     return float(self.cost.max())
 
-  def unit_option(self, unit: Unit, capacity: int):
-    """(rise of this micro-batch's busiest device, free tokens left, slots) or None."""
-    t = int(unit.used.max())
+  def split_option(self, s: int, g: int, capacity: int, cost: CostModel,
+                   join_only: bool = False):
+    """The best place for a document needing a group of g: (rise of this micro-batch's
+    busiest device, free tokens left on the devices it lands on, (group or None, slots,
+    per-member cost)) or None. It may join a group already here of g or more devices
+    (split finer, so it fills their room) or claim g free slots as a new group."""
+    best = None
+    for grp in self.groups:
+      if grp.g < g:
+        continue
+      t = per_device_tokens(s, grp.g)
+      if (self.used[grp.slots] + t > capacity).any():
+        continue
+      c = split_cost(s, grp.g, cost)
+      rise = max(0.0, float((self.cost[grp.slots] + c).max()) - self.peak)
+      opt = (rise, int((capacity - self.used[grp.slots] - t).sum()), (grp, grp.slots, c))
+      best = opt if best is None or opt[:2] < best[:2] else best
+    t = per_device_tokens(s, g)
     free = np.flatnonzero(~self.claimed & (self.used + t <= capacity))
-    if len(free) < unit.g:
-      return None
-    # The unit's heaviest member onto the lightest slot.
-    slots = free[np.argsort(self.cost[free], kind='stable')][:unit.g]
-    slots = slots[np.argsort(np.argsort(-unit.cost, kind='stable'), kind='stable')]
-    rise = max(0.0, float((self.cost[slots] + unit.cost).max()) - self.peak)
-    return rise, int((capacity - self.used[slots] - unit.used).sum()), slots
+    if len(free) >= g and not join_only:
+      c = split_cost(s, g, cost)
+      # The heaviest member onto the lightest slot.
+      slots = free[np.argsort(self.cost[free], kind='stable')][:g]
+      slots = slots[np.argsort(np.argsort(-c, kind='stable'), kind='stable')]
+      rise = max(0.0, float((self.cost[slots] + c).max()) - self.peak)
+      opt = (rise, int((capacity - self.used[slots] - t).sum()), (None, slots, c))
+      best = opt if best is None or opt[:2] < best[:2] else best
+    return best
 
   def short_option(self, s: int, c: float, capacity: int):
     ok = np.flatnonzero(self.used + s <= capacity)
@@ -313,11 +337,15 @@ class _Filling:
     k = np.lexsort((ok, room, rise))[0]    # least rise, then best fit
     return float(rise[k]), int(room[k]), int(ok[k])
 
-  def add_unit(self, unit: Unit, slots: np.ndarray) -> None:
-    self.groups.append((unit, slots))
-    self.claimed[slots] = True
-    self.used[slots] += unit.used
-    self.cost[slots] += unit.cost
+  def add_split(self, i: int, s: int, where) -> None:
+    grp, slots, c = where
+    if grp is None:
+      grp = _Group(len(slots), slots)
+      self.groups.append(grp)
+      self.claimed[slots] = True
+    grp.docs.append(i)
+    self.used[slots] += per_device_tokens(s, grp.g)
+    self.cost[slots] += c
 
   def add_short(self, i: int, s: int, c: float, slot: int) -> None:
     self.whole[slot].append(i)
@@ -363,36 +391,50 @@ def _relieve_peaks(fills: list[_Filling], lengths, capacity: int, cost: CostMode
       return
 
 
-def _lockstep_micro_batches(lengths, units: list[Unit], short: Sequence[int], n: int,
-                            capacity: int, cost: CostModel) -> list[_Filling]:
-  """Every item (a split unit or a short document), heaviest per-device cost first, goes where
-  it raises its micro-batch's busiest device least (ties: best fit in tokens, then the
-  earliest micro-batch); a micro-batch is opened only when the item fits no open one."""
-  items = [(float(u.cost.max()), int(u.used.max()), 0, k) for k, u in enumerate(units)]
-  items += [(cost.doc(int(lengths[i])), int(lengths[i]), 1, int(i)) for i in short]
-  items.sort(key=lambda t: (t[2], -t[0], -t[1], t[3]))
+def _lockstep_micro_batches(lengths, degrees, n: int, capacity: int, cost: CostModel
+                            ) -> list[_Filling]:
+  """Split documents first, then whole ones, each heaviest per-device cost first: it goes
+  where it raises its micro-batch's busiest device least (ties: best fit in tokens, then the
+  earliest micro-batch). A short document that fits no device whole is split over a group
+  already open (the ring sends whole buffers anyway, so this costs no bytes). A micro-batch
+  is opened only when the document fits no open one (first fit), so no micro-batch's first
+  document would have fit an earlier one."""
+  def per_device(i):
+    s, g = int(lengths[i]), int(degrees[i])
+    return split_cost(s, g, cost).max() if g > 1 else cost.doc(s)
+
+  order = sorted(range(len(lengths)), key=lambda i: (degrees[i] == 1, -per_device(i),
+                                                     -lengths[i], i))
   out: list[_Filling] = []
-  for c, s, kind, k in items:
+  for i in order:
+    s, g = int(lengths[i]), int(degrees[i])
+    c = cost.doc(s)
     best = None
-    for m, mb in enumerate(out):
-      opt = mb.unit_option(units[k], capacity) if kind == 0 else mb.short_option(s, c, capacity)
-      if opt is not None and (best is None or (opt[0], opt[1], m) < best[0]):
-        best = ((opt[0], opt[1], m), opt[2])
-    if best is None:
+    if g > 1:
+      ways = [lambda mb: mb.split_option(s, g, capacity, cost)]
+    else:   # whole onto one device, else split over a group already open, else a new one
+      ways = [lambda mb: mb.short_option(s, c, capacity),
+              lambda mb: mb.split_option(s, 2, capacity, cost, join_only=True)]
+    for way in ways:
+      for m, mb in enumerate(out):
+        opt = way(mb)
+        if opt is not None and (best is None or (opt[0], opt[1], m) < best[0]):
+          best = ((opt[0], opt[1], m), opt[2])
+      if best is not None:
+        break
+    if best is None:   # a new micro-batch only when no open one fits
       out.append(_Filling(n))
-      opt = (out[-1].unit_option(units[k], capacity) if kind == 0
-             else out[-1].short_option(s, c, capacity))
+      opt = ways[0](out[-1])
       best = ((0.0, 0, len(out) - 1), opt[2])
-    mb = out[best[0][2]]
-    if kind == 0:
-      mb.add_unit(units[k], best[1])
+    m, where = best[0][2], best[1]
+    if isinstance(where, tuple):
+      out[m].add_split(i, s, where)
     else:
-      mb.add_short(k, s, c, best[1])
+      out[m].add_short(i, s, c, where)
   return out
 
 
-def _place_in_pool(fills: list[_Filling], lengths, n: int, cost: CostModel
-                   ) -> list[MicroBatch]:
+def _place_in_pool(fills: list[_Filling], n: int) -> list[MicroBatch]:
   """Fixes each micro-batch's groups in the pool: largest group first (`canonical_layout`);
   groups of one size (and single devices) go, heaviest first, to the places whose running
   total over the step is lowest, so the per-device totals stay balanced too."""
@@ -400,11 +442,11 @@ def _place_in_pool(fills: list[_Filling], lengths, n: int, cost: CostModel
   out = []
   for f in fills:
     in_group = np.zeros(n, bool)
-    entries = []   # (g, member slots, split unit or None)
-    for unit, slots in f.groups:
-      entries.append((unit.g, slots, unit))
-      in_group[slots] = True
-    entries += [(1, np.array([d]), None) for d in range(n) if not in_group[d]]
+    entries = []   # (g, member slots, split documents)
+    for grp in f.groups:
+      entries.append((grp.g, grp.slots, grp.docs))
+      in_group[grp.slots] = True
+    entries += [(1, np.array([d]), []) for d in range(n) if not in_group[d]]
     layout = canonical_layout(e[0] for e in entries)
     starts = np.cumsum((0,) + layout[:-1])
     groups: list[Unit | None] = [None] * len(layout)
@@ -414,11 +456,9 @@ def _place_in_pool(fills: list[_Filling], lengths, n: int, cost: CostModel
       for e in mine:
         j = min(places, key=lambda j: (total[starts[j]:starts[j] + g].max(), j))
         places.remove(j)
-        unit = Unit(g)
-        if e[2] is not None:
-          unit.docs += e[2].docs
+        unit = Unit(g, [(i, -1) for i in e[2]])
         for m, d in enumerate(e[1]):
-          unit.docs += [(i, m if g > 1 else 0) for i in f.whole[d]]
+          unit.docs += [(i, m) for i in f.whole[d]]
         unit.used[:] = f.used[e[1]]
         unit.cost[:] = f.cost[e[1]]
         total[starts[j]:starts[j] + g] += unit.cost
@@ -455,10 +495,15 @@ def plan(lengths: Sequence[int], num_devices: int, capacity: int, *,
                          [u if u.docs else None for u in mb.groups]) for mb in uniform],
              whole_groups)
   if mixed_layouts and not whole_groups:
-    fills = _lockstep_micro_batches(lengths, units, short, num_devices, capacity, cost)
+    fills = _lockstep_micro_batches(lengths, degrees, num_devices, capacity, cost)
     _relieve_peaks(fills, lengths, capacity, cost)
-    mixed = Plan(num_devices, capacity, lengths, degrees,
-                 _place_in_pool(fills, lengths, num_devices, cost), whole_groups)
+    micro = _place_in_pool(fills, num_devices)
+    used = degrees.copy()   # a document may have joined a larger group than it needs
+    for mb in micro:
+      for u in mb.groups:
+        for i, member in (u.docs if u is not None else []):
+          used[i] = u.g if member < 0 else 1
+    mixed = Plan(num_devices, capacity, lengths, used, micro, whole_groups)
     # The uniform plan is a candidate too, so the lockstep sum is never above it.
     score = lambda p: (round(p.lockstep_cost(), 12), len(p.micro_batches))
     out = min((mixed, out), key=score)

@@ -261,8 +261,9 @@ class Executor:
     if len(set(layout)) > 1 and self.whole_groups and max(layout) > 1:
       raise ValueError(
           f'hybrid_dp: layout {layout} mixes group sizes, which this model (recurrent layers '
-          'over token order) cannot run: make the plan with hybrid_dp.plan(..., '
-          'whole_groups=hybrid_exec.whole_groups(config)) (one group size per micro-batch)')
+          'over token order) cannot run: make the plan with whole_groups=True '
+          '(hybrid_dp.plan(..., whole_groups=hybrid_exec.whole_groups(config))), which uses '
+          'one group size per micro-batch')
     g = layout
     if g not in self._programs:
       graphdef = self._graphdef(layout)
