@@ -4,26 +4,46 @@ context-parallel degree.
 ByteScale (Ge et al., "ByteScale: Efficient Scaling of LLM Training with a 2048K Context
 Length on More Than 12,000 GPUs", 2025), sections 4 and 5: the data and context axes form one
 pool of N devices, each holding at most C tokens per micro-batch. A sequence longer than C
-spans D(s) >= ceil(s / C) devices (an aligned group of a size in `layouts`); such sequences
-are best-fit packed into groups of their size (Alg. 1). The balance scheduler (Alg. 2,
-DP-balance) then works largest cost first (sorting by cost stands in for the paper's
-equal-FLOP buckets, taken first to last): each group goes to the aligned devices whose load
-would peak lowest, then each short sequence, whole, to the least-loaded device, preferring
-(within `slack` x mean load) space already open in a micro-batch over a new one. Devices may
-run different numbers of micro-batches (idle slots are empty buffers). Pure Python/numpy on
-length metadata: every process computes the same plan.
+spans D(s) >= ceil(s / C) devices (a group of a size in `layouts`). Micro-batches run one after
+another and every device waits for the slowest one in each, so what a step pays is the lockstep
+sum: over micro-batches, the busiest device's cost. That is what this planner minimises
+(default, `mixed_layouts=True`):
 
-Execution (`hybrid_exec.py`) runs micro-batches of one group size g at a time (one compiled
-program per g). Inside a group each document is cut into 2g pieces and device i holds pieces
-i and 2g-1-i (zigzag per document, ByteScale section 5.3), so every member does the same
-causal work.
+- A micro-batch is the pool cut into groups of any sizes from `layouts`, e.g. (4, 2, 1, 1):
+  a document split over 4 devices beside one over 2 and two devices of whole short documents.
+  Groups are placed largest first, so a micro-batch's layout is a sorted tuple
+  (`canonical_layout`) and the executor compiles one program per distinct tuple (at most the
+  partitions of N into layout sizes: 10 for N = 8 and (1, 2, 4, 8)).
+- Split documents first, then whole ones, each heaviest per-device cost first, go where they
+  raise their micro-batch's busiest device least (ties: best fit in tokens, then the earliest
+  micro-batch). A split document may join a group already open of g >= D(s) devices (split
+  finer, filling their room); a short document that fits no device whole may join an open
+  group too (the ring sends whole C-token buffers anyway, so no extra bytes). A micro-batch is
+  opened only when the document fits none open (first fit).
+- A local search then moves whole documents off each micro-batch's busiest device to another
+  micro-batch where they do not raise its busiest device (each move lowers the sum).
+- Groups of one size, and single devices, go to the places whose running total is lowest, so
+  the per-device totals (the paper's Alg. 2 objective) stay balanced as a second aim.
+- The uniform plan (`mixed_layouts=False`: one group size per micro-batch, Alg. 1 packing and
+  Alg. 2 balancing of per-device totals, as ByteScale describes) is computed too, and the
+  plan with the lower lockstep sum is returned, so the sum is never above it.
+
+Micro-batch count: first fit guarantees only that no micro-batch's first document fit an
+earlier one; measured (tests/test_hybrid_dp.py, random Pareto and lognormal batches) it stays
+within one of ceil(tokens incl. zigzag padding / (N x C)), and equals it on the bench's mixes.
+
+Pure Python/numpy on length metadata: every process computes the same plan. Execution
+(`training/hybrid_exec.py`): inside a group each document is cut into 2g pieces and member i
+holds pieces i and 2g-1-i (zigzag per document, ByteScale section 5.3), so every member does
+the same causal work.
 
 `whole_groups=True` (models with recurrent layers: a scan and a causal conv follow token
 order) gives a split document its group to itself: padded to g x capacity tokens, so each
 member holds exactly two pieces of capacity/2, the layout of a zigzag context axis, and the
 context-parallel scan and conv halo (`context/scan.py`) run unchanged inside the group. Short
-documents then go only to g = 1 micro-batches. The price is padding: up to 1 - g'/g of the
-group (g' the next smaller layout) instead of under 2g tokens.
+documents then go only to g = 1 micro-batches, and such plans use one group size per
+micro-batch (the uniform planner). The price is padding: up to 1 - g'/g of the group (g' the
+next smaller layout) instead of under 2g tokens.
 """
 
 import copy
@@ -65,11 +85,15 @@ def per_device_tokens(s: int, g: int) -> int:
 
 
 def check_layouts(layouts: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Sorted group sizes; each must divide the pool and the next larger size (a ring of the
+  largest group's steps then brings every smaller group's dK/dV home), and 1 is required."""
   out = tuple(sorted({int(g) for g in layouts}))
   bad = [g for g in out if g < 1 or num_devices % g]
+  bad += [b for a, b in zip(out, out[1:]) if b % a]
   if bad or 1 not in out:
     raise ValueError(f'parallelism.hybrid_dp.layouts={tuple(layouts)}: group sizes must divide '
-                     f'the pool of {num_devices} devices and include 1 (bad: {bad})')
+                     f'the pool of {num_devices} devices, each the next larger one, and include '
+                     f'1 (bad: {bad})')
   return out
 
 

@@ -123,6 +123,8 @@ def test_planner_errors_name_the_config():
     hybrid_dp.plan([200], N, C)  # needs 13 devices, largest layout is 8
   with pytest.raises(ValueError, match='parallelism.hybrid_dp.layouts'):
     hybrid_dp.plan([10], N, C, layouts=(1, 3))
+  with pytest.raises(ValueError, match='parallelism.hybrid_dp.layouts'):
+    hybrid_dp.plan([10], 12, C, layouts=(1, 2, 3, 6))   # 2 does not divide 3
   with pytest.raises(ValueError, match='parallelism.hybrid_dp.capacity'):
     hybrid_dp.plan([10], N, 15)
 

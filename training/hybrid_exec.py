@@ -1,23 +1,32 @@
-"""Runs a hybrid-data-parallel plan (`hybrid_dp.py`): one compiled program per group size g.
+"""Runs a hybrid-data-parallel plan (`hybrid_dp.py`): one compiled program per layout.
 
-ByteScale (Ge et al., 2025), section 4: every device of the pool holds a model replica; a
-micro-batch of layout g splits the pool into aligned groups of g devices, and each group runs
-the zigzag ring attention (`context/ring.py`, reused unchanged) among its own members only: the
-ring's ppermute cycles inside each group (a static permutation, so JAX compiles it once per g).
-For g = 1 the ring has one step and sends nothing. The whole model runs under one shard_map over
-the pool (each device its [1, C] tokens); gradients stay per device while micro-batches of any
-layout accumulate, and are summed once per step, then normalised by the global token count, so
-the update equals plain data parallelism on the same documents.
+ByteScale (Ge et al., 2025), section 4: every device of the pool (mesh data x fsdp x
+context) computes on its own C tokens; a micro-batch's layout, e.g. (4, 2, 1, 1), cuts the
+pool into consecutive groups, and each group runs the zigzag ring attention (`context/ring.py`,
+reused) among its own members only: the ring's ppermute cycles inside each group (one static
+permutation per layout, so JAX compiles once per layout tuple and the executor caches it).
+With mixed sizes the ring takes as many steps as the largest group; a K/V block that has gone
+round a smaller group once is hidden from its queries (`GroupAxis.visible`: its segment ids
+become -1, so the block kernel skips it), and dK/dV still arrive home after the last step
+because every size divides the largest (layouts divide the pool, so (1, 2, 4, 8) on 8 devices).
+Single devices in a mixed layout thus compute only their own block; idle devices compute
+padding, which carries no loss. The whole model runs under one shard_map over the pool (each
+device its [1, C] tokens); gradients stay per device while micro-batches of any layout
+accumulate, and are summed once per step, then normalised by the global token count, so the
+update equals plain data parallelism on the same documents.
+
+`mesh.fsdp > 1` (ZeRO-style): parameters and optimizer state stay sharded over fsdp between
+steps (the model's sharding rules); the step gathers the parameters once for all its
+micro-batches, and the update reduces the per-device gradients once, into the sharded layout.
+`mesh.tensor > 1` is refused (every pool device runs whole layers). `optimizer.grad_accum_steps`
+must be 1: the planned micro-batches already accumulate, and `capacity` is the memory knob.
 
 Recurrent layers (SambaY's Mamba: a scan and a causal conv over token order) run inside each
 group with the context-parallel scan and conv halo (`context/scan.py`), over a `GroupAxis`
 instead of the context mesh axis. That code needs the zigzag context layout (two halves per
-device), so for such models the plan is made with `whole_groups=True` (`whole_groups` below):
-a split document fills its group alone, and `gradients` refuses buffers laid out otherwise.
-
-Built variant: every micro-batch has one group size for the whole pool (micro-batches of
-different g run one after another), so the program count is the number of distinct g + 1 (the
-update). Mixed-size layouts in one micro-batch are not built.
+device) and one group size per micro-batch, so for such models the plan is made with
+`whole_groups=True` (`whole_groups` below): a split document fills its group alone, and
+`gradients` refuses buffers laid out otherwise, and `program` refuses mixed layouts.
 """
 
 import dataclasses
@@ -177,8 +186,9 @@ def layout_of(key, pool: int) -> tuple[int, ...]:
   """The layout tuple of an executor key: g (every group g devices) or the tuple itself."""
   layout = hybrid_dp.uniform_layout(key, pool) if isinstance(key, (int, np.integer)) else \
       tuple(int(g) for g in key)
-  if sum(layout) != pool or min(layout) < 1:
-    raise ValueError(f'hybrid_dp: layout {layout} does not cut the pool of {pool} devices')
+  if sum(layout) != pool or min(layout) < 1 or any(max(layout) % g for g in layout):
+    raise ValueError(f'hybrid_dp: layout {layout} does not cut the pool of {pool} devices into '
+                     'groups whose sizes divide the largest')
   return layout
 
 
