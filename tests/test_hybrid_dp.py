@@ -176,8 +176,8 @@ def _padded_rows(docs):
   return b
 
 
-# The layouts the gradient test runs: the ones the training steps' plan uses (LENGTHS),
-# so no extra programs compile (checked in test_telemetry_and_program_count).
+# The layouts the gradient test runs: (4, 2, 2) is also in the training steps' plan (LENGTHS);
+# (2, 1, ...) adds single devices beside a group (one more program).
 MIXED = [(4, 2, 2), (2, 1, 1, 1, 1, 1, 1)]
 
 
@@ -266,10 +266,9 @@ def test_telemetry_and_program_count(runs):
   plans, metrics = runs['plans'], runs['metrics']
   keys = {mb.key for p in plans for mb in p.micro_batches}
   assert any(isinstance(k, tuple) for k in keys)   # the training steps ran mixed layouts
-  # One program per distinct layout (the steps' plus the gradient test's) + the update.
-  assert set(MIXED) <= keys
-  assert runs['programs'] == len(keys) + 1
-  cost = hybrid_dp.CostModel.for_model(_config().model)
+  # One program per distinct layout (the steps' and the gradient test's) + the update.
+  assert MIXED[0] in keys
+  assert runs['programs'] == len(keys | set(MIXED)) + 1
   for p, m in zip(plans, metrics):
     assert m['hdp/micro_batches'] == len(p.micro_batches)
     assert m['hdp/padding_fraction'] == pytest.approx(p.padding_fraction())
