@@ -48,6 +48,7 @@ next smaller layout) instead of under 2g tokens.
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -435,10 +436,11 @@ def _lockstep_micro_batches(lengths, degrees, n: int, capacity: int, cost: CostM
     c = cost.doc(s)
     best = None
     if g > 1:
-      ways = [lambda mb: mb.split_option(s, g, capacity, cost)]
+      ways = [functools.partial(_Filling.split_option, s=s, g=g, capacity=capacity, cost=cost)]
     else:   # whole onto one device, else split over a group already open, else a new one
-      ways = [lambda mb: mb.short_option(s, c, capacity),
-              lambda mb: mb.split_option(s, 2, capacity, cost, join_only=True)]
+      ways = [functools.partial(_Filling.short_option, s=s, c=c, capacity=capacity),
+              functools.partial(_Filling.split_option, s=s, g=2, capacity=capacity, cost=cost,
+                                join_only=True)]
     for way in ways:
       for m, mb in enumerate(out):
         opt = way(mb)
