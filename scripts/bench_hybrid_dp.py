@@ -1,32 +1,47 @@
-"""Hybrid data parallelism vs static data x context and plain packing, on one long-tail batch.
+"""Hybrid data parallelism vs static data x context meshes and plain packing, one long-tail batch.
 
     python scripts/bench_hybrid_dp.py                    # defaults below (~minutes on CPU)
     python scripts/bench_hybrid_dp.py --dist=lognormal --scale=96 --shape=1.3 --docs=64
+    python scripts/bench_hybrid_dp.py --lengths_from=DIR  # real lengths (prepare_data.py output)
+    python scripts/bench_hybrid_dp.py --json=rows.json    # the rows, machine-readable
 
 One global batch of documents with long-tail lengths (default Pareto: 32 x (1 + Lomax(1.2)),
-rounded up, capped at 8 x C; or --dist=lognormal) on 8 fake CPU devices, float32, the same
-documents for all three:
-  hdp      parallelism/hybrid_dp.py: per-document group size in {1,2,4,8}, C tokens per device
-           per micro-batch, zigzag ring inside each group; micro-batches of one group size each
-  static   mesh context=8 (data=1): documents first-fit packed into rows of 8C, every row over
-           all 8 devices with the zigzag ring (the only static mesh that fits a document of 8C)
-  packing  mesh data=8, no context parallelism: documents first-fit packed into rows of 8C
-           (the longest document must fit one row), rows spread over the 8 devices
+rounded up, capped at 8 x C; or --dist=lognormal; or --docs lengths sampled with --seed from an
+ArrayRecord index's lengths.npy, capped at 8 x C) on 8 fake CPU devices, float32, the same
+documents for every row:
+  hdp          parallelism/hybrid_dp.py: per-document group sizes in {1,2,4,8}, several sizes per
+               micro-batch (lockstep planner), C tokens per device per micro-batch, zigzag
+               ring inside each group, one compiled program per layout
+  hdp-uniform  the same with one group size per micro-batch (the previous planner; not in
+               --smoke)
+  static dDxcK mesh data=D x context=K: documents first-fit packed into rows of K x C, each row
+               over K devices with the zigzag ring, rows spread over D (only meshes whose
+               rows fit the longest document: context=8 always, data=2 x context=4 when the
+               longest document is at most 4C; not in --smoke)
+  packing      mesh data=8, no context parallelism: documents first-fit packed into rows of 8C
+               (the longest document must fit one row), rows spread over the 8 devices
 Columns (docs/measuring.md):
   MiB sent/dev  bytes one device sends per step, from the optimized HLO (collective-permute
                 pairs, all-reduce 2(N-1)/N, loops x trip count), mean over devices, summed
                 over every program the step runs (hdp: each micro-batch + the update)
   ring/grad     the same split: attention ring traffic / gradient reduction
-  flops max/mean  per-device model FLOPs (3 x forward: linear per real token + causal
-                (query, key) pairs at the query's device), measured from the device buffers
-  lockstep      sum over micro-batches of the busiest device's FLOPs / mean per-device total
-                (what a synchronous step pays); = max/mean for one-program baselines
+  flops max/mean  executed per-device model FLOPs over the step (3 x forward: linear per real
+                token + causal (query, key) pairs at the query's device), measured from the
+                device buffers that run (hdp: summed over its micro-batches)
+  lockstep      sum over micro-batches of the busiest device's executed FLOPs / mean
+                per-device total (what a synchronous step pays); = max/mean for one program
+  modelled      hdp: the planner's own lockstep figure (equals the executed one when the cost
+                model counts what the buffers hold)
   padding       1 - real tokens / token slots the devices compute
-  programs      compiled programs the step uses
-  step s        wall time of one step after a warm-up, median of --repeats (noisy: shared CPU)
+  programs      compiled programs the step uses (hdp: layouts + the update)
+  mb            hdp: micro-batches run one after another; static: rows per device
+  step s        wall time of one step after a warm-up, median of --repeats (noisy: shared CPU;
+                8 fake devices share the cores, so this tracks total work incl. padding)
+  cpu s         process CPU time of the same step, median
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,6 +64,7 @@ from parallelism.context import layout
 from training.perf import collective_bytes_per_device
 from training import step as step_lib
 from training.composition import make_runtime
+from training.data import sources
 from training.state import init_train_state, setup_model
 
 MiB = 2 ** 20
@@ -67,9 +83,15 @@ def bench_config(capacity: int, block: int):
   return c
 
 
-def make_docs(n: int, dist: str, scale: float, shape: float, cap: int, seed: int):
+def make_docs(n: int, dist: str, scale: float, shape: float, cap: int, seed: int,
+              lengths_from: str = ''):
   r = np.random.RandomState(seed)
-  if dist == 'pareto':  # scale x (1 + Lomax(shape)): density ~ s^-(shape+1) above `scale`
+  if lengths_from:  # real document lengths: a sample of n (with the seed) from the index
+    pool = np.asarray(sources.load_document_lengths(lengths_from))
+    if len(pool) == 0:
+      raise ValueError(f'--lengths_from={lengths_from}: no documents in its lengths file')
+    raw = pool[r.choice(len(pool), n, replace=len(pool) < n)]
+  elif dist == 'pareto':  # scale x (1 + Lomax(shape)): density ~ s^-(shape+1) above `scale`
     raw = scale * (1 + r.pareto(shape, n))
   elif dist == 'lognormal':  # median `scale`, sigma `shape`
     raw = r.lognormal(np.log(scale), shape, n)
@@ -115,28 +137,31 @@ def split_bytes(hlo: str) -> tuple[float, float]:
   return total - rest, rest
 
 
-def timed(fn, repeats: int) -> float:
-  fn()  # warm-up (compiles)
-  times = []
+def timed(fn, repeats: int) -> tuple[float, float]:
+  """(median wall s, median process CPU s) of `fn` after one warm-up call (compiles)."""
+  fn()
+  wall, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return float(np.median(wall)), float(np.median(cpu))
 
 
-def run_hdp(c, docs, cost, state0, repeats):
+def run_hdp(c, docs, cost, state0, repeats, mixed_layouts: bool = True):
   mesh = mesh_lib.make_mesh(c.mesh)
   setup = setup_model(c, mesh, make_runtime(c, mesh))
   ex = hybrid_exec.Executor(c, mesh, setup)
   h = c.parallelism.hybrid_dp
   t0 = time.perf_counter()
   plan = hybrid_dp.plan([len(d) for d in docs], ex.pool, h.capacity, layouts=h.layouts,
-                        slack=h.slack, cost=cost, whole_groups=ex.whole_groups)
+                        slack=h.slack, cost=cost, whole_groups=ex.whole_groups,
+                        mixed_layouts=mixed_layouts)
   micro = hybrid_dp.batch_buffers(plan, docs)
   plan_s = time.perf_counter() - t0
   per_mb = np.stack([hybrid_dp.buffer_flops(b, cost) for _, b in micro])
-  on_device = [(g, ex.put(b)) for g, b in micro]
+  on_device = [(key, ex.put(b)) for key, b in micro]
   state = jax.device_put(state0, setup.shardings)
 
   def step():
@@ -144,37 +169,39 @@ def run_hdp(c, docs, cost, state0, repeats):
     jax.block_until_ready(out)
     return out
 
-  step_s = timed(step, repeats)
+  step_s, cpu_s = timed(step, repeats)
   # Bytes: each micro-batch program's HLO once per micro-batch, plus the update's.
   acc = ex._zeros(state.params)
   zeros = jax.device_put(np.zeros(N, np.float32), ex.per_device)
-  hlo = {g: ex.program(g).lower(state.params, acc, zeros, zeros, b, state.rng).compile().as_text()
-         for g, b in dict(on_device).items()}
-  ring = sum(split_bytes(hlo[g])[0] for g, _ in micro)
-  grad = sum(split_bytes(hlo[g])[1] for g, _ in micro)
+  hlo = {key: ex.program(key).lower(state.params, acc, zeros, zeros, b, state.rng).compile()
+         .as_text() for key, b in dict(on_device).items()}
+  ring = sum(split_bytes(hlo[key])[0] for key, _ in micro)
+  grad = sum(split_bytes(hlo[key])[1] for key, _ in micro)
   upd = split_bytes(ex._update.lower(state, zeros, zeros, acc).compile().as_text())
   loss = float(step()[1]['loss'])
   return {'ring': ring + upd[0], 'grad': grad + upd[1], 'flops': per_mb.sum(0),
           'lockstep': per_mb.max(1).sum() / per_mb.sum(0).mean(),
-          'padding': plan.padding_fraction(), 'programs': ex.program_count, 'step_s': step_s,
-          'loss': loss, 'plan_s': plan_s, 'counts': plan.micro_batch_counts()}
+          'modelled': plan.lockstep_cost(), 'padding': plan.padding_fraction(),
+          'programs': ex.program_count, 'micro_batches': len(plan.micro_batches),
+          'step_s': step_s, 'cpu_s': cpu_s, 'loss': loss, 'plan_s': plan_s,
+          'layouts': sorted({str(mb.layout) for mb in plan.micro_batches})}
 
 
-def run_static(c, docs, cost, state0, repeats, context: int):
-  """One train-step program over rows of 8C: context=8 ring, or data=8 without context."""
+def run_static(c, docs, cost, state0, repeats, data: int, context: int, row: int):
+  """One train-step program over rows of `row` tokens on mesh data x context (the ring over
+  context when > 1)."""
   c = c.copy_and_resolve_references()
   c.parallelism.hybrid_dp.enabled = False
-  row = N * c.parallelism.hybrid_dp.capacity
-  c.mesh.data, c.mesh.context = N // context, context
+  c.mesh.data, c.mesh.context = data, context
   c.parallelism.context_impl = 'ring' if context > 1 else 'none'
   mesh = mesh_lib.make_mesh(c.mesh)
   runtime = make_runtime(c, mesh)
   setup = setup_model(c, mesh, runtime)
-  host = packed_rows(docs, row, rows_multiple=N // context)
+  host = packed_rows(docs, row, rows_multiple=data)
   host = layout.host_layout(c, mesh)(host) if context > 1 else host
   R = host['inputs'].shape[0]
   # Per-device buffers: row blocks over data, each row's 1/context over context.
-  dev = {k: v.reshape(N // context, R // (N // context), context, row // context)
+  dev = {k: v.reshape(data, R // data, context, row // context)
          .transpose(0, 2, 1, 3).reshape(N, -1) for k, v in host.items()}
   flops = hybrid_dp.buffer_flops(dev, cost)
   b_sharding = rules_lib.named_sharding((R, row), ('batch', 'length'), c.parallelism.rules,
@@ -189,64 +216,94 @@ def run_static(c, docs, cost, state0, repeats, context: int):
     jax.block_until_ready(out)
     return out
 
-  step_s = timed(step, repeats)
+  step_s, cpu_s = timed(step, repeats)
   ring, grad = split_bytes(fn.lower(state, batch).compile().as_text())
   real = (host['segment_ids'] > 0).sum()
   return {'ring': ring, 'grad': grad, 'flops': flops, 'lockstep': flops.max() / flops.mean(),
-          'padding': 1 - real / host['inputs'].size, 'programs': 1, 'step_s': step_s,
-          'loss': float(step()[1]['loss']), 'counts': {f'rows {row}': R}}
+          'modelled': None, 'padding': 1 - real / host['inputs'].size, 'programs': 1,
+          'micro_batches': R // data, 'step_s': step_s, 'cpu_s': cpu_s,
+          'loss': float(step()[1]['loss']), 'layouts': [f'rows of {row}']}
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--capacity', type=int, default=256, help='C: tokens per device')
   ap.add_argument('--docs', type=int, default=128)
   ap.add_argument('--dist', default='pareto', help='pareto | lognormal')
   ap.add_argument('--scale', type=float, default=32.0, help='pareto: minimum; lognormal: median')
   ap.add_argument('--shape', type=float, default=1.2, help='pareto: alpha; lognormal: sigma')
+  ap.add_argument('--lengths_from', default='',
+                  help='a prepare_data.py output directory: sample --docs real document lengths '
+                       'from its lengths.npy (with --seed) instead of --dist')
   ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--repeats', type=int, default=2)
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--json', default='', help='write the rows (and the batch) to this path')
   ap.add_argument('--smoke', action='store_true', help='seconds-long check: C=64, 12 documents')
   args = ap.parse_args()
   if args.smoke:
     args.capacity, args.docs, args.scale, args.repeats = 64, 12, 16.0, 1
   C = args.capacity
   c = bench_config(C, block=min(64, C // 2))
-  docs = make_docs(args.docs, args.dist, args.scale, args.shape, N * C, args.seed)
+  docs = make_docs(args.docs, args.dist, args.scale, args.shape, N * C, args.seed,
+                   args.lengths_from)
   lengths = np.array([len(d) for d in docs])
   cost = hybrid_dp.CostModel.for_model(c.model)
   one = mesh_lib.make_mesh(c.mesh)
   rt = make_runtime(c, one)
   state0 = jax.device_get(init_train_state(c, setup_model(c, one, rt), rt))
 
-  rows = {'hdp': run_hdp(c, docs, cost, state0, args.repeats),
-          'static': run_static(c, docs, cost, state0, args.repeats, context=N),
-          'packing': run_static(c, docs, cost, state0, args.repeats, context=1)}
+  rows = {'hdp': run_hdp(c, docs, cost, state0, args.repeats)}
+  if not args.smoke:
+    rows['hdp-uniform'] = run_hdp(c, docs, cost, state0, args.repeats, mixed_layouts=False)
+  rows['static d1xc8'] = run_static(c, docs, cost, state0, args.repeats, 1, N, N * C)
+  if lengths.max() <= 4 * C and not args.smoke:
+    rows['static d2xc4'] = run_static(c, docs, cost, state0, args.repeats, 2, 4, 4 * C)
+  rows['packing'] = run_static(c, docs, cost, state0, args.repeats, N, 1, N * C)
   print(f'# bench_hybrid_dp | backend {jax.default_backend()} | {jax.device_count()} x '
         f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
   print(f'# model: 2 layers, d=64, 4 heads (2 kv), head dim 16, mlp 128, vocab 256, blockwise '
         f'attention (block {c.attention.block_q}); C={C} tokens/device, 8 devices')
-  dist = (f'{args.scale:g} x (1 + Lomax({args.shape:g})) (Pareto)' if args.dist == 'pareto'
+  dist = (f'real lengths from {args.lengths_from}' if args.lengths_from else
+          f'{args.scale:g} x (1 + Lomax({args.shape:g})) (Pareto)' if args.dist == 'pareto'
           else f'lognormal(median {args.scale:g}, sigma {args.shape:g})')
   print(f'# batch: {len(docs)} docs, lengths ceil({dist}) capped at 8C={N * C}, seed '
         f'{args.seed}: {lengths.sum()} tokens, min {lengths.min()} '
         f'median {int(np.median(lengths))} max {lengths.max()}, {(lengths > C).sum()} docs > C')
-  print(f'# hdp micro-batches per group size: {rows["hdp"]["counts"]}; plan + buffers on host '
-        f'{rows["hdp"]["plan_s"] * 1e3:.0f} ms; slack {c.parallelism.hybrid_dp.slack}')
-  print(f'{"run":<8} {"MiB sent/dev":>12} {"ring/grad MiB":>15} {"flops max/mean":>14} '
-        f'{"lockstep":>8} {"padding":>8} {"programs":>8} {"step s":>7} {"loss":>7}')
+  print(f'# hdp layouts: {", ".join(rows["hdp"]["layouts"])}; plan + buffers on host '
+        f'{rows["hdp"]["plan_s"] * 1e3:.0f} ms')
+  print(f'{"run":<13} {"MiB sent/dev":>12} {"ring/grad MiB":>15} {"flops max/mean":>14} '
+        f'{"lockstep":>8} {"modelled":>8} {"padding":>8} {"programs":>8} {"mb":>4} '
+        f'{"step s":>7} {"cpu s":>7} {"loss":>7}')
   for name, r in rows.items():
-    print(f'{name:<8} {(r["ring"] + r["grad"]) / MiB:12.2f} '
+    modelled = '-' if r['modelled'] is None else f'{r["modelled"]:.3f}'
+    print(f'{name:<13} {(r["ring"] + r["grad"]) / MiB:12.2f} '
           f'{r["ring"] / MiB:7.2f}/{r["grad"] / MiB:<7.2f} '
-          f'{r["flops"].max() / r["flops"].mean():14.3f} {r["lockstep"]:8.3f} '
-          f'{r["padding"]:8.3f} {r["programs"]:8d} {r["step_s"]:7.2f} {r["loss"]:7.4f}')
-  h, s = rows['hdp'], rows['static']
-  print(f'# summary: hdp sends {(h["ring"] + h["grad"]) / (s["ring"] + s["grad"]):.2f}x the '
-        f'static data x context bytes, per-device FLOP imbalance '
-        f'{h["flops"].max() / h["flops"].mean():.3f}'
-        f' (static {s["flops"].max() / s["flops"].mean():.3f}, packing '
-        f'{rows["packing"]["flops"].max() / rows["packing"]["flops"].mean():.3f}); same loss '
-        f'{abs(h["loss"] - s["loss"]) < 1e-4 and abs(h["loss"] - rows["packing"]["loss"]) < 1e-4}')
+          f'{r["flops"].max() / r["flops"].mean():14.3f} {r["lockstep"]:8.3f} {modelled:>8} '
+          f'{r["padding"]:8.3f} {r["programs"]:8d} {r["micro_batches"]:4d} '
+          f'{r["step_s"]:7.2f} {r["cpu_s"]:7.2f} {r["loss"]:7.4f}')
+  h = rows['hdp']
+  statics = {k: r for k, r in rows.items() if k.startswith('static')}
+  best = min(statics, key=lambda k: statics[k]['lockstep'])
+  ring = rows['static d1xc8']
+  same_loss = all(abs(r['loss'] - h['loss']) < 1e-4 for r in rows.values())
+  print(f'# summary: hdp lockstep {h["lockstep"]:.3f} vs best static ({best}) '
+        f'{statics[best]["lockstep"]:.3f}; hdp step {h["step_s"]:.2f} s vs the static ring '
+        f'{ring["step_s"]:.2f} s ({h["step_s"] / ring["step_s"]:.2f}x; cpu '
+        f'{h["cpu_s"] / ring["cpu_s"]:.2f}x); same loss {same_loss}')
+  if args.json:
+    out = {'batch': {'docs': len(docs), 'tokens': int(lengths.sum()), 'capacity': C,
+                     'source': dist, 'seed': args.seed, 'lengths': lengths.tolist()},
+           'rows': [{'run': name, 'mib_sent_per_device': (r['ring'] + r['grad']) / MiB,
+                     'ring_mib': r['ring'] / MiB, 'grad_mib': r['grad'] / MiB,
+                     'flops_max_over_mean': float(r['flops'].max() / r['flops'].mean()),
+                     'lockstep': float(r['lockstep']),
+                     'modelled_lockstep': r['modelled'], 'padding': float(r['padding']),
+                     'programs': r['programs'], 'micro_batches': r['micro_batches'],
+                     'step_s': r['step_s'], 'cpu_s': r['cpu_s'], 'loss': r['loss'],
+                     'layouts': r['layouts']} for name, r in rows.items()]}
+    with open(args.json, 'w') as f:
+      json.dump(out, f, indent=1)
+    print(f'# wrote {args.json}')
 
 
 if __name__ == '__main__':

@@ -128,22 +128,37 @@ def make_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetItera
 
 
 class TrainStep:
-  """(state, documents) -> (state, metrics): plan on the host, then the per-g programs."""
+  """(state, documents) -> (state, metrics): plan on the host, then one program per layout.
+
+  Metrics (`hdp/*`, per step): `modelled_imbalance` (the plan's per-device total FLOPs,
+  max/mean), `executed_imbalance` (the same measured from the device buffers that ran,
+  `hybrid_dp.buffer_flops`), `lockstep_cost` (sum over micro-batches of the busiest device's
+  executed FLOPs / mean per-device total: what synchronous micro-batches pay; 1 = no wait),
+  `micro_batches`, `padding_fraction` (token slots computed that hold no token), `programs`
+  (compiled programs so far, the update included)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, setup: ModelSetup):
-    check_config(config, mesh)
+    # The loop runs `check_config` (the data side) at start-up; the executor checks its own.
     self.h = config.parallelism.hybrid_dp
     self.cost = hybrid_dp.CostModel.for_model(config.model)
     self.executor = hybrid_exec.Executor(config, mesh, setup)
 
+  def plan(self, documents) -> hybrid_dp.Plan:
+    return hybrid_dp.plan([len(d) for d in documents], self.executor.pool, self.h.capacity,
+                          layouts=self.h.layouts, slack=self.h.slack, cost=self.cost,
+                          whole_groups=self.executor.whole_groups)
+
   def __call__(self, state, documents):
-    p = hybrid_dp.plan([len(d) for d in documents], self.executor.pool, self.h.capacity,
-                       layouts=self.h.layouts, slack=self.h.slack, cost=self.cost,
-                       whole_groups=self.executor.whole_groups)
-    state, metrics = self.executor.train_step(state, hybrid_dp.batch_buffers(p, documents))
+    p = self.plan(documents)
+    micro = hybrid_dp.batch_buffers(p, documents)
+    state, metrics = self.executor.train_step(state, micro)
+    executed = np.stack([hybrid_dp.buffer_flops(b, self.cost) for _, b in micro])
+    per_device = executed.sum(0)
     metrics = dict(metrics)
-    metrics['hdp/flops_imbalance'] = p.imbalance()
-    metrics['hdp/padding'] = p.padding_fraction()
+    metrics['hdp/modelled_imbalance'] = p.imbalance()
+    metrics['hdp/executed_imbalance'] = float(per_device.max() / per_device.mean())
+    metrics['hdp/lockstep_cost'] = float(executed.max(1).sum() / per_device.mean())
     metrics['hdp/micro_batches'] = len(p.micro_batches)
+    metrics['hdp/padding_fraction'] = p.padding_fraction()
     metrics['hdp/programs'] = self.executor.program_count
     return state, metrics

@@ -1,23 +1,32 @@
-"""Runs a hybrid-data-parallel plan (`hybrid_dp.py`): one compiled program per group size g.
+"""Runs a hybrid-data-parallel plan (`hybrid_dp.py`): one compiled program per layout.
 
-ByteScale (Ge et al., 2025), section 4: every device of the pool holds a model replica; a
-micro-batch of layout g splits the pool into aligned groups of g devices, and each group runs
-the zigzag ring attention (`context/ring.py`, reused unchanged) among its own members only: the
-ring's ppermute cycles inside each group (a static permutation, so JAX compiles it once per g).
-For g = 1 the ring has one step and sends nothing. The whole model runs under one shard_map over
-the pool (each device its [1, C] tokens); gradients stay per device while micro-batches of any
-layout accumulate, and are summed once per step, then normalised by the global token count, so
-the update equals plain data parallelism on the same documents.
+ByteScale (Ge et al., 2025), section 4: every device of the pool (mesh data x fsdp x
+context) computes on its own C tokens; a micro-batch's layout, e.g. (4, 2, 1, 1), cuts the
+pool into consecutive groups, and each group runs the zigzag ring attention (`context/ring.py`,
+reused) among its own members only: the ring's ppermute cycles inside each group (one static
+permutation per layout, so JAX compiles once per layout tuple and the executor caches it).
+With mixed sizes the ring takes as many steps as the largest group; a K/V block that has gone
+round a smaller group once is hidden from its queries (`GroupAxis.visible`: its segment ids
+become -1, so the block kernel skips it), and dK/dV still arrive home after the last step
+because every size divides the largest (layouts divide the pool, so (1, 2, 4, 8) on 8 devices).
+Single devices in a mixed layout thus compute only their own block; idle devices compute
+padding, which carries no loss. The whole model runs under one shard_map over the pool (each
+device its [1, C] tokens); gradients stay per device while micro-batches of any layout
+accumulate, and are summed once per step, then normalised by the global token count, so the
+update equals plain data parallelism on the same documents.
+
+`mesh.fsdp > 1` (ZeRO-style): parameters and optimizer state stay sharded over fsdp between
+steps (the model's sharding rules); the step gathers the parameters once for all its
+micro-batches, and the update reduces the per-device gradients once, into the sharded layout.
+`mesh.tensor > 1` is refused (every pool device runs whole layers). `optimizer.grad_accum_steps`
+must be 1: the planned micro-batches already accumulate, and `capacity` is the memory knob.
 
 Recurrent layers (SambaY's Mamba: a scan and a causal conv over token order) run inside each
 group with the context-parallel scan and conv halo (`context/scan.py`), over a `GroupAxis`
 instead of the context mesh axis. That code needs the zigzag context layout (two halves per
-device), so for such models the plan is made with `whole_groups=True` (`whole_groups` below):
-a split document fills its group alone, and `gradients` refuses buffers laid out otherwise.
-
-Built variant: every micro-batch has one group size for the whole pool (micro-batches of
-different g run one after another), so the program count is the number of distinct g + 1 (the
-update). Mixed-size layouts in one micro-batch are not built.
+device) and one group size per micro-batch, so for such models the plan is made with
+`whole_groups=True` (`whole_groups` below): a split document fills its group alone, and
+`gradients` refuses buffers laid out otherwise, and `program` refuses mixed layouts.
 """
 
 import dataclasses
@@ -42,34 +51,67 @@ from training import step as step_lib
 from training.composition import check_token_order
 from training.state import ModelSetup, TrainState
 
-POOL = ('data', 'context')  # the mesh axes that form the pool, in device order
+POOL = ('data', 'fsdp', 'context')  # the mesh axes that form the pool, in device order
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupAxis(ContextAxis):
-  """A context axis of `size` devices: the aligned groups of `size` consecutive pool devices.
-  Every collective is one static permutation applied inside every group at once, so the
-  context code written for a mesh axis (ring, scan, conv halo) runs per group unchanged."""
+  """A context axis made of the pool's groups: consecutive devices cut into groups of the
+  sizes in `layout` (default: every group `size` devices). Every collective is one static
+  permutation applied inside every group at once, so the context code written for a mesh axis
+  (ring, scan, conv halo) runs per group unchanged. With mixed sizes, `size` is the largest
+  group: the ring takes that many steps, a block going round a smaller group again is hidden
+  (`visible`), and dK/dV still come home because every size divides the largest."""
   pool: int = 1
+  layout: tuple[int, ...] = ()
+
+  def groups(self) -> tuple[int, ...]:
+    return self.layout or hybrid_dp.uniform_layout(self.size, self.pool)
+
+  def _table(self, values) -> jax.Array:
+    """A per-device value from a static [pool] table."""
+    return jnp.asarray(np.asarray(values, np.int32))[jax.lax.axis_index(self._name())]
+
+  def _members(self):
+    """(group start, group size) of every pool device."""
+    start, size, at = [], [], 0
+    for g in self.groups():
+      start += [at] * g
+      size += [g] * g
+      at += g
+    return start, size
 
   def index(self) -> jax.Array:
-    return jax.lax.axis_index(self._name()) % self.size
+    if len(set(self.groups())) == 1:
+      return jax.lax.axis_index(self._name()) % self.size
+    start, _ = self._members()
+    return jax.lax.axis_index(self._name()) - self._table(start)
 
   def send(self, tree, pairs):
-    """ppermute along (source, destination) member pairs, in every group; members no pair
-    reaches receive zeros."""
+    """ppermute along (source, destination) member pairs, in every group (taken modulo the
+    group's size); members no pair reaches receive zeros."""
     if self.size == 1:
       return tree
-    g = self.size
-    pool_pairs = [(b + s % g, b + d % g) for b in range(0, self.pool, g) for s, d in pairs]
+    pool_pairs, at = [], 0
+    for g in self.groups():
+      pool_pairs += sorted({(at + s % g, at + d % g) for s, d in pairs})
+      at += g
     return jax.tree.map(lambda x: jax.lax.ppermute(x, self._name(), pool_pairs), tree)
 
   def shift(self, tree, offset: int):
     return self.send(tree, [(j, j + offset) for j in range(self.size)])
 
+  def visible(self, kv, hop):
+    if len(set(self.groups())) == 1:
+      return kv
+    _, size = self._members()
+    k, v, seg, pos = kv
+    # Segment -1 matches no query (padding is 0), so the kernel skips the whole block.
+    return k, v, jnp.where(hop < self._table(size), seg, -1), pos
+
   def all_gather(self, x, axis: int):
     """Tiled all-gather over the group's members in member order, by g-1 shifts (meant for
-    small arrays, such as the scan's per-piece summaries)."""
+    small arrays, such as the scan's per-piece summaries; uniform layouts only)."""
     if self.size == 1:
       return x
     g = self.size
@@ -127,10 +169,10 @@ def check_whole_group_layout(g: int, buffers: dict[str, np.ndarray]) -> None:
           'hybrid_dp.plan(..., whole_groups=hybrid_exec.whole_groups(config))')
 
 
-def group_attend(g: int, pool: int, block_q: int, block_kv: int):
-  """The per-device `AttendFn` for groups of g: the zigzag ring among the group's members."""
+def group_attend(layout: tuple[int, ...], pool: int, block_q: int, block_kv: int):
+  """The per-device `AttendFn` for a layout: the zigzag ring among each group's members."""
   local = ring.make_local(block_q, block_kv, zigzag=True)
-  axis = GroupAxis(POOL, g, pool)
+  axis = GroupAxis(POOL, max(layout), pool, layout)
 
   def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
              kv_positions, causal, window=0):
@@ -140,16 +182,37 @@ def group_attend(g: int, pool: int, block_q: int, block_kv: int):
   return attend
 
 
+def layout_of(key, pool: int) -> tuple[int, ...]:
+  """The layout tuple of an executor key: g (every group g devices) or the tuple itself."""
+  layout = hybrid_dp.uniform_layout(key, pool) if isinstance(key, (int, np.integer)) else \
+      tuple(int(g) for g in key)
+  if sum(layout) != pool or min(layout) < 1 or any(max(layout) % g for g in layout):
+    raise ValueError(f'hybrid_dp: layout {layout} does not cut the pool of {pool} devices into '
+                     'groups whose sizes divide the largest')
+  return layout
+
+
+def pool_size(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in POOL]))
+
+
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   h = config.parallelism.hybrid_dp
-  busy = {a: mesh.shape[a] for a in ('fsdp', 'tensor') if mesh.shape[a] != 1}
-  if busy:
-    raise ValueError(f'parallelism.hybrid_dp.enabled needs mesh.fsdp = mesh.tensor = 1 (every '
-                     f'pool device a full replica); got {busy}')
+  if mesh.shape['tensor'] != 1:
+    raise ValueError('parallelism.hybrid_dp.enabled needs mesh.tensor=1 (every pool device runs '
+                     f'whole layers; fsdp may shard the parameters); got mesh.tensor='
+                     f'{mesh.shape["tensor"]}')
+  if config.optimizer.grad_accum_steps != 1:
+    # The plan already accumulates over micro-batches of at most `capacity` tokens per device,
+    # which is what bounds activation memory; a second split would only shrink the groups.
+    raise ValueError('parallelism.hybrid_dp.enabled accumulates gradients over its own planned '
+                     'micro-batches: set optimizer.grad_accum_steps=1 (got '
+                     f'{config.optimizer.grad_accum_steps}) and lower '
+                     'parallelism.hybrid_dp.capacity to use less memory per micro-batch')
   if config.model.sliding_window:
     raise ValueError('parallelism.hybrid_dp.enabled does not support model.sliding_window')
   check_token_order(config, mesh)   # order-dependent layers without the recurrence seam: g = 1
-  hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
+  hybrid_dp.check_layouts(h.layouts, pool_size(mesh))
 
 
 class Executor:
@@ -158,27 +221,33 @@ class Executor:
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, setup: ModelSetup):
     check_config(config, mesh)
     self.config, self.mesh, self.setup = config, mesh, setup
-    self.pool = mesh.shape['data'] * mesh.shape['context']
+    self.pool = pool_size(mesh)
     self.capacity = int(config.parallelism.hybrid_dp.capacity)
     self.replicated = NamedSharding(mesh, P())
     self.per_device = NamedSharding(mesh, P(POOL))
-    self._programs: dict[int, Any] = {}
-    self._update = jax.jit(self._apply, donate_argnums=(0, 3))
+    self._programs: dict[tuple[int, ...], Any] = {}
+    # fsdp > 1: parameters and optimizer state stay sharded between steps (ZeRO); the step
+    # gathers the parameters once for all its micro-batches, and the update reduces the
+    # per-device gradients once, straight into the sharded layout.
+    self._gather = jax.jit(lambda p: p, out_shardings=self.replicated)
+    self._update = jax.jit(self._apply, donate_argnums=(0, 3),
+                           out_shardings=(setup.shardings, self.replicated))
     self._zeros = jax.jit(
         lambda params: jax.tree.map(lambda p: jnp.zeros((self.pool, *p.shape), p.dtype), params),
         out_shardings=self.per_device)
 
   @property
   def program_count(self) -> int:
-    """Compiled programs in use: one per group size seen, plus the update."""
+    """Compiled programs in use: one per distinct layout seen, plus the update."""
     return len(self._programs) + 1
 
   @property
   def whole_groups(self) -> bool:
     return whole_groups(self.config)
 
-  def _recurrence(self, g: int):
+  def _recurrence(self, layout: tuple[int, ...]):
     """None (the model's own local scan) for g = 1 or a model without recurrent layers."""
+    g = max(layout)
     if g == 1 or not registry.get_family(self.config.model.name).uses_recurrence_seam:
       return None
     s = self.config.model.sambay
@@ -186,19 +255,28 @@ class Executor:
                                                                         s.scan_chunk),
                            s.scan_chunk)
 
-  def _graphdef(self, g: int):
+  def _graphdef(self, layout: tuple[int, ...]):
     a = self.config.attention
     # Shared K/V (SambaY's cross-decoder) stays None: each reader runs the group ring.
-    runtime = Runtime(attend=group_attend(g, self.pool, a.block_q, a.block_kv),
-                      recurrence=self._recurrence(g))
+    runtime = Runtime(attend=group_attend(layout, self.pool, a.block_q, a.block_kv),
+                      recurrence=self._recurrence(layout))
     model = nnx.eval_shape(
         lambda: registry.build_model(self.config.model, rngs=nnx.Rngs(0), runtime=runtime))
     return nnx.split(model, nnx.Param, ...)[0]
 
-  def program(self, g: int):
-    """acc, loss, count <- acc + this device's gradient of its micro-batch (no reduction)."""
+  def program(self, key):
+    """acc, loss, count <- acc + this device's gradient of its micro-batch (no reduction);
+    one compiled program per layout (`key`: g for uniform groups of g, or a layout tuple)."""
+    layout = layout_of(key, self.pool)
+    if len(set(layout)) > 1 and self.whole_groups and max(layout) > 1:
+      raise ValueError(
+          f'hybrid_dp: layout {layout} mixes group sizes, which this model (recurrent layers '
+          'over token order) cannot run: make the plan with whole_groups=True '
+          '(hybrid_dp.plan(..., whole_groups=hybrid_exec.whole_groups(config))), which uses '
+          'one group size per micro-batch')
+    g = layout
     if g not in self._programs:
-      graphdef = self._graphdef(g)
+      graphdef = self._graphdef(layout)
       grad_fn = jax.value_and_grad(
           functools.partial(step_lib.loss_sum, loss_chunk=self.config.attention.loss_chunk),
           has_aux=True)
@@ -229,17 +307,21 @@ class Executor:
 
   def gradients(self, params, rng, micro_batches):
     """(loss sums, token counts, gradients) per device [pool, ...], summed over the
-    micro-batches; `micro_batches` are (g, device buffers) pairs from `hybrid_dp.batch_buffers`."""
+    micro-batches; `micro_batches` are (layout key, device buffers) pairs from
+    `hybrid_dp.batch_buffers`."""
     acc = self._zeros(params)
     total = jax.device_put(np.zeros(self.pool, np.float32), self.per_device)
     count = jax.device_put(np.zeros(self.pool, np.float32), self.per_device)
-    for k, (g, buffers) in enumerate(micro_batches):
-      if g > 1 and self.whole_groups and not isinstance(next(iter(buffers.values())),
-                                                        jax.Array):
-        check_whole_group_layout(g, buffers)
-      batch = buffers if isinstance(next(iter(buffers.values())), jax.Array) else self.put(buffers)
-      acc, total, count = self.program(g)(params, acc, total, count, batch,
-                                          jax.random.fold_in(rng, k))
+    if self.mesh.shape['fsdp'] > 1:
+      params = self._gather(params)   # once per step, for every micro-batch
+    for k, (key, buffers) in enumerate(micro_batches):
+      layout = layout_of(key, self.pool)
+      on_host = not isinstance(next(iter(buffers.values())), jax.Array)
+      if max(layout) > 1 and self.whole_groups and on_host and len(set(layout)) == 1:
+        check_whole_group_layout(layout[0], buffers)
+      batch = self.put(buffers) if on_host else buffers
+      acc, total, count = self.program(layout)(params, acc, total, count, batch,
+                                               jax.random.fold_in(rng, k))
     return total, count, acc
 
   def train_step(self, state: TrainState, micro_batches) -> tuple[TrainState, dict]:

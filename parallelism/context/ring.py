@@ -49,14 +49,14 @@ def _fwd_kernel(st: Static, q, qseg, qpos, kv):
 def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
   n = st.axis.size
 
-  def step(carry):
+  def step(carry, hop):
     """Compute on the held block; its own send was issued by the caller."""
     o, lse, kv = carry
-    return (*merge(o, lse, *_fwd_kernel(st, q, qseg, qpos, kv)), kv)
+    return (*merge(o, lse, *_fwd_kernel(st, q, qseg, qpos, st.axis.visible(kv, hop))), kv)
 
-  def step_and_send(_, carry):
+  def step_and_send(hop, carry):
     kv_next = st.axis.shift(carry[2], +1)  # issued first: depends only on the held block
-    o, lse, _ = step(carry)
+    o, lse, _ = step(carry, hop)
     return o, lse, kv_next
 
   o0 = jnp.zeros(q.shape, jnp.float32)
@@ -64,7 +64,7 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
   carry = (o0, lse0, (k, v, kseg, kpos))
   if n > 1:
     carry = jax.lax.fori_loop(0, n - 1, step_and_send, carry)
-  o, lse, _ = step(carry)  # step N-1, peeled: nothing left to send
+  o, lse, _ = step(carry, n - 1)  # step N-1, peeled: nothing left to send
   return o, lse
 
 
@@ -84,23 +84,24 @@ def _ring_bwd(st: Static, res, do):
   delta = blockwise.output_delta(o, do)
   n = st.axis.size
 
-  def step(dq, kv, dkv):
+  def step(dq, kv, dkv, hop):
     """Gradients of the held block; dK/dV leave for the next device after the compute."""
+    kv = st.axis.visible(kv, hop)
     dq_s, dk_s, dv_s = st.kernel.backward(q, kv[0], kv[1], qseg, kv[2], qpos, kv[3], lse,
                                           delta, do, causal=st.causal, window=st.window)
     return dq + dq_s, st.axis.shift((dkv[0] + dk_s, dkv[1] + dv_s), +1)
 
-  def step_and_send(_, carry):
+  def step_and_send(hop, carry):
     dq, kv, dkv = carry
     kv_next = st.axis.shift(kv, +1)  # sent ahead, independent of this step's compute
-    dq, dkv = step(dq, kv, dkv)
+    dq, dkv = step(dq, kv, dkv, hop)
     return dq, kv_next, dkv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   carry = (jnp.zeros(q.shape, jnp.float32), (k, v, kseg, kpos), (zeros, zeros))
   if n > 1:
     carry = jax.lax.fori_loop(0, n - 1, step_and_send, carry)
-  dq, dkv = step(*carry)  # the N-th hop brings dK/dV home; K/V need not travel again
+  dq, dkv = step(*carry, n - 1)  # the N-th hop brings dK/dV home; K/V need not travel again
   return (dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype),
           None, None, None, None)
 

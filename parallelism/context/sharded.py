@@ -45,6 +45,13 @@ class ContextAxis:
   def all_gather(self, x, axis: int):
     return jax.lax.all_gather(x, self._name(), axis=axis, tiled=True) if self.names else x
 
+  def visible(self, kv, hop: int | jax.Array):
+    """The K/V block (k, v, segment ids, positions) a ring step `hop` hops from its owner
+    attends to: all of it here. An axis whose devices sit in rings shorter than `size` (hybrid
+    DP's mixed layouts) hides blocks that came around again."""
+    del hop
+    return kv
+
 
 def merge(o_a, lse_a, o_b, lse_b):
   """Combines attention over two disjoint key sets (float32): l = logaddexp, o = weighted sum."""
