@@ -211,3 +211,11 @@ def test_loop_trains_evaluates_and_resumes_the_stream(corpus, tmp_path):
                      r'at 32 tokens in the checkpoint, 24 now\)'):
     loop.run(_loop_config(corpus, steps=2, resume=f'{first}/checkpoints', resume_step=2,
                           **{'parallelism.hybrid_dp.max_doc_len': 24}), str(tmp_path / 'c'))
+
+
+def test_fsdp_counts_in_the_pool(corpus):
+  """The start-up check sizes the pool as data x fsdp x context (layouts up to 8 on 4 x 2)."""
+  from parallelism import mesh as mesh_lib
+  c = _loop_config(corpus, **{'mesh.data': 4, 'mesh.fsdp': 2,
+                              'parallelism.hybrid_dp.layouts': (1, 2, 4, 8)})
+  hybrid_data.check_config(c, mesh_lib.make_mesh(c.mesh))

@@ -39,7 +39,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if config.data.source not in sources.DOCUMENT_SOURCES:
     raise ValueError(f'parallelism.hybrid_dp.enabled needs a document source; data.source='
                      f'{config.data.source!r}, valid: {sources.DOCUMENT_SOURCES}')
-  layouts = hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
+  layouts = hybrid_dp.check_layouts(h.layouts, hybrid_exec.pool_size(mesh))
   if not isinstance(h.max_doc_len, int) or h.max_doc_len < 0 or h.max_doc_len == 1:
     raise ValueError(f'parallelism.hybrid_dp.max_doc_len={h.max_doc_len!r}: give the longest '
                      'document in tokens (>= 2: an input and its target), or 0 for '
