@@ -101,7 +101,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
     return kernel
   block, kernel, tile = _context_kernel(config)
   if context_impl == 'disaggregated':
-    return disaggregation_attend.make_attend(config, mesh, kernel)
+    return disaggregation_attend.make_attend(config, mesh, block)
   ring = context_lib.make_context_attend(config, mesh, block)
   # Causal window layers whose window fits one local chunk take one hop instead of the ring.
   p = config.parallelism
