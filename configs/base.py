@@ -180,6 +180,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.dca_q_capacity = 1.0             # query rows a device sends / receives, x its nano tokens
   p.dca_kv_capacity = 4.0            # key/value rows a device sends / receives, likewise
   p.dca_exchange = 'auto'            # ragged (GPU/TPU ragged_all_to_all) | permute | auto
+  p.dca_ping_pong = 'layer'          # layer: DistCA's schedule over projections + MLP | attention
   # Logical axis -> mesh axes. Model code names only the logical axes on the left.
   p.rules = (
       ('batch', ('data', 'fsdp')),   # activations' batch dimension

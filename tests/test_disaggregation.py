@@ -199,11 +199,16 @@ def _value_and_grads(attend):
   return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
 
 
+# The compiled programs run on 4 of the 8 devices: the exchange switches over every
+# (source, destination) pair, so compile time grows with n^2 (8 devices: ~2.5x longer).
+RUN = 4
+
+
 @pytest.fixture(scope='module')
 def programs():
-  c = _config(data=2, fsdp=4)   # batch over two mesh axes: the exchange spans both
+  c = _config(data=2, fsdp=2)   # batch over two mesh axes: the exchange spans both
   c.attention.block_q = c.attention.block_kv = 8
-  mesh = mesh_lib.make_mesh(c.mesh)
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:RUN])
   attend = disaggregation_attend.make_attend(c, mesh, BlockKernel('blockwise', 8, 8))
   return {'dca': _value_and_grads(attend), 'reference': _value_and_grads(xla_attention),
           'config': c}
@@ -215,7 +220,7 @@ def test_disaggregated_attention_matches_single_device(seed, programs):
   dca_fn = programs['dca']
   seg, pos = long_tail_batch(seed)
   q, k, v = _qkv(seed)
-  plan, scheds = dca.plan_batch(seg, pos, N, **dca.planner_kwargs(c))
+  plan, scheds = dca.plan_batch(seg, pos, RUN, **dca.planner_kwargs(c))
   assert any(s.moves for s in scheds)  # work really moves
   (_, o_ref), g_ref = ref_fn(q, k, v, seg, pos, {})
   (_, o), g = dca_fn(q, k, v, seg, pos, plan)
@@ -287,7 +292,7 @@ def _train(c, devices, state=None):
 
 def test_training_run_matches_single_device():
   ref_losses, ref_params = _train(_train_config('none'), jax.devices()[:1])
-  losses, params = _train(_train_config('disaggregated', data=N), jax.devices())
+  losses, params = _train(_train_config('disaggregated', data=RUN), jax.devices()[:RUN])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(ref_params)):
