@@ -297,3 +297,23 @@ def test_training_run_matches_single_device():
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_telemetry_reports_executed_and_modelled_figures():
+  import types
+  from training.telemetry import Telemetry
+  c = _config()
+  c.attention.block_q = c.attention.block_kv = 8
+  telemetry = Telemetry(c, types.SimpleNamespace(mesh=mesh_lib.make_mesh(c.mesh)))
+  seg, pos = long_tail_batch(0)
+  telemetry.observe({'segment_ids': seg, 'positions': pos})
+  row = telemetry.row(None, None)
+  _, scheds = dca.plan_batch(seg, pos, N, **dca.planner_kwargs(c))
+  before, after = dca.device_work(scheds)
+  assert row['dca/executed_imbalance'] == pytest.approx(after.max() / after.mean())
+  assert row['dca/executed_imbalance'] < row['dca/executed_imbalance_before']
+  assert row['dca/executed_vs_dp'] == pytest.approx(1.0)   # moved, not added
+  q_row, kv_row = dca.row_bytes(c)
+  assert row['dca/bytes_sent_mean'] == pytest.approx(
+      dca.exchange_bytes(scheds, q_row, kv_row)['mean'])
+  assert row['dca/bytes_sent_mean'] > 0 and 'dca/modelled_imbalance' in row
