@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from modeling import axes as ax
 from modeling.attention import AttendFn
+from modeling import kernels
 from modeling.kernels import BlockKernel
 from parallelism import disaggregation as dca
 from parallelism import ragged
@@ -87,16 +88,19 @@ class Local:
             self._move(kv_out, _route(plan, 'kv_'), kv_out.shape[0], bk))
 
   def compute(self, q_RLHD, k_RLKD, v_RLKD, segment_ids, positions, received, plan):
-    """(own outputs [R, L, H, D], received tasks' outputs [Q, H, D]), float32."""
+    """(own outputs [R, L, H, D], received tasks' outputs [Q, H, D])."""
     R, L = segment_ids.shape
-    own = self.kernel.fitted(L, L).forward
-    o_own, _ = own(q_RLHD, k_RLKD, v_RLKD, plan['own_qseg'].reshape(R, L), segment_ids,
-                   positions, positions, causal=True)
+    # kernels.attend: the kernel with its recompute-from-lse VJP (O(L x block) memory).
+    own = kernels.attend(self.kernel.fitted(L, L))
+    o_own = own(q_RLHD, k_RLKD, v_RLKD, q_segment_ids=plan['own_qseg'].reshape(R, L),
+                kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                causal=True)
     q_in, kv_in = received
     K = kv_in.shape[1] // 2
-    srv = self.kernel.fitted(q_in.shape[0], kv_in.shape[0]).forward
-    o_in, _ = srv(q_in[None], kv_in[None, :, :K], kv_in[None, :, K:], plan['q_seg'][None],
-                  plan['kv_seg'][None], plan['q_pos'][None], plan['kv_pos'][None], causal=True)
+    srv = kernels.attend(self.kernel.fitted(q_in.shape[0], kv_in.shape[0]))
+    o_in = srv(q_in[None], kv_in[None, :, :K], kv_in[None, :, K:],
+               q_segment_ids=plan['q_seg'][None], kv_segment_ids=plan['kv_seg'][None],
+               q_positions=plan['q_pos'][None], kv_positions=plan['kv_pos'][None], causal=True)
     return o_own, o_in[0]
 
   def finish(self, o_own, o_in, plan, dtype):

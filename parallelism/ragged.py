@@ -8,11 +8,11 @@ chunks each (source, destination) pair carries). Output rows nobody writes are z
 
 Two implementations with the same meaning:
   ragged   `jax.lax.ragged_all_to_all` (GPU, TPU): one collective, bytes = the rows sent
-  permute  one loop over the transfers, each step a single-pair `ppermute` of one chunk (a
-           switch over the n(n-1) pairs), trip count from the table. XLA:CPU has no
+  permute  one loop over the transfers, each step a single-pair `ppermute` of a piece of 16,
+           4 or 1 chunks (a switch over sizes and pairs), trip count from the table. XLA:CPU has no
            ragged-all-to-all (jax 0.10.2: "UNIMPLEMENTED: HLO opcode `ragged-all-to-all`"),
            and a padded all_to_all would send every pair the largest pair's buffer. Bytes =
-           the rows sent, in whole chunks; each chunk is one collective (latency-bound).
+           the rows sent, in whole chunks; each piece is one collective (latency-bound).
 Both are linear maps with a custom VJP: the transpose of moving rows s -> e is moving the
 cotangent rows back e -> s (`Route.reversed`).
 """
@@ -53,26 +53,58 @@ class Route:
                  jnp.swapaxes(self.counts, -1, -2))
 
 
+# Chunk sizes of the CPU exchange, in units of `chunk` rows, largest first: a pair's rows go
+# as 16-unit pieces, then 4s, then 1s, so c units take c // 16 + (c % 16) // 4 + c % 4
+# collectives instead of c (each collective is a rendezvous of every device thread on CPU).
+PIECES = (16, 4, 1)
+
+
+def _pieces(counts_flat):
+  """[pairs, len(PIECES)] pieces of each size per pair, and each size's first unit offset."""
+  out, offs, rest, at = [], [], counts_flat, jnp.zeros_like(counts_flat)
+  for size in PIECES:
+    k = rest // size
+    out.append(k)
+    offs.append(at)
+    at = at + k * size
+    rest = rest - k * size
+  return jnp.stack(out, axis=1), jnp.stack(offs, axis=1)
+
+
 def _permute(x, route: Route, axis, n: int, out_rows: int, chunk: int):
   me = jax.lax.axis_index(axis)
   y = jnp.zeros((out_rows, *x.shape[1:]), x.dtype)
-  flat = route.counts.reshape(n * n)
+  pieces, offsets = _pieces(route.counts.reshape(n * n))      # [n n, S]
+  flat = pieces.reshape(-1)
   ends = jnp.cumsum(flat)
-  # One branch per (source, destination) pair: the collective's pairs are static.
-  branches = [functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(s, e)]) if s != e
-              else (lambda piece: piece) for s in range(n) for e in range(n)]
+  S = len(PIECES)
+
+  def by_size(size):
+    rows = size * chunk
+    # One branch per (source, destination) pair: a collective's pairs are static.
+    pairs = [functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(s, e)]) if s != e
+             else (lambda piece: piece) for s in range(n) for e in range(n)]
+
+    def move(p, unit, y):
+      # Every device slices and calls the collective; only s's piece travels, e keeps it.
+      s, e = p // n, p % n
+      start = jnp.clip(route.send_off[e] + unit * chunk, 0, max(x.shape[0] - rows, 0))
+      got = jax.lax.switch(p, pairs, jax.lax.dynamic_slice_in_dim(x, start, rows))
+      at = jnp.clip(route.recv_off[s] + unit * chunk, 0, max(out_rows - rows, 0))
+      keep = jax.lax.dynamic_slice_in_dim(y, at, rows)
+      return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(me == e, got, keep), at, 0)
+    return move
+
+  sizes = [by_size(size) if size * chunk <= min(x.shape[0], out_rows) else
+           (lambda p, unit, y: y) for size in PIECES]
 
   def step(t, y):
-    # Transfer t is chunk k of pair p = (s, e), pairs in (source, destination) order. Every
-    # device slices and calls the collective; only s's piece travels and only e keeps it.
-    p = jnp.searchsorted(ends, t, side='right')
-    s, e = p // n, p % n
-    k = t - (ends[p] - flat[p])
-    start = jnp.clip(route.send_off[e] + k * chunk, 0, x.shape[0] - chunk)
-    got = jax.lax.switch(p, branches, jax.lax.dynamic_slice_in_dim(x, start, chunk))
-    at = jnp.clip(route.recv_off[s] + k * chunk, 0, out_rows - chunk)
-    keep = jax.lax.dynamic_slice_in_dim(y, at, chunk)
-    return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(me == e, got, keep), at, 0)
+    # Transfer t: piece i of size class c of pair p, in (pair, size) order.
+    j = jnp.searchsorted(ends, t, side='right')
+    p, c = j // S, j % S
+    i = t - (ends[j] - flat[j])
+    unit = offsets[p, c] + i * jnp.asarray(PIECES, jnp.int32)[c]
+    return jax.lax.switch(c, sizes, p, unit, y)
 
   return jax.lax.fori_loop(0, ends[-1], step, y)
 

@@ -132,9 +132,11 @@ def test_ragged_exchange_moves_planned_rows_and_back():
   from parallelism import ragged
   mesh = jax.make_mesh((N,), ('x',))
   r = np.random.RandomState(0)
-  c, rows, out = 2, 8, 10
-  counts = r.randint(0, 3, (N, N)) * (1 - np.eye(N, dtype=int))
-  counts = np.minimum(counts, 1) * (r.rand(N, N) < 0.4)
+  # Pair sizes that need every piece size (16, 4, 1 chunks) and empty pairs.
+  counts = r.randint(0, 22, (N, N)) * (1 - np.eye(N, dtype=int)) * (r.rand(N, N) < 0.3)
+  counts[0, 1] = 21
+  c = 2
+  rows, out = counts.sum(1).max() * c + 4, counts.sum(0).max() * c + 6
   route = dca._route(counts, c, '')
   x = r.randn(N * rows, 3).astype(np.float32)
   w = r.randn(N * out, 3).astype(np.float32)
