@@ -83,6 +83,8 @@ class Schedule:
   moves: list                    # (source, row, query block, destination)
   block_q: int = 0
   block_kv: int = 0
+  q_cap: int = 0                 # blocks a device may send / receive (the buffers' size)
+  kv_cap: int = 0
 
 
 def live_blocks(segment_ids_RL, positions_RL, block_q: int, block_kv: int) -> np.ndarray:
@@ -206,7 +208,7 @@ def plan_arrays(segment_ids_RL, positions_RL, n: int, *, tolerance: float, block
   kb = block_kv * kv_bytes
   sched = schedule(live, pairs, tolerance=tolerance, q_cap=q_cap, kv_cap=kv_cap, q_cost=qb,
                    kv_cost=kb)
-  sched.block_q, sched.block_kv = block_q, block_kv
+  sched.block_q, sched.block_kv, sched.q_cap, sched.kv_cap = block_q, block_kv, q_cap, kv_cap
 
   Q, K = q_cap * block_q, kv_cap * block_kv
   own_qseg = seg.reshape(n, T).copy()
@@ -318,7 +320,13 @@ def summary(scheds: list[Schedule], q_row_bytes: float, kv_row_bytes: float) -> 
   w0, w1 = device_work(scheds)
   b = exchange_bytes(scheds, q_row_bytes, kv_row_bytes)
   ratio = lambda x: float(x.max() / max(x.mean(), 1e-30))
-  return {'dca/modelled_imbalance': ratio(f1), 'dca/modelled_imbalance_before': ratio(f0),
+  # Buffer use: the fullest send or receive buffer (rows used / capacity) over the batch.
+  use = max(max(s.q_blocks.sum(0).max(), s.q_blocks.sum(1).max()) / max(s.q_cap, 1)
+            for s in scheds)
+  use_kv = max(max(s.kv_blocks.sum(0).max(), s.kv_blocks.sum(1).max()) / max(s.kv_cap, 1)
+               for s in scheds)
+  return {'dca/q_buffer_use': float(use), 'dca/kv_buffer_use': float(use_kv),
+          'dca/modelled_imbalance': ratio(f1), 'dca/modelled_imbalance_before': ratio(f0),
           'dca/executed_imbalance': ratio(w1), 'dca/executed_imbalance_before': ratio(w0),
           'dca/executed_vs_dp': float(w1.mean() / max(w0.mean(), 1e-30)),
           'dca/executed_block_pairs_max': float(w1.max()),

@@ -319,3 +319,4 @@ def test_telemetry_reports_executed_and_modelled_figures():
   assert row['dca/bytes_sent_mean'] == pytest.approx(
       dca.exchange_bytes(scheds, q_row, kv_row)['mean'])
   assert row['dca/bytes_sent_mean'] > 0 and 'dca/modelled_imbalance' in row
+  assert 0 < row['dca/q_buffer_use'] <= 1 and 0 < row['dca/kv_buffer_use'] <= 1

@@ -25,7 +25,9 @@ Per logged window, from the host batches actually run (averaged over the window'
                          causal query-key pairs, the paper's FLOPs; _before), moved_blocks,
                          bytes_sent_mean / _max (bytes one device sends per attention layer,
                          forward: the ragged exchange's planned rows, which are what travels;
-                         the backward sends as much again), executed_block_pairs_max
+                         the backward sends as much again), executed_block_pairs_max,
+                         q_buffer_use / kv_buffer_use (the fullest send or receive buffer:
+                         rows used / parallelism.dca_q_capacity, dca_kv_capacity rows)
 At logging steps, for CART: cart/state_rms_loop_<r>, the RMS of the state after core
 application r on the logged batch (one extra forward pass per log row).
 """
