@@ -179,10 +179,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.hybrid_dp.max_doc_len = 0
   # disaggregated (parallelism/disaggregation.py): attention tasks move over the batch axes;
   # needs mesh.context=1 and optimizer.grad_accum_steps=1.
-  p.dca_tolerance = 0.02             # every device's attention FLOPs within this of the mean
+  p.dca_tolerance = 0.02             # each device's executed attention work within this of mean
   p.dca_nano_batches = 2             # ping-pong nano-batches (rows) per device and step
-  p.dca_q_capacity = 0.5             # query rows per (source, destination) buffer, x nano tokens
-  p.dca_kv_capacity = 1.0            # key/value rows per (source, destination) buffer, likewise
+  p.dca_q_capacity = 1.0             # query rows a device sends / receives, x its nano tokens
+  p.dca_kv_capacity = 4.0            # key/value rows a device sends / receives, likewise
+  p.dca_exchange = 'auto'            # ragged (GPU/TPU ragged_all_to_all) | permute | auto
+  p.dca_ping_pong = 'layer'          # layer: DistCA's schedule over projections + MLP | attention
   # Logical axis -> mesh axes. Model code names only the logical axes on the left.
   p.rules = (
       ('batch', ('data', 'fsdp')),   # activations' batch dimension

@@ -10,8 +10,11 @@ Masking is by segment ids and positions (see `modeling/attention.py`). A block p
 (`lax.cond`) when per-block summaries prove every entry is masked (`block_table`): segment
 ranges that do not overlap, every query before every key in (segment, position) order
 (causal), or every pair further apart than the sliding window. The proof is conservative,
-so skipping never changes results; it is made for the whole local batch at once, so a block
-is computed if any row needs it.
+so skipping never changes results. By default it is made for the whole local batch at once
+(a block is computed if any row needs it: one batched einsum per block pair); `per_row=True`
+runs the rows one after another, each with its own table, so a batch of unrelated rows (the
+disaggregated server's tasks, packed rows of different documents) computes only the block
+pairs each row needs.
 
 `flash_forward` / `flash_backward` are the `blockwise` implementation of the per-block
 kernel seam (`modeling/kernels/`) that ring attention, TokenRing and all-gather
@@ -39,31 +42,34 @@ def fit_block(length: int, block: int, key: str) -> int:
   return block
 
 
-def _summaries(segment_ids_BL, positions_BL, block: int):
+def _summaries(segment_ids_BL, positions_BL, block: int, xp=jnp):
   """Per block, each [B, n]: min/max segment, min/max position, and the (segment, position)
   pairs that are smallest and largest in lexicographic order (segment first)."""
   B, L = segment_ids_BL.shape
-  seg = jnp.asarray(segment_ids_BL, jnp.int32).reshape(B, L // block, block)
-  pos = jnp.asarray(positions_BL, jnp.int32).reshape(B, L // block, block)
+  seg = xp.asarray(segment_ids_BL, xp.int32).reshape(B, L // block, block)
+  pos = xp.asarray(positions_BL, xp.int32).reshape(B, L // block, block)
   s0, s1 = seg.min(-1), seg.max(-1)
-  big = jnp.iinfo(jnp.int32).max
-  p_at_s0 = jnp.where(seg == s0[..., None], pos, big).min(-1)
-  p_at_s1 = jnp.where(seg == s1[..., None], pos, -big).max(-1)
+  big = xp.iinfo(xp.int32).max
+  p_at_s0 = xp.where(seg == s0[..., None], pos, big).min(-1)
+  p_at_s1 = xp.where(seg == s1[..., None], pos, -big).max(-1)
   return {'s0': s0, 's1': s1, 'p0': pos.min(-1), 'p1': pos.max(-1), 'p_at_s0': p_at_s0,
           'p_at_s1': p_at_s1}
 
 
 def block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
-                window: int, block_q: int, block_kv: int):
+                window: int, block_q: int, block_kv: int, per_row: bool = False, xp=jnp):
   """Bool [nq, nk]: may any query of block i (in any batch row) see any key of block j.
+  `per_row`: [B, nq, nk], each row's own table. `xp=numpy` evaluates it on the host (planners
+  count the block pairs the kernel will compute with the same test).
 
   A pair is dead when the segment ranges do not overlap; when causal, also when every query
   comes before every key in (segment, position) order (this proves packed rows' blocks dead
   across a document boundary, where positions alone restart); with a window, when every
   query is a window or more past every key (or, not causal, before).
   """
-  q = {k: v[:, :, None] for k, v in _summaries(q_segment_ids, q_positions, block_q).items()}
-  k = {k: v[:, None, :] for k, v in _summaries(kv_segment_ids, kv_positions, block_kv).items()}
+  q = {k: v[:, :, None] for k, v in _summaries(q_segment_ids, q_positions, block_q, xp).items()}
+  k = {k: v[:, None, :] for k, v in _summaries(kv_segment_ids, kv_positions, block_kv,
+                                               xp).items()}
   live = (q['s0'] <= k['s1']) & (k['s0'] <= q['s1'])
   if causal:
     live &= (q['s1'] > k['s0']) | ((q['s1'] == k['s0']) & (q['p_at_s1'] >= k['p_at_s0']))
@@ -71,7 +77,7 @@ def block_table(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, cau
     live &= q['p0'] - k['p1'] < window
     if not causal:
       live &= k['p0'] - q['p1'] < window
-  return live.any(axis=0)
+  return live if per_row else live.any(axis=0)
 
 
 def _blocked(x, block: int):
@@ -105,8 +111,15 @@ def _plan(q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positio
 
 def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
                   kv_positions, *, causal: bool, window: int = 0, block_q: int = 512,
-                  block_kv: int = 512):
+                  block_kv: int = 512, per_row: bool = False):
   """(o [B, L, H, D] float32, lse [B, L, H] float32) over the given keys only."""
+  if per_row and q_BLHD.shape[0] > 1:
+    one = functools.partial(flash_forward, causal=causal, window=window, block_q=block_q,
+                            block_kv=block_kv)
+    o, lse = jax.lax.map(lambda xs: one(*(x[None] for x in xs)),
+                         (q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
+                          kv_positions))
+    return o[:, 0], lse[:, 0]
   B, L, H, D, S, K, G, bq, bk, scale, table = _plan(
       q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
       window=window, block_q=block_q, block_kv=block_kv)
@@ -150,12 +163,19 @@ def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posit
 
 def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
                    kv_positions, lse_BLH, delta_BLH, do_BLHD, *, causal: bool, window: int = 0,
-                   block_q: int = 512, block_kv: int = 512):
+                   block_q: int = 512, block_kv: int = 512, per_row: bool = False):
   """(dq, dk, dv) in float32 for these keys, given the final lse and delta = sum(do * o).
 
   With P = exp(s - lse) the probabilities of the whole softmax (not just these keys):
   dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
   """
+  if per_row and q_BLHD.shape[0] > 1:
+    one = functools.partial(flash_backward, causal=causal, window=window, block_q=block_q,
+                            block_kv=block_kv)
+    grads = jax.lax.map(lambda xs: one(*(x[None] for x in xs)),
+                        (q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
+                         kv_positions, lse_BLH, delta_BLH, do_BLHD))
+    return tuple(g[:, 0] for g in grads)
   B, L, H, D, S, K, G, bq, bk, scale, table = _plan(
       q_BLHD, k_BSKD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
       window=window, block_q=block_q, block_kv=block_kv)

@@ -38,6 +38,10 @@ class Runtime:
   # Projections as 2-D [tokens, features] matmuls (layers.dense); the composition root turns
   # it off when the sequence dimension is sharded (context parallelism).
   flatten_tokens: bool = True
+  # Disaggregated attention's nano-batch stages (`disaggregation_attend.Stages`: split, merge,
+  # dispatch, compute, finish): a `Block` computing its own K/V then runs the layer as
+  # DistCA's ping-pong. None: attention is one call.
+  ping_pong: Any = None
 
 
 def dtype_of(name: str):
@@ -116,12 +120,59 @@ class Block(nnx.Module):
                              out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
                              flatten_tokens=runtime.flatten_tokens)
     self.constrain = runtime.constrain
+    self.ping_pong = runtime.ping_pong
 
   def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
+    if self.ping_pong is not None and kv is None:
+      return self._ping_pong(x_BLD, segment_ids, positions)
     a_BLD, kv = self.attn(self.attn_norm(x_BLD), segment_ids=segment_ids, positions=positions,
                           kv=kv)
     x_BLD = x_BLD + a_BLD
     x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), kv
+
+  def _pre(self, x_BLD, positions):
+    """Norm, Q/K/V projections and RoPE (the part before core attention)."""
+    h_BLD = self.attn_norm(x_BLD).astype(self.attn.dtype)
+    k_BLKD, v_BLKD = self.attn.key_value(h_BLD, positions)
+    return self.attn.query(h_BLD, positions), k_BLKD, v_BLKD
+
+  def _post(self, x_BLD, o_BLHD):
+    """Output projection, residual and MLP (the part after core attention)."""
+    o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
+    x_BLD = x_BLD + self.attn._project(o_BLHD, self.attn.wo[...], n_in=2)
+    return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+
+  def _ping_pong(self, x_BLD, segment_ids, positions):
+    """DistCA's layer schedule over nano-batches 0..A-1 (section 5): every nano-batch's
+    pre-attention and dispatch, then for each nano-batch its core attention, the previous
+    one's post-attention and MLP, and its return, so one nano-batch's exchange always has
+    another's compute beside it:
+      pre(0) dispatch(0) pre(1) dispatch(1) compute(0) finish(0) compute(1) post(0)
+      finish(1) post(1)."""
+    pp = self.ping_pong
+    A = pp.nano_batches
+    xs, segs, poss = ([pp.split(t, a, A) for a in range(A)] for t in (x_BLD, segment_ids,
+                                                                        positions))
+    qkv, sent = [], []
+    for a in range(A):
+      with jax.named_scope(f'dca_pre_{a}'):
+        qkv.append(self._pre(xs[a], poss[a]))
+      with jax.named_scope(f'dca_dispatch_{a}'):
+        sent.append(pp.dispatch(*qkv[a], a))
+    out = [None] * A
+    for a in range(A):
+      with jax.named_scope(f'dca_compute_{a}'):
+        partial = pp.compute(*qkv[a], segs[a], poss[a], sent[a], a)
+      if a:
+        with jax.named_scope(f'dca_post_{a - 1}'):
+          out[a - 1] = self._post(xs[a - 1], o_prev)
+      with jax.named_scope(f'dca_finish_{a}'):
+        o_prev = pp.finish(partial, qkv[a][0].dtype, a)
+    with jax.named_scope(f'dca_post_{A - 1}'):
+      out[A - 1] = self._post(xs[A - 1], o_prev)
+    kv = (pp.merge([k for _, k, _ in qkv]), pp.merge([v for _, _, v in qkv]))
+    x_BLD = pp.merge(out)
     return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), kv
 
 

@@ -1,51 +1,47 @@
-"""Core-attention disaggregation, the host-side planner: balance causal attention FLOPs across
-the data-parallel devices by moving token-level attention tasks.
+"""Core-attention disaggregation, the host-side planner: balance the attention work each device
+actually computes by moving whole query blocks to other devices.
 
 Zhuang et al., "Efficiently Training LLMs with Core Attention Disaggregation" (DistCA, 2025,
 arXiv 2510.18121), section 4. With packed variable-length documents every device holds the
-same tokens but not the same attention work (a document of length L costs L(L+1)/2 query-key
-pairs). Core attention has no parameters, so part of it can run elsewhere: a task is a set of
-query rows of one document plus the key/value prefix they need.
+same tokens but not the same attention work. Core attention has no parameters, so part of it
+can run elsewhere: a task is some query rows plus the key/value rows they need.
 
 How the pieces fit (a newcomer's map):
-  parallelism/disaggregation.py         this file: numpy planner -> static-capacity int32 arrays
-  parallelism/disaggregation_attend.py  the `AttendFn`: gather, all_to_all, varlen attention,
-                                        all_to_all back (ping-pong over nano-batches)
-  training/loop.py                      `with_plan` adds the plan to every host batch as keys
+  parallelism/disaggregation.py         this file: numpy planner -> fixed-shape int32 arrays
+  parallelism/ragged.py                 the ragged exchange (only the planned rows travel)
+  parallelism/disaggregation_attend.py  dispatch / compute / return, and the ping-pong layer
+  training/program.py                   `with_plan` adds the plan to every host batch as keys
                                         'dca_*' (shape [n devices, nano-batches, ...])
   training/step.py                      `use_plan(batch)` puts those arrays in scope while the
                                         model runs; the attend fn reads them (`current_plan`)
-The plan is a side channel on purpose: the attention seam's signature (q, k, v, segment ids,
-positions) stays the same for every model family, and the plan arrays are ordinary jitted
-arguments (traced, so a new plan per batch does not recompile).
+
+Work is counted as the kernel executes it. The blockwise kernel computes a (query block, key
+block) pair unless its skip test (`modeling.blockwise.block_table`) proves it fully masked, so
+the planner evaluates that same test on the host, per row (`per_row=True`), and a device's
+work is its count of live block pairs. The unit that moves is one query block (`block_q` rows
+of one row) together with the key blocks it needs (its live key blocks), so moved work is
+exactly the block pairs the server then executes: the server lays received blocks out whole,
+in the source's block alignment, with segment ids offset per source row so blocks of
+different rows never share a live pair. Exact causal query-key pairs (the paper's FLOPs) are
+reported beside it as the modelled figure. (DistCA's head-tail split moves work at token
+granularity; with a blockwise kernel a partial query block still costs the whole block.)
+
+Scheduler (communication-aware greedy, after DistCA Algorithm 1): repeatedly take the device
+with the least work and, from devices above the mean, the query block with the fewest bytes
+per moved block pair (query rows there and outputs back, plus key/value blocks not already
+sent from that row to that device), among blocks that fit the need (else the smallest that
+still lowers the larger of the two loads); stop when every device is within `tolerance` of
+the mean. A block moves at most once, from its owner; capacities are respected, never
+exceeded (what cannot move stays, and the imbalance is reported).
 
 Decisions and limits:
-- `parallelism.context_impl='disaggregated'` (a value of the existing key): the work moves
-  over the batch mesh axes (data, fsdp), and it does not compose with a context axis
-  (mesh.context must be 1; a clear error says so). Ring for the longest documents would need
-  a two-level plan (which documents ring over context, which move as tasks); not built.
-- Static capacity: every (source, destination) pair has a bucket of `dca_q_capacity` x T
-  query rows and `dca_kv_capacity` x T key/value rows (T = a device's nano-batch tokens); a
-  plan that does not fit raises a ValueError naming both keys. The exchange is a padded
-  `all_to_all`: `ragged_all_to_all` would send only used rows, but XLA:CPU (jax 0.10.2)
-  rejects it ("UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by XLA:CPU"),
-  so it is not used here.
+- `parallelism.context_impl='disaggregated'` moves work over the batch mesh axes (data, fsdp);
+  it does not compose with a context axis (mesh.context must be 1; a clear error says so).
+- Buffers: each device sends at most `dca_q_capacity` x its nano-batch tokens of query rows
+  and `dca_kv_capacity` x of key/value rows, and receives at most as many; the exchange is
+  ragged (`parallelism/ragged.py`), so bytes sent are the planned rows, not the capacity.
 - One host plans the whole batch (single process) and the whole step
   (`optimizer.grad_accum_steps=1`); both are checked with clear errors.
-
-Splitting (the head-tail trick, DistCA section 4.1). Query ranks of a document are taken from
-its centre outwards in "units": for even L unit k is {L/2-1-k, L/2+k}, whose costs (rank + 1
-keys each) add to exactly L+1; for odd L unit 0 is the centre {c} (cost (L+1)/2) and unit k
-is {c-k, c+k} (cost L+1). Moved work is therefore exact and the needed key prefix grows
-by one per side per unit. Every query runs on exactly one device with its whole key prefix,
-so no log-sum-exp merge is needed and the result is exact.
-
-Scheduler (communication-aware greedy, DistCA Algorithm 1): repeatedly take the device
-furthest below the mean, and from the devices above the mean pick the document whose move
-costs the fewest bytes per moved FLOP (Q rows sent + K/V rows not already sent to that
-device); move min(need, donor surplus) rounded to whole units; stop when every device is
-within `tolerance` of the mean. Donors give only their own documents and never drop below
-the mean, recipients never rise above it (up to half a unit), so tasks move at most once.
 """
 
 import contextlib
@@ -57,27 +53,16 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
+from modeling import blockwise
+
 PREFIX = 'dca_'
-# Server-side segment id of an own query that runs elsewhere: no key has it (own ids are >= 1).
-MOVED_Q = 0
+EMPTY_Q, EMPTY_KV = -1, -2  # segment ids of unused buffer slots (real ids are >= 0): dead
+MOVED_Q = EMPTY_Q           # an own query block that runs elsewhere: dead at home
 
 
-# ------------------------------------------------------------------ documents and units
-
-@dataclasses.dataclass
-class Doc:
-  device: int
-  row: int                  # row within the device's nano-batch
-  index: np.ndarray         # flat local token indices (row * L + t), in position order
-  taken: int = 0            # units already moved away (from the centre outwards)
-
-  @property
-  def length(self) -> int:
-    return len(self.index)
-
-  @property
-  def units(self) -> int:
-    return (self.length + 1) // 2
+def causal_pairs(segment_ids, positions) -> np.ndarray:
+  """Exact causal query-key pairs per token: position + 1 inside a document, 0 for padding."""
+  return np.where(np.asarray(segment_ids) > 0, np.asarray(positions) + 1, 0).astype(np.int64)
 
 
 def doc_flops(length) -> np.ndarray:
@@ -86,203 +71,198 @@ def doc_flops(length) -> np.ndarray:
   return length * (length + 1) // 2
 
 
-def units_cost(length: int, start: int, stop: int) -> int:
-  """Pairs of units [start, stop) of a document (each L+1, the odd centre (L+1)/2)."""
-  if stop <= start:
-    return 0
-  cost = (stop - start) * (length + 1)
-  if length % 2 and start == 0:
-    cost -= (length + 1) // 2
-  return cost
-
-
-def unit_ranks(length: int, start: int, stop: int) -> np.ndarray:
-  """Query ranks (0-based, position order) of units [start, stop)."""
-  k = np.arange(start, stop)
-  if length % 2 == 0:
-    h = length // 2
-    return np.concatenate([h - 1 - k, h + k])
-  c = (length - 1) // 2
-  return np.unique(np.concatenate([c - k, c + k]))
-
-
-def last_rank(length: int, stop: int) -> int:
-  """The highest query rank among units [0, stop): the key prefix they need is [0, this]."""
-  return length // 2 + stop - 1
-
-
-def find_docs(segment_ids_RL: np.ndarray, positions_RL: np.ndarray, device: int) -> list[Doc]:
-  """Documents (segment id > 0) of one device's rows; padding (segment 0) never moves."""
-  L = segment_ids_RL.shape[1]
-  docs = []
-  for r in range(segment_ids_RL.shape[0]):
-    for s in np.unique(segment_ids_RL[r]):
-      if s == 0:
-        continue
-      t = np.nonzero(segment_ids_RL[r] == s)[0]
-      t = t[np.argsort(positions_RL[r, t], kind='stable')]
-      docs.append(Doc(device, r, r * L + t))
-  return docs
-
-
-# ------------------------------------------------------------------ the scheduler
-
-@dataclasses.dataclass
-class Task:
-  doc: int
-  dest: int
-  units: list[tuple[int, int]]   # unit ranges [start, stop) moved to `dest`
-  prefix: int                    # keys [0, prefix) of the document needed at `dest`
-
-
 @dataclasses.dataclass
 class Schedule:
-  docs: list[Doc]
-  tasks: list[Task]
-  flops_before: np.ndarray       # per device, query-key pairs
-  flops_after: np.ndarray
+  """One nano-batch's plan, per device [n] unless noted."""
+  work_before: np.ndarray        # live block pairs the kernel executes without moving anything
+  work_after: np.ndarray         # ... after the moves (own rows + received blocks)
+  flops_before: np.ndarray       # exact causal query-key pairs of the device's own queries
+  flops_after: np.ndarray        # ... of the queries it computes after the moves
+  q_blocks: np.ndarray           # [n, n] query blocks sent source -> destination
+  kv_blocks: np.ndarray          # [n, n] key/value blocks sent source -> destination
+  moves: list                    # (source, row, query block, destination)
+  block_q: int = 0
+  block_kv: int = 0
+  q_cap: int = 0                 # blocks a device may send / receive (the buffers' size)
+  kv_cap: int = 0
 
 
-def schedule(docs: list[Doc], n: int, *, tolerance: float, q_bytes: float = 1.0,
-             kv_bytes: float = 1.0, max_moves: int = 100_000) -> Schedule:
-  """Greedy communication-aware balancing of causal attention work over `n` devices."""
-  F = np.zeros(n, np.int64)
-  for d in docs:
-    F[d.device] += doc_flops(d.length)
-  before = F.copy()
-  avg = F.sum() / n
-  tasks: dict[tuple[int, int], Task] = {}
+def live_blocks(segment_ids_RL, positions_RL, block_q: int, block_kv: int) -> np.ndarray:
+  """Bool [R, nq, nk]: the block pairs the blockwise kernel computes for each causal row."""
+  return blockwise.block_table(segment_ids_RL, segment_ids_RL, positions_RL, positions_RL,
+                               causal=True, window=0, block_q=block_q, block_kv=block_kv,
+                               per_row=True, xp=np)
+
+
+def schedule(live, pairs, *, tolerance: float, q_cap: int, kv_cap: int, q_cost: float,
+             kv_cost: float, max_moves: int = 100_000) -> Schedule:
+  """Greedy balancing of executed block pairs over devices.
+
+  live [n, R, nq, nk] bool (per device, row, query block: the live key blocks);
+  pairs [n, R, nq] exact causal pairs of each query block; q_cap / kv_cap: blocks each device
+  may send and receive; q_cost / kv_cost: bytes of one query block (there and back) and of
+  one key/value block.
+  """
+  n, R, nq, nk = live.shape
+  w = live.sum(-1).astype(np.int64)                 # [n, R, nq] block pairs per query block
+  E = w.sum(axis=(1, 2))
+  before = E.copy()
+  F = pairs.sum(axis=(1, 2)).astype(np.int64)
+  F_before = F.copy()
+  avg = E.sum() / n
+  moved = np.zeros((n, R, nq), bool)
+  sent = np.zeros((n, R, n, nk), bool)              # key blocks of (source, row) at a device
+  q_blocks = np.zeros((n, n), np.int64)
+  kv_blocks = np.zeros((n, n), np.int64)
+  moves = []
   for _ in range(max_moves):
-    if np.all(np.abs(F - avg) <= tolerance * avg):
+    if E.max() <= (1 + tolerance) * avg:
       break
-    r = int(np.argmin(F))
-    need = avg - F[r]
+    e = int(np.argmin(E))
+    need = avg - E[e]
     best = None
-    for i, d in enumerate(docs):
-      surplus = F[d.device] - avg
-      if surplus <= 0 or d.taken >= d.units:
+    for s in np.flatnonzero(E > avg):
+      if q_blocks[s].sum() >= q_cap or q_blocks[:, e].sum() >= q_cap:
         continue
-      give = min(need, surplus)
-      m = min(round(give / (d.length + 1)), d.units - d.taken)
-      if m == 0:
+      new_kv = (live[s] & ~sent[s, :, e][:, None, :]).sum(-1)      # [R, nq]
+      ok = (~moved[s]) & (w[s] > 0) & (E[e] + w[s] < E[s])
+      ok &= (kv_blocks[s].sum() + new_kv <= kv_cap) & (kv_blocks[:, e].sum() + new_kv <= kv_cap)
+      if not ok.any():
         continue
-      moved = units_cost(d.length, d.taken, d.taken + m)
-      prefix = last_rank(d.length, d.taken + m) + 1
-      old = tasks.get((i, r))
-      new_kv = prefix - (old.prefix if old else 0)
-      q_rows = len(unit_ranks(d.length, d.taken, d.taken + m))
-      cost = (q_rows * q_bytes + new_kv * kv_bytes) / moved
-      if best is None or cost < best[0]:
-        best = (cost, i, m, moved, prefix)
+      over = w[s] > min(need, E[s] - avg)                            # overshoots someone
+      cost = (q_cost + kv_cost * new_kv) / np.maximum(w[s], 1)
+      key = np.where(ok, over * 1e30 + np.where(over, w[s], cost), np.inf)
+      r, i = np.unravel_index(int(np.argmin(key)), key.shape)
+      cand = (float(key[r, i]), -int(w[s, r, i]), int(s), int(r), int(i))
+      if best is None or cand < best:
+        best = cand
     if best is None:
-      break  # nothing movable in whole units; the caller reports the remaining imbalance
-    _, i, m, moved, prefix = best
-    d = docs[i]
-    task = tasks.setdefault((i, r), Task(i, r, [], 0))
-    task.units.append((d.taken, d.taken + m))
-    task.prefix = max(task.prefix, prefix)
-    d.taken += m
-    F[d.device] -= moved
-    F[r] += moved
-  return Schedule(docs, list(tasks.values()), before, F)
+      break  # nothing movable: the caller reports the remaining imbalance
+    _, _, s, r, i = best
+    add = live[s, r, i] & ~sent[s, r, e]
+    sent[s, r, e] |= live[s, r, i]
+    moved[s, r, i] = True
+    q_blocks[s, e] += 1
+    kv_blocks[s, e] += int(add.sum())
+    E[s] -= w[s, r, i]
+    E[e] += w[s, r, i]
+    F[s] -= pairs[s, r, i]
+    F[e] += pairs[s, r, i]
+    moves.append((s, r, i, e))
+  return Schedule(before, E, F_before, F, q_blocks, kv_blocks, moves)
 
 
-# ------------------------------------------------------------------ static-capacity arrays
+# ------------------------------------------------------------------ fixed-shape arrays
 
-def capacities(tokens: int, q_capacity: float, kv_capacity: float) -> tuple[int, int]:
-  """Rows per (source, destination) buffer, from fractions of a device's nano-batch tokens."""
-  def rows(frac):
-    return max(8, math.ceil(frac * tokens / 8) * 8)
-  return rows(q_capacity), rows(kv_capacity)
-
-
-def _task_ranks(sched: Schedule, t: Task) -> np.ndarray:
-  d = sched.docs[t.doc]
-  return np.concatenate([unit_ranks(d.length, a, b) for a, b in t.units])
+def capacities(tokens: int, q_capacity: float, kv_capacity: float, block_q: int,
+               block_kv: int) -> tuple[int, int]:
+  """Blocks each device may send and receive, from fractions of its nano-batch tokens."""
+  return (max(1, math.ceil(q_capacity * tokens / block_q)),
+          max(1, math.ceil(kv_capacity * tokens / block_kv)))
 
 
-def plan_arrays(segment_ids_RL, positions_RL, n: int, *, tolerance: float, q_capacity: int,
-                kv_capacity: int, q_bytes: float = 1.0, kv_bytes: float = 1.0):
+def _offsets(counts):
+  """[n, n] chunk counts -> (send_off [n, n] at the source per destination, recv_off [n, n] at
+  the destination per source), in chunks, both laid out in device order."""
+  send = np.concatenate([np.zeros((counts.shape[0], 1), np.int64),
+                         np.cumsum(counts, axis=1)[:, :-1]], axis=1)
+  recv = np.concatenate([np.zeros((counts.shape[0], 1), np.int64),
+                         np.cumsum(counts.T, axis=1)[:, :-1]], axis=1)
+  return send, recv
+
+
+def _route(counts, chunk: int, prefix: str) -> dict[str, np.ndarray]:
+  n = counts.shape[0]
+  send, recv = _offsets(counts)
+  return {f'{prefix}send_off': (send * chunk).astype(np.int32),
+          f'{prefix}recv_off': (recv * chunk).astype(np.int32),
+          f'{prefix}dest_off': (recv.T * chunk).astype(np.int32),
+          f'{prefix}origin_off': (send.T * chunk).astype(np.int32),
+          f'{prefix}counts': np.broadcast_to(counts.astype(np.int32), (n, n, n)).copy()}
+
+
+def plan_arrays(segment_ids_RL, positions_RL, n: int, *, tolerance: float, block_q: int,
+                block_kv: int, q_cap: int, kv_cap: int, q_bytes: float = 1.0,
+                kv_bytes: float = 1.0):
   """The plan of one nano-batch: rows [n * R, L], device d holding rows [d R, (d+1) R).
 
-  Returns (arrays, schedule). Arrays, all int32 with leading dim n (T = R L local tokens,
-  Cq / Ck = capacities per (source, destination) pair):
-    q_send [n, n, Cq]    local token indices of the queries sent to each destination
-    kv_send [n, n, Ck]   local token indices of the keys/values sent to each destination
-    q_seg, q_pos [n, T + n Cq]   the server's queries: own tokens, then received ones
-    kv_seg, kv_pos [n, T + n Ck] the server's keys, likewise
-    ret [n, T]           where each own token's output is: [0, T) kept, T + d Cq + j returned
+  Returns (arrays, schedule). Arrays, int32 with leading dim n (T = R L local tokens, Q / K
+  = q_cap block_q / kv_cap block_kv rows of send and receive buffer):
+    own_qseg [n, T]            own query ids: the batch's, -1 where the block runs elsewhere
+    q_send [n, Q], kv_send [n, K]   local token indices of the rows sent, grouped by destination
+    q_seg, q_pos [n, Q]        the server's received queries: ids offset per source row
+    kv_seg, kv_pos [n, K]      the server's received keys/values, likewise (-1 / -2 unused)
+    ret [n, T]                 where each own token's output is: [0, T) kept, T + j returned
+    q_*, kv_* routes           `ragged.Route` fields for the two exchanges (rows / chunks)
   """
   NR, L = segment_ids_RL.shape
   R = NR // n
   T = R * L
-  docs = []
-  for dev in range(n):
-    docs += find_docs(segment_ids_RL[dev * R:(dev + 1) * R], positions_RL[dev * R:(dev + 1) * R],
-                      dev)
-  sched = schedule(docs, n, tolerance=tolerance, q_bytes=q_bytes, kv_bytes=kv_bytes)
+  seg = np.asarray(segment_ids_RL).reshape(n, R, L).astype(np.int64)
+  pos = np.asarray(positions_RL).reshape(n, R, L).astype(np.int32)
+  nq, nk = L // block_q, L // block_kv
+  live = live_blocks(seg.reshape(n * R, L), pos.reshape(n * R, L), block_q,
+                     block_kv).reshape(n, R, nq, nk)
+  pairs = causal_pairs(seg, pos).reshape(n, R, nq, block_q).sum(-1)
+  qb = 2 * block_q * q_bytes
+  kb = block_kv * kv_bytes
+  sched = schedule(live, pairs, tolerance=tolerance, q_cap=q_cap, kv_cap=kv_cap, q_cost=qb,
+                   kv_cost=kb)
+  sched.block_q, sched.block_kv, sched.q_cap, sched.kv_cap = block_q, block_kv, q_cap, kv_cap
 
-  seg = segment_ids_RL.reshape(n, T).astype(np.int64)
-  pos = positions_RL.reshape(n, T).astype(np.int32)
-  # Own tokens keep their documents, made unique across the device's rows (padding too, so
-  # padding rows attend exactly as on one device).
-  local_id = (np.arange(T) // L)[None] * (int(seg.max()) + 1) + seg + 1
-  next_id = int(local_id.max()) + 1
-  q_send = np.zeros((n, n, q_capacity), np.int32)
-  kv_send = np.zeros((n, n, kv_capacity), np.int32)
-  q_seg = np.zeros((n, T + n * q_capacity), np.int64)
-  q_pos = np.zeros((n, T + n * q_capacity), np.int32)
-  kv_seg = np.zeros((n, T + n * kv_capacity), np.int64)
-  kv_pos = np.zeros((n, T + n * kv_capacity), np.int32)
-  q_seg[:, :T], q_pos[:, :T] = local_id, pos
-  kv_seg[:, :T], kv_pos[:, :T] = local_id, pos
+  Q, K = q_cap * block_q, kv_cap * block_kv
+  own_qseg = seg.reshape(n, T).copy()
+  q_send = np.zeros((n, Q), np.int32)
+  kv_send = np.zeros((n, K), np.int32)
+  q_seg = np.full((n, Q), EMPTY_Q, np.int64)
+  kv_seg = np.full((n, K), EMPTY_KV, np.int64)
+  q_pos = np.zeros((n, Q), np.int32)
+  kv_pos = np.zeros((n, K), np.int32)
   ret = np.tile(np.arange(T, dtype=np.int32), (n, 1))
-  groups: dict[tuple[int, int], list[Task]] = {}
-  for t in sched.tasks:
-    groups.setdefault((t.dest, sched.docs[t.doc].device), []).append(t)
-  # Server-side ids rise along each destination's buffer (own tokens, then source 0's tasks,
-  # its empty slots, source 1's, ...), so the blockwise kernel's segment-range test skips the
-  # block pairs of different tasks and of empty slots.
-  for dst in range(n):
-    for src in range(n):
-      q0 = k0 = 0
-      for t in groups.get((dst, src), []):
-        d = sched.docs[t.doc]
-        ranks = _task_ranks(sched, t)
-        q_idx, kv_idx = d.index[ranks], d.index[:t.prefix]
-        nq, nk = len(q_idx), len(kv_idx)
-        if q0 + nq > q_capacity or k0 + nk > kv_capacity:
-          need_q = sum(len(_task_ranks(sched, u)) for u in groups[dst, src])
-          need_kv = sum(u.prefix for u in groups[dst, src])
-          raise ValueError(
-              f'disaggregation plan needs {need_q} query rows and {need_kv} key/value rows '
-              f'from device {src} to device {dst}; capacity is {q_capacity} and {kv_capacity}: '
-              f'raise parallelism.dca_q_capacity / parallelism.dca_kv_capacity (fractions of a '
-              f"device's {T} nano-batch tokens)")
-        q_send[src, dst, q0:q0 + nq] = q_idx
-        kv_send[src, dst, k0:k0 + nk] = kv_idx
-        at_q = T + src * q_capacity + q0      # where the rows land in the destination's buffer
-        at_k = T + src * kv_capacity + k0
-        q_seg[dst, at_q:at_q + nq], q_pos[dst, at_q:at_q + nq] = next_id, pos[src, q_idx]
-        kv_seg[dst, at_k:at_k + nk], kv_pos[dst, at_k:at_k + nk] = next_id, pos[src, kv_idx]
-        q_seg[src, q_idx] = MOVED_Q
-        ret[src, q_idx] = T + dst * q_capacity + q0 + np.arange(nq)
-        next_id += 1
-        q0, k0 = q0 + nq, k0 + nk
-      # Empty slots: ids of their own (queries and keys differ), so they match nothing.
-      q_seg[dst, T + src * q_capacity + q0:T + (src + 1) * q_capacity] = next_id
-      kv_seg[dst, T + src * kv_capacity + k0:T + (src + 1) * kv_capacity] = next_id + 1
-      next_id += 2
-  if next_id >= 2 ** 31:
+  # Per destination, in source order: every (source, row)'s query blocks, then its key blocks.
+  by_pair: dict[tuple[int, int], dict[int, list[int]]] = {}
+  for s, r, i, e in sched.moves:
+    by_pair.setdefault((s, e), {}).setdefault(r, []).append(i)
+  q_counts, kv_counts = sched.q_blocks, sched.kv_blocks
+  q_send_off, q_recv_off = _offsets(q_counts)
+  kv_send_off, kv_recv_off = _offsets(kv_counts)
+  span = int(seg.max()) + 1  # server ids: source row (s, r) gets [1 + (s R + r) span, ...)
+  for (s, e), rows in sorted(by_pair.items()):
+    qo, ko = q_send_off[s, e], kv_send_off[s, e]       # in blocks
+    qi, ki = q_recv_off[e, s], kv_recv_off[e, s]
+    for r, blocks in sorted(rows.items()):
+      base = 1 + (s * R + r) * span
+      keys = np.flatnonzero(live[s, r, sorted(blocks)].any(0))
+      for i in sorted(blocks):
+        tok = r * L + i * block_q + np.arange(block_q)
+        sl = slice(qo * block_q, (qo + 1) * block_q)
+        q_send[s, sl] = tok
+        ret[s, tok] = T + np.arange(sl.start, sl.stop)
+        own_qseg[s, tok] = MOVED_Q
+        dl = slice(qi * block_q, (qi + 1) * block_q)
+        q_seg[e, dl] = base + seg[s, r, i * block_q:(i + 1) * block_q]
+        q_pos[e, dl] = pos[s, r, i * block_q:(i + 1) * block_q]
+        qo, qi = qo + 1, qi + 1
+      for j in keys:
+        tok = r * L + j * block_kv + np.arange(block_kv)
+        kv_send[s, ko * block_kv:(ko + 1) * block_kv] = tok
+        dl = slice(ki * block_kv, (ki + 1) * block_kv)
+        kv_seg[e, dl] = base + seg[s, r, j * block_kv:(j + 1) * block_kv]
+        kv_pos[e, dl] = pos[s, r, j * block_kv:(j + 1) * block_kv]
+        ko, ki = ko + 1, ki + 1
+  if q_seg.max() >= 2 ** 31:
     raise ValueError('disaggregation: too many segments for int32 ids')
-  arrays = {'q_send': q_send, 'kv_send': kv_send, 'q_seg': q_seg.astype(np.int32),
-            'q_pos': q_pos, 'kv_seg': kv_seg.astype(np.int32), 'kv_pos': kv_pos, 'ret': ret}
+  arrays = {'own_qseg': own_qseg.astype(np.int32), 'q_send': q_send, 'kv_send': kv_send,
+            'q_seg': q_seg.astype(np.int32), 'q_pos': q_pos, 'kv_seg': kv_seg.astype(np.int32),
+            'kv_pos': kv_pos, 'ret': ret,
+            **_route(q_counts, block_q, 'q_'), **_route(kv_counts, block_kv, 'kv_')}
   return arrays, sched
 
 
 def plan_batch(segment_ids_BL, positions_BL, n: int, *, nano_batches: int, tolerance: float,
-               q_capacity: float, kv_capacity: float, q_bytes: float = 1.0,
-               kv_bytes: float = 1.0) -> tuple[dict[str, np.ndarray], list[Schedule]]:
+               block_q: int, block_kv: int, q_capacity: float, kv_capacity: float,
+               q_bytes: float = 1.0, kv_bytes: float = 1.0
+               ) -> tuple[dict[str, np.ndarray], list[Schedule]]:
   """Plans every nano-batch of a global batch [B, L] whose rows are split over `n` devices.
 
   Nano-batch a of device d is its local rows [a R/A, (a+1) R/A). Returns the batch-dict
@@ -292,36 +272,66 @@ def plan_batch(segment_ids_BL, positions_BL, n: int, *, nano_batches: int, toler
   if B % (n * nano_batches):
     raise ValueError(f'batch rows {B} not divisible by {n} devices x '
                      f'parallelism.dca_nano_batches={nano_batches}')
+  bq = blockwise.fit_block(L, block_q, 'attention.block_q')
+  bk = blockwise.fit_block(L, block_kv, 'attention.block_kv')
   R, A = B // n, nano_batches
   Ra = R // A
-  T = Ra * L
-  cq, ck = capacities(T, q_capacity, kv_capacity)
+  q_cap, kv_cap = capacities(Ra * L, q_capacity, kv_capacity, bq, bk)
   seg = np.asarray(segment_ids_BL).reshape(n, A, Ra, L)
   pos = np.asarray(positions_BL).reshape(n, A, Ra, L)
   per_nano, scheds = [], []
   for a in range(A):
     arrays, sched = plan_arrays(seg[:, a].reshape(n * Ra, L), pos[:, a].reshape(n * Ra, L), n,
-                                tolerance=tolerance, q_capacity=cq, kv_capacity=ck,
-                                q_bytes=q_bytes, kv_bytes=kv_bytes)
+                                tolerance=tolerance, block_q=bq, block_kv=bk, q_cap=q_cap,
+                                kv_cap=kv_cap, q_bytes=q_bytes, kv_bytes=kv_bytes)
     per_nano.append(arrays)
     scheds.append(sched)
   out = {PREFIX + k: np.stack([p[k] for p in per_nano], axis=1) for k in per_nano[0]}
   return out, scheds
 
 
-def pair_rows(sched: Schedule, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """Query and key/value rows each (source, destination) pair needs: [n, n] each."""
-  q, kv = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
-  for t in sched.tasks:
-    src = sched.docs[t.doc].device
-    q[src, t.dest] += len(_task_ranks(sched, t))
-    kv[src, t.dest] += t.prefix
-  return q, kv
-
-
 def device_flops(scheds: list[Schedule]) -> tuple[np.ndarray, np.ndarray]:
-  """Per-device query-key pairs (before, after) summed over nano-batches."""
+  """Per-device exact causal query-key pairs (before, after) summed over nano-batches."""
   return (sum(s.flops_before for s in scheds), sum(s.flops_after for s in scheds))
+
+
+def device_work(scheds: list[Schedule]) -> tuple[np.ndarray, np.ndarray]:
+  """Per-device executed block pairs (before = data parallelism with the per-row kernel,
+  after) summed over nano-batches."""
+  return (sum(s.work_before for s in scheds), sum(s.work_after for s in scheds))
+
+
+def exchange_bytes(scheds: list[Schedule], q_row_bytes: float, kv_row_bytes: float) -> dict:
+  """Bytes one layer's forward exchange moves per device (mean, max over devices): queries out
+  and outputs back (q rows each way) and key/value rows, from the plan's block counts, which
+  are the ragged exchange's trip counts."""
+  sent = 0
+  for s in scheds:
+    q = s.q_blocks * s.block_q * q_row_bytes
+    kv = s.kv_blocks * s.block_kv * kv_row_bytes
+    sent = sent + q.sum(1) + kv.sum(1) + q.sum(0)   # out (q, kv), back (outputs of received q)
+  sent = np.asarray(sent, np.float64)
+  return {'mean': float(sent.mean()), 'max': float(sent.max()), 'per_device': sent}
+
+
+def summary(scheds: list[Schedule], q_row_bytes: float, kv_row_bytes: float) -> dict[str, float]:
+  """The telemetry row of one planned batch (`dca/*`)."""
+  f0, f1 = device_flops(scheds)
+  w0, w1 = device_work(scheds)
+  b = exchange_bytes(scheds, q_row_bytes, kv_row_bytes)
+  ratio = lambda x: float(x.max() / max(x.mean(), 1e-30))
+  # Buffer use: the fullest send or receive buffer (rows used / capacity) over the batch.
+  use = max(max(s.q_blocks.sum(0).max(), s.q_blocks.sum(1).max()) / max(s.q_cap, 1)
+            for s in scheds)
+  use_kv = max(max(s.kv_blocks.sum(0).max(), s.kv_blocks.sum(1).max()) / max(s.kv_cap, 1)
+               for s in scheds)
+  return {'dca/q_buffer_use': float(use), 'dca/kv_buffer_use': float(use_kv),
+          'dca/modelled_imbalance': ratio(f1), 'dca/modelled_imbalance_before': ratio(f0),
+          'dca/executed_imbalance': ratio(w1), 'dca/executed_imbalance_before': ratio(w0),
+          'dca/executed_vs_dp': float(w1.mean() / max(w0.mean(), 1e-30)),
+          'dca/executed_block_pairs_max': float(w1.max()),
+          'dca/moved_blocks': float(sum(s.q_blocks.sum() for s in scheds)),
+          'dca/bytes_sent_mean': b['mean'], 'dca/bytes_sent_max': b['max']}
 
 
 # ------------------------------------------------------------------ wiring into a run
@@ -339,8 +349,16 @@ def planner_kwargs(config: ml_collections.ConfigDict) -> dict:
   heads, kv_heads, head_dim = (m.get('num_heads', 1), m.get('num_kv_heads', 1),
                                m.get('head_dim', 1))
   return {'nano_batches': p.dca_nano_batches, 'tolerance': p.dca_tolerance,
+          'block_q': config.attention.block_q, 'block_kv': config.attention.block_kv,
           'q_capacity': p.dca_q_capacity, 'kv_capacity': p.dca_kv_capacity,
           'q_bytes': heads * head_dim, 'kv_bytes': 2 * kv_heads * head_dim}
+
+
+def row_bytes(config: ml_collections.ConfigDict) -> tuple[float, float]:
+  """Bytes of one query row and one key/value row (K and V) in the exchange's dtype."""
+  m = config.model
+  item = 2 if m.get('dtype', 'float32') in ('bfloat16', 'float16') else 4
+  return m.num_heads * m.head_dim * item, 2 * m.num_kv_heads * m.head_dim * item
 
 
 def with_plan(config: ml_collections.ConfigDict, mesh,

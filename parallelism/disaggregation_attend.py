@@ -1,24 +1,34 @@
-"""Core-attention disaggregation, the device side: the `AttendFn` that runs a host plan.
+"""Core-attention disaggregation, the device side: the `AttendFn` that runs a host plan, and
+the ping-pong layer schedule.
 
 Zhuang et al., "Efficiently Training LLMs with Core Attention Disaggregation" (DistCA, 2025,
 arXiv 2510.18121), sections 4-5. The plan (`parallelism/disaggregation.py`) is read from
 `disaggregation.current_plan()`. Per nano-batch, inside a shard_map over the batch axes:
 
-  1. dispatch  gather the query rows and key/value prefixes of outgoing tasks into fixed-
-               capacity buckets [n, C] and exchange them with one all_to_all each;
-  2. compute   the configured kernel, masked by the plan's server-side segment ids and
-               positions: once on the own rows (moved-away queries masked), once on the
-               received tasks batched by source ([n, Cq] queries vs [n, Ck] keys);
-  3. return    all_to_all the task outputs back; each owner gathers its tokens' outputs.
+  dispatch  gather the query blocks and key/value blocks of outgoing tasks and move them with
+            the ragged exchange (`parallelism/ragged.py`): only the planned rows travel;
+  compute   the per-block kernel with one skip table per row (`BlockKernel(per_row=True)`):
+            the own rows (moved query blocks masked dead) and the received blocks as one row
+            whose per-source-row segment ids keep different tasks' pairs dead;
+  return    the task outputs travel back by the reversed route; each owner gathers its
+            tokens' outputs.
 
-Gradients come from autodiff: the transpose of an all_to_all is an all_to_all and the
-transpose of a gather is a scatter-add, so K/V gradients of every copy sum at the owner.
+Gradients come from autodiff: the exchange's VJP is the reversed exchange and the transpose
+of a gather is a scatter-add, so K/V gradients of every copy sum at the owner.
 
-Ping-pong (DistCA section 5): the micro-batch's local rows form `dca_nano_batches` nano-
-batches with their own plans. All dispatches are issued, then the computes, then the returns:
-nano-batch B's exchange has no data dependence on A's compute, so a backend with async
-collectives (GPU/TPU) can overlap them. The CPU backend runs collectives synchronously.
+Ping-pong (DistCA section 5). `Stages` exposes the three steps as separate sharded functions
+on global arrays; `transformer.Block` with `Runtime.ping_pong` runs a layer as
+
+  pre(A)  dispatch(A)  pre(B)  dispatch(B)  compute(A)  return(A)  compute(B)  post(A)
+  return(B)  post(B)
+
+(pre = norm + QKV + RoPE, post = output projection + residual + MLP), so while one nano-
+batch's tasks are in flight the other computes: the order is in the traced program and XLA's
+async collectives (GPU/TPU) can overlap it. The CPU backend runs collectives synchronously.
 """
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +38,15 @@ from jax.sharding import PartitionSpec as P
 
 from modeling import axes as ax
 from modeling.attention import AttendFn
+from modeling import kernels
+from modeling.kernels import BlockKernel
 from parallelism import disaggregation as dca
+from parallelism import ragged
 from parallelism import rules as rules_lib
 
-PLAN_KEYS = ('q_send', 'kv_send', 'q_seg', 'q_pos', 'kv_seg', 'kv_pos', 'ret')
+ROUTE_FIELDS = ('send_off', 'recv_off', 'dest_off', 'origin_off', 'counts')
+PLAN_KEYS = ('own_qseg', 'q_send', 'kv_send', 'q_seg', 'q_pos', 'kv_seg', 'kv_pos', 'ret',
+             *(f'q_{f}' for f in ROUTE_FIELDS), *(f'kv_{f}' for f in ROUTE_FIELDS))
 
 
 def _axis_names(entry) -> tuple[str, ...]:
@@ -40,105 +55,214 @@ def _axis_names(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _dispatch(axis, n, q_TH, k_TK, v_TK, plan):
-  """Stage 1 for one nano-batch: the task rows every source sent here, [n, C, heads, D]."""
-  def exchange(x):
-    return jax.lax.all_to_all(x, axis, 0, 0, tiled=False) if n > 1 else x
-  return (exchange(q_TH[plan['q_send']]), exchange(k_TK[plan['kv_send']]),
-          exchange(v_TK[plan['kv_send']]))
+def _route(plan, prefix) -> ragged.Route:
+  return ragged.Route(**{f: plan[prefix + f] for f in ROUTE_FIELDS})
 
 
-def _compute(kernel, q, k, v, received, plan, Ra, L):
-  """Stage 2: own rows [Ra, L] as on one device (moved queries masked), and the received
-  tasks as a batch of n rows, one per source: a task only sees keys from its own source, so
-  the cross terms are all masked and skipping them is exact."""
-  n = received[0].shape[0]
-  T = Ra * L
-
-  def ids(key, C):
-    own, recv = plan[key][:T].reshape(Ra, L), plan[key][T:].reshape(n, C)
-    return own, recv
-
-  (qs_own, qs_in), (qp_own, qp_in) = (ids(k_, received[0].shape[1]) for k_ in ('q_seg', 'q_pos'))
-  (ks_own, ks_in), (kp_own, kp_in) = (ids(k_, received[1].shape[1]) for k_ in ('kv_seg', 'kv_pos'))
-  o_own = kernel(q, k, v, q_segment_ids=qs_own, kv_segment_ids=ks_own, q_positions=qp_own,
-                 kv_positions=kp_own, causal=True)
-  o_in = kernel(*received, q_segment_ids=qs_in, kv_segment_ids=ks_in, q_positions=qp_in,
-                kv_positions=kp_in, causal=True)
-  return o_own, o_in
+def _check_mask(causal, window):
+  if not causal or window:
+    raise ValueError("parallelism.context_impl='disaggregated' supports causal attention "
+                     'without a sliding window (model.sliding_window; model.sambay.window for '
+                     "model.name='sambay'): its planner counts causal prefixes")
 
 
-def make_local(kernel: AttendFn, n: int, axis):
-  """The per-device body: q/k/v [R, L, ., D] plus this device's plan [A, ...] -> o [R, L, H, D]."""
+@dataclasses.dataclass(frozen=True)
+class Local:
+  """The per-device steps of one nano-batch (inside a shard_map over the batch axes)."""
+  kernel: BlockKernel     # per_row=True
+  n: int
+  axis: Any
+  exchange: str           # ragged.IMPLS
 
-  def local(q, k, v, plan, *, causal, window):
-    if not causal or window:
-      raise ValueError("parallelism.context_impl='disaggregated' supports causal attention "
-                       'without a sliding window (model.sliding_window; model.sambay.window for '
-                       "model.name='sambay'): its planner counts causal prefixes")
-    R, L, H, D = q.shape
-    A = plan['ret'].shape[0]
-    Ra = R // A
-    nanos = [jax.tree.map(lambda x, a=a: x[a], plan) for a in range(A)]
-    rows = [slice(a * Ra, (a + 1) * Ra) for a in range(A)]
+  def _move(self, x, route, rows, chunk):
+    return ragged.exchange(x, route, self.axis, self.n, rows, chunk, self.exchange)
 
-    def flat(x):
-      return x.reshape(Ra * L, *x.shape[2:])
+  def dispatch(self, q_RLHD, k_RLKD, v_RLKD, plan):
+    """The query rows and key/value rows other devices sent here: [Q, H, D], [Kr, 2K, D]."""
+    R, L, H, D = q_RLHD.shape
+    K = k_RLKD.shape[2]
+    q_out = q_RLHD.reshape(R * L, H, D)[plan['q_send']]
+    kv_out = jnp.concatenate([k_RLKD, v_RLKD], axis=2).reshape(R * L, 2 * K, D)[plan['kv_send']]
+    bq, bk = self.kernel.block_q, self.kernel.block_kv
+    return (self._move(q_out, _route(plan, 'q_'), q_out.shape[0], bq),
+            self._move(kv_out, _route(plan, 'kv_'), kv_out.shape[0], bk))
 
-    # Ping-pong: every exchange first, then every compute, then every return, so nano-batch
-    # B's exchange does not wait on A's compute, nor A's return on B's compute.
-    received = [_dispatch(axis, n, flat(q[s]), flat(k[s]), flat(v[s]), p)
-                for s, p in zip(rows, nanos)]
-    outs = [_compute(kernel, q[s], k[s], v[s], r, p, Ra, L)
-            for s, r, p in zip(rows, received, nanos)]
-    results = []
-    for (o_own, o_in), p in zip(outs, nanos):
-      back = jax.lax.all_to_all(o_in, axis, 0, 0, tiled=False) if n > 1 else o_in
-      o_all = jnp.concatenate([flat(o_own), back.reshape(-1, H, D)])
-      results.append(o_all[p['ret']].reshape(Ra, L, H, D))
-    return jnp.concatenate(results)
+  def compute(self, q_RLHD, k_RLKD, v_RLKD, segment_ids, positions, received, plan):
+    """(own outputs [R, L, H, D], received tasks' outputs [Q, H, D])."""
+    R, L = segment_ids.shape
+    # kernels.attend: the kernel with its recompute-from-lse VJP (O(L x block) memory).
+    own = kernels.attend(self.kernel.fitted(L, L))
+    o_own = own(q_RLHD, k_RLKD, v_RLKD, q_segment_ids=plan['own_qseg'].reshape(R, L),
+                kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                causal=True)
+    q_in, kv_in = received
+    K = kv_in.shape[1] // 2
+    srv = kernels.attend(self.kernel.fitted(q_in.shape[0], kv_in.shape[0]))
+    o_in = srv(q_in[None], kv_in[None, :, :K], kv_in[None, :, K:],
+               q_segment_ids=plan['q_seg'][None], kv_segment_ids=plan['kv_seg'][None],
+               q_positions=plan['q_pos'][None], kv_positions=plan['kv_pos'][None], causal=True)
+    return o_own, o_in[0]
 
-  return local
+  def finish(self, o_own, o_in, plan, dtype):
+    """Outputs back to their owners, in token order: [R, L, H, D]."""
+    R, L, H, D = o_own.shape
+    back = self._move(o_in.astype(dtype), _route(plan, 'q_').reversed(), o_in.shape[0],
+                      self.kernel.block_q)
+    o_all = jnp.concatenate([o_own.astype(dtype).reshape(R * L, H, D), back])
+    return o_all[plan['ret']].reshape(R, L, H, D)
 
 
-def make_attend(config: ml_collections.ConfigDict, mesh: Mesh, kernel: AttendFn) -> AttendFn:
-  """`parallelism.context_impl='disaggregated'`: attention tasks move over the batch axes."""
-  rules = config.parallelism.rules
-  q_spec = rules_lib.logical_to_spec((ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None), rules, mesh)
-  if rules_lib.mesh_axes_size(mesh, q_spec[1]) != 1:
-    raise ValueError("parallelism.context_impl='disaggregated' balances attention over the batch "
-                     "axes and does not compose with a context axis: set mesh.context=1 (use "
-                     "context_impl='ring' for sequences too long for one device)")
-  if config.optimizer.grad_accum_steps != 1:
-    raise ValueError("parallelism.context_impl='disaggregated' plans whole batches: set "
-                     'optimizer.grad_accum_steps=1')
-  names = _axis_names(q_spec[0])
-  n = rules_lib.mesh_axes_size(mesh, q_spec[0])
-  axis = names[0] if len(names) == 1 else names
-  local = make_local(kernel, n, axis)
-  plan_spec = P(q_spec[0])
+class _Setup:
+  """Mesh specs and checks shared by the attend fn and the ping-pong stages."""
 
-  def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
-             kv_positions, causal, window=0):
-    del q_segment_ids, kv_segment_ids, q_positions, kv_positions  # the plan carries them
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel):
+    rules = config.parallelism.rules
+    self.mesh = mesh
+    self.q_spec = rules_lib.logical_to_spec((ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None), rules,
+                                            mesh)
+    if rules_lib.mesh_axes_size(mesh, self.q_spec[1]) != 1:
+      raise ValueError("parallelism.context_impl='disaggregated' balances attention over the "
+                       "batch axes and does not compose with a context axis: set "
+                       "mesh.context=1 (use context_impl='ring' for sequences too long for one "
+                       "device)")
+    if config.optimizer.grad_accum_steps != 1:
+      raise ValueError("parallelism.context_impl='disaggregated' plans whole batches: set "
+                       'optimizer.grad_accum_steps=1')
+    if block.impl != 'blockwise':
+      raise ValueError("parallelism.context_impl='disaggregated' balances the block pairs the "
+                       f"blockwise kernel executes; the per-block kernel here is {block.impl!r}: "
+                       "set attention.impl='blockwise'")
+    exchange = config.parallelism.get('dca_exchange', 'auto')
+    if exchange == 'auto':
+      exchange = ragged.default_impl()
+    if exchange not in ragged.IMPLS:
+      raise ValueError(f'parallelism.dca_exchange={exchange!r}; valid: auto, '
+                       f'{", ".join(ragged.IMPLS)}')
+    names = _axis_names(self.q_spec[0])
+    self.n = rules_lib.mesh_axes_size(mesh, self.q_spec[0])
+    axis = names[0] if len(names) == 1 else names
+    self.heads_spec = self.q_spec[2]
+    self.local = Local(dataclasses.replace(block, per_row=True), self.n, axis, exchange)
+    self.rows = P(self.q_spec[0])
+    self.ids = P(self.q_spec[0], None)
+
+  def plan(self):
     plan = dca.current_plan()
     missing = [k for k in PLAN_KEYS if k not in plan]
     if missing:
-      raise ValueError(f'disaggregation plan lacks {missing}')
+      raise ValueError(f'disaggregation plan lacks {missing} (made by an older planner?)')
     plan = {k: plan[k] for k in PLAN_KEYS}
-    if plan['ret'].shape[0] != n:
+    if plan['ret'].shape[0] != self.n:
       raise ValueError(f'disaggregation plan is for {plan["ret"].shape[0]} devices, the batch '
-                       f'axes have {n}')
-    H, K = q_BLHD.shape[2], k_BSKD.shape[2]
-    if K % rules_lib.mesh_axes_size(mesh, q_spec[2]):
-      k_BSKD, v_BSKD = (jnp.repeat(x, H // K, axis=2) for x in (k_BSKD, v_BSKD))
+                       f'axes have {self.n}')
+    return plan
 
-    def body(q, k, v, p):
+  def repeat_kv(self, q, k, v):
+    H, K = q.shape[2], k.shape[2]
+    if K % rules_lib.mesh_axes_size(self.mesh, self.heads_spec):
+      k, v = (jnp.repeat(x, H // K, axis=2) for x in (k, v))
+    return k, v
+
+  def shard(self, fn, in_specs, out_specs):
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+
+def make_attend(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> AttendFn:
+  """`parallelism.context_impl='disaggregated'`: attention tasks move over the batch axes.
+  Inside the attention op the nano-batches still ping-pong: every dispatch, then every
+  compute, then every return (`Runtime.ping_pong` extends this to the whole layer)."""
+  setup = _Setup(config, mesh, block)
+  local = setup.local
+
+  def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
+             kv_positions, causal, window=0):
+    _check_mask(causal, window)
+    del q_segment_ids, q_positions  # causal self-attention: the key ids are the query ids
+    plan = setup.plan()
+    k_BSKD, v_BSKD = setup.repeat_kv(q_BLHD, k_BSKD, v_BSKD)
+
+    def body(q, k, v, seg, pos, p):
       p = jax.tree.map(lambda x: x[0], p)  # this device's [1, A, ...] -> [A, ...]
-      return local(q, k, v, p, causal=causal, window=int(window))
+      A = p['ret'].shape[0]
+      Ra = q.shape[0] // A
+      nanos = [jax.tree.map(lambda x, a=a: x[a], p) for a in range(A)]
+      rows = [slice(a * Ra, (a + 1) * Ra) for a in range(A)]
+      received = [local.dispatch(q[s], k[s], v[s], pa) for s, pa in zip(rows, nanos)]
+      outs = [local.compute(q[s], k[s], v[s], seg[s], pos[s], r, pa)
+              for s, r, pa in zip(rows, received, nanos)]
+      return jnp.concatenate([local.finish(o_own, o_in, pa, q.dtype)
+                              for (o_own, o_in), pa in zip(outs, nanos)])
 
-    return jax.shard_map(body, mesh=mesh,
-                         in_specs=(q_spec, q_spec, q_spec, {k: plan_spec for k in plan}),
-                         out_specs=q_spec, check_vma=False)(q_BLHD, k_BSKD, v_BSKD, plan)
+    q_spec = setup.q_spec
+    return setup.shard(body, (q_spec, q_spec, q_spec, setup.ids, setup.ids,
+                              {k: setup.rows for k in plan}),
+                       q_spec)(q_BLHD, k_BSKD, v_BSKD, kv_segment_ids, kv_positions, plan)
 
   return attend
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """The three steps of one nano-batch as sharded functions on global arrays, for the layer-
+  wide ping-pong (`transformer.Block` when `Runtime.ping_pong` is set). Nano-batch a is local
+  rows [a R/A, (a+1) R/A) of every device (`split` / `merge`)."""
+  setup: Any
+
+  @property
+  def nano_batches(self) -> int:
+    return self.setup_plan()['ret'].shape[1]
+
+  def setup_plan(self):
+    return self.setup.plan()
+
+  def split(self, x, a: int, A: int):
+    """Nano-batch a of a global [B, ...] array whose rows are split over the batch devices."""
+    n = self.setup.n
+    y = x.reshape(n, A, x.shape[0] // (n * A), *x.shape[1:])[:, a]
+    return y.reshape(-1, *x.shape[1:])
+
+  def merge(self, parts):
+    n = self.setup.n
+    y = jnp.stack([p.reshape(n, -1, *p.shape[1:]) for p in parts], axis=1)
+    return y.reshape(-1, *parts[0].shape[1:])
+
+  def _plan(self, a: int):
+    return {k: v[:, a] for k, v in self.setup_plan().items()}
+
+  def dispatch(self, q, k, v, a: int):
+    s = self.setup
+    k, v = s.repeat_kv(q, k, v)
+    plan = self._plan(a)
+
+    def body(q, k, v, p):
+      return s.local.dispatch(q, k, v, jax.tree.map(lambda x: x[0], p))
+
+    return s.shard(body, (s.q_spec, s.q_spec, s.q_spec, {k_: s.rows for k_ in plan}),
+                   (s.rows, s.rows))(q, k, v, plan)
+
+  def compute(self, q, k, v, segment_ids, positions, received, a: int):
+    s = self.setup
+    k, v = s.repeat_kv(q, k, v)
+    plan = self._plan(a)
+
+    def body(q, k, v, seg, pos, r, p):
+      return s.local.compute(q, k, v, seg, pos, r, jax.tree.map(lambda x: x[0], p))
+
+    return s.shard(body, (s.q_spec, s.q_spec, s.q_spec, s.ids, s.ids, (s.rows, s.rows),
+                          {k_: s.rows for k_ in plan}),
+                   (s.q_spec, s.rows))(q, k, v, segment_ids, positions, received, plan)
+
+  def finish(self, outs, dtype, a: int):
+    s = self.setup
+    plan = self._plan(a)
+
+    def body(o_own, o_in, p):
+      return s.local.finish(o_own, o_in, jax.tree.map(lambda x: x[0], p), dtype)
+
+    return s.shard(body, (s.q_spec, s.rows, {k_: s.rows for k_ in plan}), s.q_spec)(
+        *outs, plan)
+
+
+def make_stages(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> Stages:
+  return Stages(_Setup(config, mesh, block))

@@ -1,28 +1,36 @@
 """Core-attention disaggregation vs data parallelism with packing vs ring context parallelism.
 
-    python scripts/bench_disaggregation.py                 # seq 1024, 2 rows per device
-    python scripts/bench_disaggregation.py --seq_len=2048 --repeats=5
+    python scripts/bench_disaggregation.py --seq_len=2048         # the issue's long-tail mix
+    python scripts/bench_disaggregation.py --seq_len=512 --json rows.json
 
 One long-tail packed batch (a few documents of half to a whole row, many short ones, padding
 at row ends; first-fit packing order) on 8 fake CPU devices, float32, model: 2 layers,
 d=128, 4 heads (2 kv), head dim 32, SwiGLU 256, vocab 256, blockwise attention (block 128).
 Rows: dp = data parallelism, 8 devices, packed rows as they come; ring = ring attention over
 context=8 (zigzag) on the same rows; dca = disaggregated, data=8, planned per batch
-(parallelism/disaggregation.py, tolerance from --tolerance, 2 nano-batches). Columns:
-  attn flops max/mean  per-device causal attention work, exact query-key pairs of documents
-              (padding excluded) x 4 H Dh, forward; ring counts its local queries' pairs
-  attn MiB/l  bytes one device sends for one layer's attention, forward + backward, from the
-              optimized HLO of the attention op alone (counting as scripts/bench_context.py:
-              all-to-all sends (N-1)/N of its buffer); mean (max) over devices
-  step MiB    the same count over the whole train step (adds gradient all-reduces)
-  mem MiB     per-device memory of the compiled train step (memory_analysis)
-  step s      median train-step time over --repeats after a warm-up (min-max); noisy: the 8
-              fake devices share this machine's cores
-  a2a sync/async  all-to-all ops in the train step's optimized HLO, synchronous vs async
-              (-start/-done pairs); shows whether the backend can overlap the ping-pong
+(parallelism/disaggregation.py, tolerance --tolerance, 2 nano-batches, layer ping-pong).
+Columns (what executed next to what is modelled):
+  exec max/mean  per-device attention work the blockwise kernel executes: (query block, key
+              block) pairs it cannot prove masked (`block_table`, the kernel's own skip test)
+              x block area, summed over its kernel calls as they run: dp's two rows share one
+              table per call, ring's rows one per ring step, dca per row (own rows with moved
+              blocks dead + the received blocks); forward, per layer
+  exec/dp     mean executed work / dp's (dp as run; dca's planner keeps dp-with-per-row-tables'
+              total, reported as `exec/dp_row`)
+  model max/mean  exact causal query-key pairs of documents per device (the paper's FLOPs)
+  attn MiB/l  bytes one device sends for one layer's attention, forward + backward, mean (max):
+              ring from the optimized HLO (collective-permute x trip count); dca from the plan's
+              ragged-exchange trip counts (the chunks that travel: queries out, K/V out,
+              outputs back, and the same again in the backward); `payload` = the rows the
+              plan needs; sent/payload is 1 when only planned rows travel
+  step s      median train-step wall time over --repeats after a warm-up (min-max), and
+              process CPU seconds per step; noisy: the 8 fake devices share this machine
+  schedule    dca: the order of the layer's ping-pong stages (named scopes) in the traced
+              program, and the order XLA's scheduler gave the exchange and kernel loops
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -38,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
+from modeling import blockwise
 from modeling.attention import self_attention_kwargs
 from parallelism import disaggregation as dca
 from parallelism import mesh as mesh_lib
@@ -102,20 +111,82 @@ def long_tail_batch(B: int, L: int, seed: int, vocab: int):
 
 def pairs_per_token(batch):
   """Causal keys each query sees: position + 1 inside a document, 0 for padding."""
-  return np.where(batch['segment_ids'] > 0, batch['positions'] + 1, 0).astype(np.int64)
+  return dca.causal_pairs(batch['segment_ids'], batch['positions'])
 
 
-def flops_per_device(name, batch, c):
-  unit = 4 * c.model.num_heads * c.model.head_dim
+def modelled_pairs(name, batch, scheds):
+  """Exact causal query-key pairs each device computes (forward, per layer)."""
   if name == 'dca':
-    plan_kw = dca.planner_kwargs(c)
-    _, scheds = dca.plan_batch(batch['segment_ids'], batch['positions'], N, **plan_kw)
-    return dca.device_flops(scheds)[1] * unit
+    return dca.device_flops(scheds)[1].astype(np.float64)
   if name == 'ring':  # device i holds zigzag chunk i of every row and computes its queries
     work = layout.to_zigzag(pairs_per_token(batch), N)
-    return work.reshape(work.shape[0], N, -1).sum(axis=(0, 2)) * unit
-  work = pairs_per_token(batch)
-  return work.reshape(N, -1).sum(-1) * unit
+    return work.reshape(work.shape[0], N, -1).sum(axis=(0, 2)).astype(np.float64)
+  return pairs_per_token(batch).reshape(N, -1).sum(-1).astype(np.float64)
+
+
+def executed_entries(name, batch, scheds, block):
+  """Query-key entries the blockwise kernel computes per device (live block pairs x area)."""
+  seg, pos = batch['segment_ids'], batch['positions']
+  B, L = seg.shape
+  if name == 'dca':
+    return dca.device_work(scheds)[1] * float(scheds[0].block_q * scheds[0].block_kv)
+  if name == 'ring':
+    zseg, zpos = layout.to_zigzag(seg, N), layout.to_zigzag(pos, N)
+    b = blockwise.fit_block(L // (2 * N), block, 'block')
+    live = blockwise.block_table(zseg, zseg, zpos, zpos, causal=True, window=0, block_q=b,
+                                 block_kv=b, per_row=True, xp=np)
+    nq = live.shape[1] // N                       # query blocks per device
+    per = L // N // b                             # key blocks per ring step (one device's chunk)
+    out = np.zeros(N)
+    for i in range(N):       # each ring step is one kernel call over all B rows: shared table
+      rows = live[:, i * nq:(i + 1) * nq]
+      for j in range(N):
+        out[i] += rows[:, :, j * per:(j + 1) * per].any(0).sum() * B
+    return out * b * b
+  b = blockwise.fit_block(L, block, 'block')
+  R = B // N
+  live = blockwise.block_table(seg, seg, pos, pos, causal=True, window=0, block_q=b,
+                               block_kv=b, per_row=True, xp=np).reshape(N, R, L // b, L // b)
+  shared = live.any(1).sum(axis=(1, 2)) * R       # one kernel call over the device's rows
+  return shared * float(b * b), live.sum(axis=(1, 2, 3)) * float(b * b)
+
+
+STAGE = re.compile(r'dca_(pre|dispatch|compute|finish|post)_(\d+)')
+
+
+def traced_outline(lowered_text: str) -> str:
+  """The forward ping-pong stages of one layer in the traced program (StableHLO with debug
+  locations), in order: each stage's first op, until the last nano-batch's post."""
+  seq = []
+  for line in lowered_text.splitlines():
+    hit = STAGE.findall(line)
+    if hit and 'transpose' not in line:
+      stage = f'{hit[-1][0]}{hit[-1][1]}'
+      if not seq or seq[-1] != stage:
+        seq.append(stage)
+      if stage == 'post1':
+        break
+  return ' '.join(seq)
+
+
+def compiled_outline(hlo: str, limit: int = 8) -> str:
+  """The forward exchange and kernel loops of one layer in the compiled, scheduled HLO."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head and not line.startswith(' '):
+      name = head.group(2)
+      comps[name] = []
+    elif name and re.search(r'[)\]] while\(', line) and 'transpose' not in line:
+      hit = STAGE.findall(line)
+      if hit:
+        comps[name].append(f'{hit[-1][0]}{hit[-1][1]}')
+  ops = max(comps.values(), key=len, default=[])
+  runs = []
+  for o in ops:
+    if not runs or runs[-1] != o:
+      runs.append(o)
+  return ' '.join(runs[:limit])
 
 
 def host_batch(name, c, mesh, batch):
@@ -132,7 +203,10 @@ def train_program(c, mesh, batch):
                  in_shardings=(setup.shardings, b_sharding),
                  out_shardings=(setup.shardings, NamedSharding(mesh, P())), donate_argnums=0)
   device_batch = {k: jax.device_put(v, b_sharding) for k, v in batch.items()}
-  compiled = step.lower(setup.abstract, device_batch).compile()
+  lowered = step.lower(setup.abstract, device_batch)
+  compiled = lowered.compile()
+  compiled.traced_text = (lowered.as_text(debug_info=True)
+                          if c.parallelism.context_impl == 'disaggregated' else '')
   return compiled, runtime, setup, device_batch
 
 
@@ -158,133 +232,129 @@ def attention_program(c, mesh, batch):
   return jax.jit(jax.grad(f, (0, 1, 2))).lower(*qkv, int_arg, int_arg, plan).compile()
 
 
-def all_to_all_kinds(hlo: str) -> tuple[int, int]:
-  """(synchronous, asynchronous) all-to-all ops in an optimized HLO module."""
-  sync = len(re.findall(r' all-to-all\(', hlo))
-  started = len(re.findall(r' all-to-all-start\(|async-start\(.*all-to-all', hlo))
-  return sync, started
-
-
-def schedule_outline(hlo: str, limit: int = 8) -> str:
-  """The scheduled order of exchanges and attention loops in the computation holding the most
-  all-to-alls, run-length encoded: 'a2a x6, attn x2, a2a x2, ...' (attn = a kernel while loop)."""
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
-    if head and not line.startswith(' '):
-      name = head.group(2)
-      comps[name] = []
-    elif name and (op := re.search(r' (all-to-all(?:-start)?|while)\(', line)):
-      comps[name].append('attn' if op.group(1) == 'while' else op.group(1).replace(
-          'all-to-all', 'a2a'))
-  ops = max(comps.values(), key=lambda v: sum(o.startswith('a2a') for o in v), default=[])
-  runs = []
-  for o in ops:
-    if runs and runs[-1][0] == o:
-      runs[-1][1] += 1
-    else:
-      runs.append([o, 1])
-  text = ', '.join(f'{o} x{k}' for o, k in runs[:limit])
-  return text + (', ...' if len(runs) > limit else '')
-
-
 def time_steps(c, compiled, runtime, setup, device_batch, repeats):
   state = init_train_state(c, setup, runtime)
-  times, loss = [], float('nan')
+  times, cpu, loss = [], [], float('nan')
   for i in range(repeats + 1):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, device_batch)
     loss = float(metrics['loss'])
     if i:
       times.append(time.perf_counter() - t0)
-  return float(np.median(times)), min(times), max(times), loss
+      cpu.append(time.process_time() - c0)
+  return float(np.median(times)), min(times), max(times), float(np.median(cpu)), loss
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--seq_len', type=int, default=1024)
   ap.add_argument('--rows_per_device', type=int, default=2)
   ap.add_argument('--tolerance', type=float, default=0.02)
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--impls', default='dp,ring,dca')
+  ap.add_argument('--json', help='write the rows (and the batch description) to this path')
   ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dca only')
   args = ap.parse_args()
   if args.smoke:
     args.seq_len, args.rows_per_device, args.repeats, args.impls = 128, 2, 1, 'dca'
   B, L = N * args.rows_per_device, args.seq_len
   raw = long_tail_batch(B, L, args.seed, 256)
+  block = 128
 
   print(f'# bench_disaggregation | backend {jax.default_backend()} | {jax.device_count()} x '
         f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
   print(f'# batch: {B} packed rows x {L} tokens, long-tail mix (seed {args.seed}); model 2 layers, '
-        'd=128, 4 heads (2 kv), head dim 32, mlp 256, vocab 256, blockwise block 128; dca '
-        f'tolerance {args.tolerance}, 2 nano-batches; attention FLOPs = exact causal pairs x 4 H Dh')
-  header = (f'{"impl":<5} {"mesh":<18} {"attn flops max/mean":>19} {"attn MiB/l mean (max)":>22} '
-            f'{"step MiB":>9} {"mem MiB":>8} {"step s (min-max)":>18} {"loss":>7} '
-            f'{"a2a sync/async":>14}')
+        f'd=128, 4 heads (2 kv), head dim 32, mlp 256, vocab 256, blockwise block {block}; dca '
+        f'tolerance {args.tolerance}, 2 nano-batches, layer ping-pong')
+  header = (f'{"impl":<5} {"mesh":<18} {"exec max/mean":>13} {"exec/dp":>8} '
+            f'{"model max/mean":>14} {"attn MiB/l mean (max)":>22} {"sent/payload":>12} '
+            f'{"mem MiB":>8} {"step s (min-max)":>18} {"cpu s":>6} {"loss":>7}')
   print(header)
   print('-' * len(header))
-  results = {}
+  rows, dp_exec = [], None
   for name in args.impls.split(','):
     c = bench_config(name, L, B, args.tolerance)
     mesh = mesh_lib.make_mesh(c.mesh)
     t0 = time.perf_counter()
     batch = host_batch(name, c, mesh, raw)
     host_ms = (time.perf_counter() - t0) * 1e3
-    flops = flops_per_device(name, raw, c)
-    compiled, runtime, setup, device_batch = train_program(c, mesh, batch)
-    hlo = compiled.as_text()
-    step_bytes = collective_bytes_per_device(hlo, N)
-    attn = collective_bytes_per_device(attention_program(c, mesh, batch).as_text(), N)
-    mem = perf.compiled_memory_bytes(compiled)
-    med, lo, hi, loss = time_steps(c, compiled, runtime, setup, device_batch, args.repeats)
-    sync, started = all_to_all_kinds(hlo)
-    imb = flops.max() / flops.mean()
-    results[name] = (imb, attn.mean(), med, host_ms)
-    mesh_name = mesh_lib.describe(mesh).replace('fsdp=1 x ', '').replace(' x tensor=1', '')
-    print(f'{name:<5} {mesh_name:<18} '
-          f'{imb:>19.3f} {attn.mean() / MiB:>10.2f} ({attn.max() / MiB:>8.2f}) '
-          f'{step_bytes.mean() / MiB:>9.1f} {mem / MiB:>8.1f} {med:>6.2f} ({lo:.2f}-{hi:.2f}) '
-          f'{loss:>7.4f} {sync:>6}/{started:<7}', flush=True)
+    scheds = None
     if name == 'dca':
       _, scheds = dca.plan_batch(raw['segment_ids'], raw['positions'], N,
                                  **dca.planner_kwargs(c))
-      q_rows = max(dca.pair_rows(s, N)[0].max() for s in scheds)
-      kv_rows = max(dca.pair_rows(s, N)[1].max() for s in scheds)
-      T = B // N // c.parallelism.dca_nano_batches * L
-      cq, ck = dca.capacities(T, c.parallelism.dca_q_capacity, c.parallelism.dca_kv_capacity)
-      tasks = sum(len(s.tasks) for s in scheds)
-      # What the tasks really need moved (a ragged all_to_all would send only this): forward,
-      # per device and layer, Q + K/V rows out and outputs back, float32.
-      m = c.model
-      payload = np.zeros(N)
-      for s in scheds:
-        q, kv = dca.pair_rows(s, N)
-        payload += (q.sum(1) * m.num_heads * m.head_dim + kv.sum(1) * 2 * m.num_kv_heads *
-                    m.head_dim + q.sum(0) * m.num_heads * m.head_dim) * 4
-      print(f'#   dca forward payload the plan needs (rows used, not capacity): mean '
-            f'{payload.mean() / MiB:.2f} (max {payload.max() / MiB:.2f}) MiB per device and layer;'
-            ' the static-capacity all_to_all sends whole buckets', flush=True)
-      print(f'#   dca compiled schedule (first exchanges/attention loops in order): '
-            f'{schedule_outline(hlo)}')
-      print(f'#   dca plan: {tasks} tasks over 2 nano-batches, host planning {host_ms:.0f} ms per '
-            f'batch; busiest (source, destination) buffer {q_rows}/{cq} query rows, '
-            f'{kv_rows}/{ck} key/value rows (used/capacity)', flush=True)
+    model = modelled_pairs(name, raw, scheds)
+    executed = executed_entries(name, raw, scheds, block)
+    exec_row = None
+    if name == 'dp':
+      executed, exec_row = executed
+      dp_exec = (executed.mean(), exec_row.mean())
+    compiled, runtime, setup, device_batch = train_program(c, mesh, batch)
+    hlo = compiled.as_text()
+    mem = perf.compiled_memory_bytes(compiled)
+    if name == 'dca':
+      q_row, kv_row = dca.row_bytes(c)
+      sent = 2 * dca.exchange_bytes(scheds, q_row, kv_row)['per_device']  # fwd + bwd
+      payload = sent.copy()   # ragged: the chunks sent are exactly the planned rows
+    else:
+      sent = collective_bytes_per_device(attention_program(c, mesh, batch).as_text(), N)
+      payload = sent
+    med, lo, hi, cpu, loss = time_steps(c, compiled, runtime, setup, device_batch, args.repeats)
+    row = {'impl': name, 'mesh': mesh_lib.describe(mesh),
+           'exec_max_over_mean': float(executed.max() / executed.mean()),
+           'exec_mean_entries': float(executed.mean()),
+           'exec_over_dp': float(executed.mean() / dp_exec[0]) if dp_exec else None,
+           'exec_over_dp_row': float(executed.mean() / dp_exec[1]) if dp_exec else None,
+           'model_max_over_mean': float(model.max() / model.mean()),
+           'attn_bytes_per_layer_mean': float(sent.mean()),
+           'attn_bytes_per_layer_max': float(sent.max()),
+           'sent_over_payload': float(sent.sum() / payload.sum()) if payload.sum() else None,
+           'mem_bytes': int(mem), 'step_s_median': med, 'step_s_min': lo, 'step_s_max': hi,
+           'step_cpu_s': cpu, 'loss': loss, 'host_plan_ms': host_ms}
+    if name == 'dca':
+      row.update({'moved_query_blocks': int(sum(s.q_blocks.sum() for s in scheds)),
+                  'moved_kv_blocks': int(sum(s.kv_blocks.sum() for s in scheds)),
+                  'schedule_traced': traced_outline(compiled.traced_text),
+                  'schedule_compiled': compiled_outline(hlo),
+                  'exec_max_over_mean_before': float(
+                      dca.device_work(scheds)[0].max() / dca.device_work(scheds)[0].mean())})
+    rows.append(row)
+    mesh_name = row['mesh'].replace('fsdp=1 x ', '').replace(' x tensor=1', '')
+    ratio = '-' if row['sent_over_payload'] is None else f'{row["sent_over_payload"]:.2f}'
+    rel = '-' if row['exec_over_dp'] is None else f'{row["exec_over_dp"]:.3f}'
+    print(f'{name:<5} {mesh_name:<18} {row["exec_max_over_mean"]:>13.3f} {rel:>8} '
+          f'{row["model_max_over_mean"]:>14.3f} {sent.mean() / MiB:>10.2f} ({sent.max() / MiB:>8.2f}) '
+          f'{ratio:>12} {mem / MiB:>8.1f} {med:>6.2f} ({lo:.2f}-{hi:.2f}) {cpu:>6.2f} '
+          f'{loss:>7.4f}', flush=True)
+    if name == 'dca':
+      print(f'#   dca plan: {row["moved_query_blocks"]} query blocks and {row["moved_kv_blocks"]} '
+            f'key/value blocks moved over 2 nano-batches; executed max/mean without moving '
+            f'{row["exec_max_over_mean_before"]:.3f}; exec/dp_row {row["exec_over_dp_row"]}; '
+            f'host planning {host_ms:.0f} ms per batch')
+      print(f'#   dca layer schedule, traced program (forward stages): {row["schedule_traced"]}')
+      print(f'#   dca layer schedule, compiled XLA:{jax.default_backend()} (exchange and kernel '
+            f'loops): {row["schedule_compiled"]}', flush=True)
     del compiled
 
+  by = {r['impl']: r for r in rows}
   parts = []
-  if 'dp' in results and 'dca' in results:
-    parts.append(f'attention FLOPs max/mean {results["dp"][0]:.3f} (dp packing) -> '
-                 f'{results["dca"][0]:.3f} (dca)')
-  if 'ring' in results:
-    parts.append(f'ring {results["ring"][0]:.3f}')
-  if 'dca' in results and 'ring' in results:
-    parts.append(f'attention bytes/device/layer dca {results["dca"][1] / MiB:.2f} MiB vs ring '
-                 f'{results["ring"][1] / MiB:.2f} MiB')
-  if not parts and 'dca' in results:
-    parts.append(f'dca attention FLOPs max/mean {results["dca"][0]:.3f}')
+  if 'dca' in by:
+    parts.append(f'dca executed max/mean {by["dca"]["exec_max_over_mean"]:.3f}')
+    if by['dca']['exec_over_dp'] is not None:
+      parts.append(f'executed work {by["dca"]["exec_over_dp"]:.3f}x dp')
+  if 'dp' in by:
+    parts.append(f'dp executed max/mean {by["dp"]["exec_max_over_mean"]:.3f}')
+  if 'ring' in by:
+    parts.append(f'ring {by["ring"]["exec_max_over_mean"]:.3f}')
+  if 'dca' in by and 'ring' in by:
+    parts.append(f'attention MiB/device/layer dca {by["dca"]["attn_bytes_per_layer_mean"] / MiB:.2f}'
+                 f' vs ring {by["ring"]["attn_bytes_per_layer_mean"] / MiB:.2f}')
   print('summary: ' + '; '.join(parts))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'bench': 'bench_disaggregation', 'seq_len': L, 'rows_per_device':
+                 args.rows_per_device, 'seed': args.seed, 'backend': jax.default_backend(),
+                 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

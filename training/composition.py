@@ -101,7 +101,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
     return kernel
   block, kernel, tile = _context_kernel(config)
   if context_impl == 'disaggregated':
-    return disaggregation_attend.make_attend(config, mesh, kernel)
+    return disaggregation_attend.make_attend(config, mesh, block)
   ring = context_lib.make_context_attend(config, mesh, block)
   # Causal window layers whose window fits one local chunk take one hop instead of the ring.
   p = config.parallelism
@@ -190,7 +190,23 @@ def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
                  constrain=rules_lib.make_constrain(mesh, config.parallelism.rules),
                  recurrence=make_recurrence(config, mesh),
                  shared_kv=make_shared_kv(config, mesh),
-                 flatten_tokens=not _length_sharded(config, mesh))
+                 flatten_tokens=not _length_sharded(config, mesh),
+                 ping_pong=make_ping_pong(config, mesh))
+
+
+def make_ping_pong(config: ml_collections.ConfigDict, mesh: Mesh):
+  """Disaggregated attention's nano-batch stages for the layer-wide ping-pong
+  (`parallelism.dca_ping_pong='layer'`), else None (ping-pong inside the attention op)."""
+  p = config.parallelism
+  if p.context_impl != 'disaggregated':
+    return None
+  mode = p.get('dca_ping_pong', 'layer')
+  if mode not in ('layer', 'attention'):
+    raise ValueError(f"parallelism.dca_ping_pong={mode!r}; valid: 'layer', 'attention'")
+  if mode == 'attention':
+    return None
+  block, _, _ = _context_kernel(config)
+  return disaggregation_attend.make_stages(config, mesh, block)
 
 
 def _length_sharded(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:

@@ -18,6 +18,16 @@ Per logged window, from the host batches actually run (averaged over the window'
                          layout (zigzag when context parallel), 1/n of each row over the
                          context axis. Disaggregated attention: the planner's per-device pairs
                          after moving work. Hybrid DP reports its own (hdp/*).
+  dca/*                  disaggregated attention, per planned batch: executed_imbalance (max /
+                         mean of the block pairs the kernel computes per device, after moves;
+                         _before: without moves), executed_vs_dp (mean executed work / data
+                         parallelism's with the same per-row kernel), modelled_imbalance (exact
+                         causal query-key pairs, the paper's FLOPs; _before), moved_blocks,
+                         bytes_sent_mean / _max (bytes one device sends per attention layer,
+                         forward: the ragged exchange's planned rows, which are what travels;
+                         the backward sends as much again), executed_block_pairs_max,
+                         q_buffer_use / kv_buffer_use (the fullest send or receive buffer:
+                         rows used / parallelism.dca_q_capacity, dca_kv_capacity rows)
 At logging steps, for CART: cart/state_rms_loop_<r>, the RMS of the state after core
 application r on the logged batch (one extra forward pass per log row).
 """
@@ -115,7 +125,9 @@ class Telemetry:
     seg = np.asarray(host_batch['segment_ids'])
     add = {'data/real_token_fraction': float((seg > 0).mean())}
     add['data/padding_fraction'] = 1.0 - add['data/real_token_fraction']
+    self._dca = {}
     flops = self._device_flops(host_batch)
+    add.update(self._dca)
     if flops is not None:
       add.update({'balance/attn_flops_max': float(flops.max()),
                   'balance/attn_flops_mean': float(flops.mean()),
@@ -126,10 +138,12 @@ class Telemetry:
 
   def _device_flops(self, host_batch):
     if self.disaggregated:
-      # mesh.context is 1 here, so the host batch is the layout the planner sees.
+      # mesh.context is 1 here, so the host batch is the layout the planner sees. The plan is
+      # remade from the ids (deterministic, the same as the step's).
       kwargs = disaggregation.planner_kwargs(self.config)
       _, scheds = disaggregation.plan_batch(host_batch['segment_ids'], host_batch['positions'],
                                             self.batch_devices, **kwargs)
+      self._dca = disaggregation.summary(scheds, *disaggregation.row_bytes(self.config))
       pairs = disaggregation.device_flops(scheds)[1]
       return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim']
     # Each process holds only its own rows, which feed its share of the batch devices: the

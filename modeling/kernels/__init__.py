@@ -35,6 +35,9 @@ class BlockKernel:
   block_q: int = 512
   block_kv: int = 512
   interpret: bool = False  # pallas only: run the kernel in Pallas interpret mode (CPU)
+  # blockwise only: each batch row its own block-skip table (rows run one after another), so
+  # rows of unrelated tasks compute only their own live block pairs.
+  per_row: bool = False
 
   def __post_init__(self):
     if self.impl not in BLOCK_IMPLS:
@@ -47,13 +50,31 @@ class BlockKernel:
         self, block_q=blockwise.fit_block(q_len, self.block_q, 'attention.block_q'),
         block_kv=blockwise.fit_block(kv_len, self.block_kv, 'attention.block_kv'))
 
+  def executed_pairs(self, qseg, kseg, qpos, kpos, *, causal: bool, window: int = 0):
+    """Host-side count of the (query block, key block) pairs `forward` computes on these ids
+    (the kernel's own skip test, evaluated in numpy): an int per row with `per_row`, else the
+    batch-shared table's count times the rows (every row computes a live pair). Only the
+    blockwise kernel skips; the others compute every pair."""
+    import numpy as np
+    B, L = np.shape(qseg)
+    S = np.shape(kseg)[1]
+    tiles = self.fitted(L, S)
+    if self.impl != 'blockwise':
+      return np.full(B, (L // tiles.block_q) * (S // tiles.block_kv), np.int64)
+    live = blockwise.block_table(qseg, kseg, qpos, kpos, causal=causal, window=window,
+                                 block_q=tiles.block_q, block_kv=tiles.block_kv, per_row=True,
+                                 xp=np)
+    if self.per_row:
+      return live.sum(axis=(1, 2)).astype(np.int64)
+    return np.full(B, live.any(axis=0).sum(), np.int64)
+
   def _tiles(self):
     return {'block_q': self.block_q, 'block_kv': self.block_kv}
 
   def forward(self, q, k, v, qseg, kseg, qpos, kpos, *, causal: bool, window: int = 0):
     if self.impl == 'blockwise':
       return blockwise.flash_forward(q, k, v, qseg, kseg, qpos, kpos, causal=causal,
-                                     window=window, **self._tiles())
+                                     window=window, per_row=self.per_row, **self._tiles())
     if self.impl == 'pallas':
       from modeling.kernels import pallas_flash
       return pallas_flash.flash_forward(q, k, v, qseg, kseg, qpos, kpos, causal=causal,
@@ -65,7 +86,8 @@ class BlockKernel:
                window: int = 0):
     if self.impl == 'blockwise':
       return blockwise.flash_backward(q, k, v, qseg, kseg, qpos, kpos, lse, delta, do,
-                                      causal=causal, window=window, **self._tiles())
+                                      causal=causal, window=window, per_row=self.per_row,
+                                      **self._tiles())
     if self.impl == 'pallas':
       from modeling.kernels import pallas_flash
       return pallas_flash.flash_backward(q, k, v, qseg, kseg, qpos, kpos, lse, delta, do,
