@@ -21,6 +21,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--d_model', type=int, default=256)
+  parser.add_argument('--seq_len', type=int, default=1024)
+  parser.add_argument('--micro_batch', type=int, default=8)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax
 import jax.numpy as jnp
 
@@ -59,13 +73,7 @@ def residual_bytes(setup, batch) -> int:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--d_model', type=int, default=256)
-  parser.add_argument('--seq_len', type=int, default=1024)
-  parser.add_argument('--micro_batch', type=int, default=8)
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
-  args = parser.parse_args()
+  args = parse_args()
   if args.smoke:
     args.d_model, args.seq_len, args.micro_batch = 64, 32, 1
   R = 2 if args.smoke else 6

@@ -18,6 +18,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: 2 layers, 64 tokens, one scan variant')
+  parser.add_argument('--max_mib', type=float, default=4096,
+                      help='largest compiled training step to run; above it, time the forward')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,13 +157,7 @@ def cache_rows(contexts):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: 2 layers, 64 tokens, one scan variant')
-  parser.add_argument('--max_mib', type=float, default=4096,
-                      help='largest compiled training step to run; above it, time the forward')
-  args = parser.parse_args()
+  args = parse_args()
   jax.config.update('jax_default_matmul_precision', 'highest')
   seq_lens = (512, 1024) if args.quick else (2048, 8192)
   scans = ('sequential', 'associative', 'chunked:64', 'chunked:256')

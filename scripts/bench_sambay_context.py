@@ -37,6 +37,21 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--seq_len', type=int, default=65536)
+  ap.add_argument('--context', type=int, default=8)
+  ap.add_argument('--smoke', action='store_true',
+                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: '
+                       'a quick check of the bytes rows')
+  ap.add_argument('--json', default='', help='also write the results to this path')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -233,14 +248,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--seq_len', type=int, default=65536)
-  ap.add_argument('--context', type=int, default=8)
-  ap.add_argument('--smoke', action='store_true',
-                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: '
-                       'a quick check of the bytes rows')
-  ap.add_argument('--json', default='', help='also write the results to this path')
-  args = ap.parse_args(argv)
+  args = parse_args(argv)
   jax.config.update('jax_default_matmul_precision', 'highest')
   seq_len, context = (1024, 4) if args.smoke else (args.seq_len, args.context)
   result = run(seq_len, context, args.smoke)

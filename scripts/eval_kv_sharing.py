@@ -17,6 +17,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
+  parser.add_argument('--step', type=int, default=None, help='default: the latest')
+  parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
+  parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax
 import ml_collections
 from flax import nnx
@@ -104,14 +119,7 @@ def smoke_run() -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
-  parser.add_argument('--step', type=int, default=None, help='default: the latest')
-  parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
-  parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   if args.smoke:
     args.checkpoint, args.groups, args.eval_batches = smoke_run(), '1,2', 1
   elif not args.checkpoint:
