@@ -35,17 +35,17 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import jax.numpy as jnp
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from configs import cart_paper
-from modeling import cart
-from parallelism import mesh as mesh_lib
-from training import perf
-from training import step as step_lib
-from training.composition import make_runtime
-from training.program import batch_sharding
-from training.state import setup_model
+from configs import cart_paper  # noqa: E402
+from modeling import cart  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from training import perf  # noqa: E402
+from training import step as step_lib  # noqa: E402
+from training.composition import make_runtime  # noqa: E402
+from training.program import batch_sharding  # noqa: E402
+from training.state import setup_model  # noqa: E402
 
 MiB = 2 ** 20
 

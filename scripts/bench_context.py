@@ -72,20 +72,20 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from configs import base
-from modeling import blockwise
-from modeling.attention import KERNELS, self_attention_kwargs
-from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
-from parallelism.context import balance, layout, make_context_attend
-from training import perf
-from training.composition import make_attend
-from training.program import build_program
+from configs import base  # noqa: E402
+from modeling import blockwise  # noqa: E402
+from modeling.attention import KERNELS, self_attention_kwargs  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism import rules as rules_lib  # noqa: E402
+from parallelism.context import balance, layout, make_context_attend  # noqa: E402
+from training import perf  # noqa: E402
+from training.composition import make_attend  # noqa: E402
+from training.program import build_program  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 # The benchmark's model; --smoke shrinks it (and the lengths) to a seconds-long check.

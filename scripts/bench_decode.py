@@ -41,14 +41,14 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from configs import base
-from modeling import cart_decode, decode, registry, sambay_decode, sampling
-from modeling.kv_routing import CachePlan
+from configs import base  # noqa: E402
+from modeling import cart_decode, decode, registry, sambay_decode, sampling  # noqa: E402
+from modeling.kv_routing import CachePlan  # noqa: E402
 
 
 def family_configs(smoke: bool):

@@ -32,16 +32,16 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
-from configs import base, sambay_d16, sambay_tiny
-from modeling import registry, sambay, sambay_decode, ssm
-from training import loss as loss_lib
-from training import perf
+from configs import base, sambay_d16, sambay_tiny  # noqa: E402
+from modeling import registry, sambay, sambay_decode, ssm  # noqa: E402
+from training import loss as loss_lib  # noqa: E402
+from training import perf  # noqa: E402
 
 REPEATS = 5
 

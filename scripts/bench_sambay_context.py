@@ -52,19 +52,19 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from configs import sambay_tiny
-from modeling import sambay, ssm
-from modeling.attention import self_attention_kwargs
-from parallelism import mesh as mesh_lib
-from parallelism.context import make_context_attend
-from scripts.bench_context import collective_bytes_per_device
-from training import composition, perf
-from training.program import build_program
+from configs import sambay_tiny  # noqa: E402
+from modeling import sambay, ssm  # noqa: E402
+from modeling.attention import self_attention_kwargs  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism.context import make_context_attend  # noqa: E402
+from scripts.bench_context import collective_bytes_per_device  # noqa: E402
+from training import composition, perf  # noqa: E402
+from training.program import build_program  # noqa: E402
 
 MiB = 2 ** 20
 

@@ -47,15 +47,15 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-import numpy as np
-from flax import nnx
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from configs import cart_tiny
-from modeling import cart, registry
-from parallelism import mesh as mesh_lib
-from scripts import study_report
-from training.state import count_params
+from configs import cart_tiny  # noqa: E402
+from modeling import cart, registry  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
+from training.state import count_params  # noqa: E402
 
 
 def study_config(args, loops: int):

@@ -40,14 +40,14 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-from flax import nnx
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from configs import tiny
-from modeling import decode
-from modeling.kv_routing import CachePlan
-from parallelism import mesh as mesh_lib
-from scripts import study_report
+from configs import tiny  # noqa: E402
+from modeling import decode  # noqa: E402
+from modeling.kv_routing import CachePlan  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
 
 GROUPS = (1, 2, 4)   # 100%, 50%, 25% retention on 4 layers
 MARGIN = 0.005       # nats: the routed model's 50%-retention penalty must be this much smaller

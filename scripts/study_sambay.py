@@ -40,14 +40,14 @@ def parse_args(argv=None):
 if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
-import jax
-from flax import nnx
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from configs import sambay_tiny
-from modeling import registry, sambay as sb, sambay_decode, ssm
-from parallelism import mesh as mesh_lib
-from scripts import study_report
-from training.state import count_params
+from configs import sambay_tiny  # noqa: E402
+from modeling import registry, sambay as sb, sambay_decode, ssm  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
+from training.state import count_params  # noqa: E402
 
 TOLERANCE = 0.02       # nats: SambaY may trail YOCO by at most this much for the claim to hold
 LONG_CONTEXT = 65536
