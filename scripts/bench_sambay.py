@@ -23,7 +23,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
   parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: 2 layers, 64 tokens, one scan variant')
+                      help='seconds-long check: d=32, 64 tokens, two scan variants')
   parser.add_argument('--max_mib', type=float, default=4096,
                       help='largest compiled training step to run; above it, time the forward')
   return parser.parse_args(argv)
