@@ -3,7 +3,8 @@ answer --help, and each benchmark, study and eval script finishes its --smoke ru
 
 The scripts run as subprocesses, two at a time in the background from the first test on, so
 the imports (~2 s of JAX per process) and the smoke runs overlap on CI's two cores. --help
-answers before JAX is imported (checked below with -X importtime), so it costs ~0.1 s.
+answers before JAX is imported (checked with -X importtime; HELP_IMPORTS_JAX lists the scripts
+that cannot yet), so it costs ~0.1 s.
 """
 
 import concurrent.futures
