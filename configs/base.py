@@ -173,6 +173,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.hybrid_dp.capacity = 4096        # tokens per device per micro-batch (even)
   p.hybrid_dp.layouts = (1, 2, 4, 8) # group sizes compiled (each divides the pool; 1 required)
   p.hybrid_dp.slack = 0.02           # short docs may go within slack x mean load of the least loaded
+  # Longest document the pipeline feeds whole (tokens); longer ones are cut into pieces of this
+  # length (logged). 0 = capacity x the largest layout, the longest the pool holds. With hybrid
+  # DP, seq_len is only the held-out eval row length (must not exceed this).
+  p.hybrid_dp.max_doc_len = 0
   # disaggregated (parallelism/disaggregation.py): attention tasks move over the batch axes;
   # needs mesh.context=1 and optimizer.grad_accum_steps=1.
   p.dca_tolerance = 0.02             # every device's attention FLOPs within this of the mean

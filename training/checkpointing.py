@@ -35,7 +35,7 @@ from checkpoint import universal
 from checkpoint.convert import resolve_src
 from checkpoint.layout import CheckpointMismatch
 from checkpoint.manager import Checkpointer, CheckpointError
-from training import data as data_lib
+from training import data as data_lib, hybrid_data
 from training.data import position
 
 log = logging.getLogger('loomax')
@@ -218,6 +218,7 @@ def _resume_data(config, data_states, changes, train_iter):
   if not data_states:
     return train_iter, 'not saved: starting the data stream afresh'
   if config.parallelism.hybrid_dp.enabled:
+    data_changed = hybrid_data.stream_changes(config, changes)
     if data_changed:
       raise ValueError(f'{", ".join(data_changed)} changed since the checkpoint: the hybrid '
                        'data parallel document stream can only resume unchanged')

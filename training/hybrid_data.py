@@ -3,8 +3,13 @@
 ByteScale (Ge et al., 2025), section 6 (data-aware scheduling): the planner needs the global
 batch's length metadata, so with `parallelism.hybrid_dp.enabled` the pipeline yields whole
 documents (not packed rows), every process reads the same global stream and computes the same
-plan (`hybrid_dp.plan`), and the step runs it (`hybrid_exec.Executor`).
+plan (`hybrid_dp.plan`), and the step runs it (`hybrid_exec.Executor`). Documents come whole up
+to `parallelism.hybrid_dp.max_doc_len` tokens (default: the longest one the pool holds), so the
+corpus's long tail reaches the planner; only longer ones are cut, into pieces of that length.
+`seq_len` is then only the held-out eval row length.
 """
+
+import logging
 
 import grain
 import ml_collections
@@ -16,6 +21,14 @@ from training import hybrid_exec
 from training.data import packing, sources
 from training.state import ModelSetup
 
+log = logging.getLogger('loomax')
+
+
+def max_doc_len(h: ml_collections.ConfigDict) -> int:
+  """The longest document fed whole: `parallelism.hybrid_dp.max_doc_len`, where 0 means
+  capacity x the largest layout (the longest document the pool holds in one group)."""
+  return int(h.max_doc_len) or int(h.capacity) * max(int(g) for g in h.layouts)
+
 
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   h = config.parallelism.hybrid_dp
@@ -26,10 +39,69 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if config.data.source not in sources.DOCUMENT_SOURCES:
     raise ValueError(f'parallelism.hybrid_dp.enabled needs a document source; data.source='
                      f'{config.data.source!r}, valid: {sources.DOCUMENT_SOURCES}')
-  # Documents are cut into pieces of at most seq_len tokens (as packing does); the longest
-  # piece must fit the largest group.
-  hybrid_dp.degree(config.seq_len, h.capacity, hybrid_dp.check_layouts(
-      h.layouts, mesh.shape['data'] * mesh.shape['context']))
+  layouts = hybrid_dp.check_layouts(h.layouts, mesh.shape['data'] * mesh.shape['context'])
+  if not isinstance(h.max_doc_len, int) or h.max_doc_len < 0 or h.max_doc_len == 1:
+    raise ValueError(f'parallelism.hybrid_dp.max_doc_len={h.max_doc_len!r}: give the longest '
+                     'document in tokens (>= 2: an input and its target), or 0 for '
+                     'capacity x the largest layout')
+  limit = max_doc_len(h)
+  # Documents come whole up to `limit` tokens (longer ones in pieces of `limit`): the longest
+  # must fit the largest group.
+  try:
+    hybrid_dp.degree(limit, h.capacity, layouts)
+  except ValueError as e:
+    raise ValueError(f'parallelism.hybrid_dp.max_doc_len={h.max_doc_len} ({limit} tokens): '
+                     f'{e}') from None
+  # seq_len is no training length here: it is the held-out eval row length (eval/loss runs
+  # packed rows of seq_len on the static mesh). Rows longer than any training document would
+  # score positions training never reaches.
+  if config.seq_len > limit:
+    raise ValueError(f'seq_len={config.seq_len} (with hybrid DP, the eval row length) is longer '
+                     f'than parallelism.hybrid_dp.max_doc_len={h.max_doc_len} ({limit} tokens; '
+                     '0 = parallelism.hybrid_dp.capacity x the largest layout), the longest '
+                     'document training sees: lower seq_len or raise max_doc_len')
+
+
+def stream_changes(config: ml_collections.ConfigDict,
+                   changes: dict[str, tuple]) -> list[str]:
+  """Keys changed since a checkpoint ({key: (saved, now)}) that make its document-stream state
+  describe another stream: the source, order and batch, and the length documents are cut at
+  (a checkpoint from before max_doc_len existed cut them at its seq_len)."""
+  out = [k for k in changes if k in ('batch_size', 'seed') or k.startswith('data.')]
+  h = config.parallelism.hybrid_dp
+  saved = lambda key, now: changes[key][0] if key in changes else now  # noqa: E731
+  key = 'parallelism.hybrid_dp.max_doc_len'
+  then = saved(key, h.max_doc_len)
+  if then is None:
+    then = saved('seq_len', config.seq_len)
+  elif then == 0:
+    then = (saved('parallelism.hybrid_dp.capacity', h.capacity) *
+            max(saved('parallelism.hybrid_dp.layouts', h.layouts)))
+  if then != max_doc_len(h):
+    out.append(f'{key} (documents cut at {then} tokens in the checkpoint, '
+               f'{max_doc_len(h)} now)')
+  return out
+
+
+class _CutLongDocuments(packing.SplitDocument):
+  """Documents whole up to `limit` tokens; longer ones in next-token pieces of at most `limit`
+  (neighbours share their boundary token, so every target is trained exactly once). Says so
+  once, at the first cut."""
+
+  def __init__(self, limit: int):
+    super().__init__(limit - 1)
+    self._limit = limit
+    self._logged = False
+
+  def flat_map(self, element) -> list[dict[str, np.ndarray]]:
+    pieces = super().flat_map(element)
+    if len(pieces) > 1 and not self._logged:
+      self._logged = True
+      n = len(element['tokens'] if isinstance(element, dict) else element)
+      log.info('hybrid DP data: a document of %d tokens is longer than '
+               'parallelism.hybrid_dp.max_doc_len=%d: cut into %d pieces (logged once; every '
+               'longer document is cut so, none dropped)', n, self._limit, len(pieces))
+    return pieces
 
 
 def _piece_tokens(piece: dict[str, np.ndarray]) -> np.ndarray:
@@ -38,13 +110,20 @@ def _piece_tokens(piece: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIterator:
-  """Endless batches of `batch_size` documents (lists of int32 token arrays of at most seq_len
-  tokens), the same global stream on every process; checkpointable like the packed pipeline."""
+  """Endless batches of `batch_size` documents (lists of int32 token arrays): each document
+  whole up to `max_doc_len` tokens, longer ones as consecutive pieces of at most that length;
+  documents of one token (nothing to predict) are skipped, as packing does. The same global
+  stream on every process; checkpointable (get_state / set_state) like the packed pipeline."""
+  limit = max_doc_len(config.parallelism.hybrid_dp)
+  if limit < 2:
+    raise ValueError(f'parallelism.hybrid_dp.max_doc_len={limit}: a document needs >= 2 tokens')
+  log.info('hybrid DP data: whole documents up to %d tokens (parallelism.hybrid_dp.max_doc_len)'
+           '; longer ones cut into pieces of that length', limit)
   docs = grain.MapDataset.source(sources.make_document_source(config, 'train'))
   if config.data.shuffle:
     docs = docs.shuffle(seed=config.seed)
   ds = docs.repeat().to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=32))
-  ds = ds.apply(packing.SplitDocument(config.seq_len - 1)).map(_piece_tokens)
+  ds = ds.apply(_CutLongDocuments(limit)).map(_piece_tokens)
   return iter(ds.batch(config.batch_size, drop_remainder=True, batch_fn=list))
 
 

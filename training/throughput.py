@@ -19,10 +19,10 @@ log = logging.getLogger('loomax')
 
 def real_tokens(local_batch: Any) -> int:
   """Non-padding tokens (segment_ids > 0) in one host batch, or in a list of whole documents
-  (hybrid data parallelism, where every token is real)."""
+  (hybrid data parallelism: int32 token arrays, every token real)."""
   if isinstance(local_batch, dict):
     return int(np.count_nonzero(np.asarray(local_batch['segment_ids'])))
-  return int(sum(np.asarray(doc['inputs']).size for doc in local_batch))
+  return int(sum(np.asarray(doc).size for doc in local_batch))
 
 
 class Throughput:
