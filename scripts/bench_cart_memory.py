@@ -21,17 +21,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
 
-from configs import cart_paper
-from modeling import cart
-from parallelism import mesh as mesh_lib
-from training import perf
-from training import step as step_lib
-from training.composition import make_runtime
-from training.program import batch_sharding
-from training.state import setup_model
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--d_model', type=int, default=256)
+  parser.add_argument('--seq_len', type=int, default=1024)
+  parser.add_argument('--micro_batch', type=int, default=8)
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import cart_paper  # noqa: E402
+from modeling import cart  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from training import perf  # noqa: E402
+from training import step as step_lib  # noqa: E402
+from training.composition import make_runtime  # noqa: E402
+from training.program import batch_sharding  # noqa: E402
+from training.state import setup_model  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -59,13 +73,7 @@ def residual_bytes(setup, batch) -> int:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--d_model', type=int, default=256)
-  parser.add_argument('--seq_len', type=int, default=1024)
-  parser.add_argument('--micro_batch', type=int, default=8)
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: d_model 64, 32 tokens, one sequence')
-  args = parser.parse_args()
+  args = parse_args()
   if args.smoke:
     args.d_model, args.seq_len, args.micro_batch = 64, 32, 1
   R = 2 if args.smoke else 6

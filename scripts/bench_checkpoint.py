@@ -22,6 +22,21 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
 
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument('--layers', type=int, default=14)
+  p.add_argument('--d-model', type=int, default=768)
+  p.add_argument('--mlp-dim', type=int, default=2048)
+  p.add_argument('--vocab', type=int, default=16384)
+  p.add_argument('--dir', default='/tmp/loomax_bench_ckpt')
+  p.add_argument('--smoke', action='store_true', help='seconds-long check: a 2-layer d=32 model')
+  return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -67,14 +82,7 @@ def restore(directory, config, program):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument('--layers', type=int, default=14)
-  p.add_argument('--d-model', type=int, default=768)
-  p.add_argument('--mlp-dim', type=int, default=2048)
-  p.add_argument('--vocab', type=int, default=16384)
-  p.add_argument('--dir', default='/tmp/loomax_bench_ckpt')
-  p.add_argument('--smoke', action='store_true', help='seconds-long check: a 2-layer d=32 model')
-  args = p.parse_args()
+  args = parse_args()
   if args.smoke:
     args.layers, args.d_model, args.mlp_dim, args.vocab = 2, 32, 64, 256
   shutil.rmtree(args.dir, ignore_errors=True)

@@ -46,20 +46,46 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs import base
-from modeling import blockwise
-from modeling.attention import KERNELS, self_attention_kwargs
-from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
-from parallelism.context import balance, layout, make_context_attend
-from training import perf
-from training.composition import make_attend
-from training.program import build_program
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--lengths', default='4096,16384,65536,131072,262144')
+  ap.add_argument('--contexts', default='1,2,4,8')
+  ap.add_argument('--impls', default='allgather,ring,token_ring')
+  ap.add_argument('--time_lengths', default='4096', help='also time these lengths ("" = none)')
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--budget_gib', type=float, default=20.0)
+  ap.add_argument('--run_length', type=int, default=0,
+                  help='also run one train step at this length on ONE device (slow)')
+  ap.add_argument('--search', action='store_true', help='longest length fitting 1 device')
+  ap.add_argument('--ratio_length', type=int, default=4096,
+                  help='attention-alone CPU-time ratio table at this length (0 = skip)')
+  ap.add_argument('--ratio_context', type=int, default=8)
+  ap.add_argument('--tiny', action='store_true',
+                  help='seconds: only the ratio table, at 512 tokens on 4 devices, block 64')
+  ap.add_argument('--json', default='', help='also write the results here')
+  ap.add_argument('--smoke', action='store_true',
+                  help='seconds-long check: a 1-layer d=32 model at 128 tokens, ring on 2 devices')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from configs import base  # noqa: E402
+from modeling import blockwise  # noqa: E402
+from modeling.attention import KERNELS, self_attention_kwargs  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism import rules as rules_lib  # noqa: E402
+from parallelism.context import balance, layout, make_context_attend  # noqa: E402
+from training import perf  # noqa: E402
+from training.composition import make_attend  # noqa: E402
+from training.program import build_program  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 # The benchmark's model; --smoke shrinks it (and the lengths) to a seconds-long check.
@@ -250,25 +276,7 @@ def print_ratios(rows, L, n, repeats):
 # ---------------------------------------------------------------- main
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--lengths', default='4096,16384,65536,131072,262144')
-  ap.add_argument('--contexts', default='1,2,4,8')
-  ap.add_argument('--impls', default='allgather,ring,token_ring')
-  ap.add_argument('--time_lengths', default='4096', help='also time these lengths ("" = none)')
-  ap.add_argument('--repeats', type=int, default=5)
-  ap.add_argument('--budget_gib', type=float, default=20.0)
-  ap.add_argument('--run_length', type=int, default=0,
-                  help='also run one train step at this length on ONE device (slow)')
-  ap.add_argument('--search', action='store_true', help='longest length fitting 1 device')
-  ap.add_argument('--ratio_length', type=int, default=4096,
-                  help='attention-alone CPU-time ratio table at this length (0 = skip)')
-  ap.add_argument('--ratio_context', type=int, default=8)
-  ap.add_argument('--tiny', action='store_true',
-                  help='seconds: only the ratio table, at 512 tokens on 4 devices, block 64')
-  ap.add_argument('--json', default='', help='also write the results here')
-  ap.add_argument('--smoke', action='store_true',
-                  help='seconds-long check: a 1-layer d=32 model at 128 tokens, ring on 2 devices')
-  args = ap.parse_args()
+  args = parse_args()
   if args.tiny:
     args.lengths, args.ratio_length, args.ratio_context, args.repeats = '', 512, 4, 2
   if args.smoke:

@@ -27,14 +27,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from configs import base
-from modeling import cart_decode, decode, registry, sambay_decode, sampling
-from modeling.kv_routing import CachePlan
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--contexts', default='1024,4096,16384,65536')
+  p.add_argument('--steps', type=int, default=16, help='decoding steps per timed run')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--smoke', action='store_true', help='tiny models and contexts, seconds')
+  p.add_argument('--json', default=None, help='also write the rows to this file')
+  return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import base  # noqa: E402
+from modeling import cart_decode, decode, registry, sambay_decode, sampling  # noqa: E402
+from modeling.kv_routing import CachePlan  # noqa: E402
 
 
 def family_configs(smoke: bool):
@@ -119,13 +133,7 @@ def bench_one(model, name: str, context: int, steps: int, repeats: int) -> dict:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--contexts', default='1024,4096,16384,65536')
-  p.add_argument('--steps', type=int, default=16, help='decoding steps per timed run')
-  p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--smoke', action='store_true', help='tiny models and contexts, seconds')
-  p.add_argument('--json', default=None, help='also write the rows to this file')
-  args = p.parse_args(argv)
+  args = parse_args(argv)
   contexts = [64] if args.smoke else [int(s) for s in args.contexts.split(',')]
   steps, repeats = (4, 1) if args.smoke else (args.steps, args.repeats)
   cfgs = family_configs(args.smoke)

@@ -40,6 +40,25 @@ if '--tiny' in sys.argv:  # a context axis to exercise on CPU (affects only the 
                              ' --xla_force_host_platform_device_count=4').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--tiny', action='store_true', help='CPU-sized shapes; runs in seconds')
+  ap.add_argument('--json', default='', help='also write the rows here')
+  ap.add_argument('--steps', type=int, default=5, help='timed repeats per row (median)')
+  ap.add_argument('--model_impl', default='auto', help='attention.impl of the model rows')
+  ap.add_argument('--fallback_impl', default='jax_nn',
+                  help='rerun a failed model row with this attention.impl ("" = no rerun)')
+  ap.add_argument('--budget_s', type=float, default=420.0,
+                  help='skip the rows still to come once this many seconds have passed')
+  ap.add_argument('--attn_impls', default='xla,jax_nn,blockwise,pallas')
+  ap.add_argument('--skip', default='', help='comma list of rows to skip: model,attn,ring,async')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -236,18 +255,7 @@ def bench_async(table: Table, s: dict, n: int, tiny: bool = False):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--tiny', action='store_true', help='CPU-sized shapes; runs in seconds')
-  ap.add_argument('--json', default='', help='also write the rows here')
-  ap.add_argument('--steps', type=int, default=5, help='timed repeats per row (median)')
-  ap.add_argument('--model_impl', default='auto', help='attention.impl of the model rows')
-  ap.add_argument('--fallback_impl', default='jax_nn',
-                  help='rerun a failed model row with this attention.impl ("" = no rerun)')
-  ap.add_argument('--budget_s', type=float, default=420.0,
-                  help='skip the rows still to come once this many seconds have passed')
-  ap.add_argument('--attn_impls', default='xla,jax_nn,blockwise,pallas')
-  ap.add_argument('--skip', default='', help='comma list of rows to skip: model,attn,ring,async')
-  args = ap.parse_args()
+  args = parse_args()
   s = TINY if args.tiny else FULL
   skip = set(args.skip.split(',')) - {''}
   if args.tiny:

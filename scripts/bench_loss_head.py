@@ -19,12 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from training import loss as loss_lib  # noqa: E402
+# JAX, NumPy and training/ are imported inside the functions, after absl has parsed the flags,
+# so --help answers without JAX's ~2 s import.
 
 flags.DEFINE_string('vocab', '256,32768', 'Comma-separated vocabulary sizes.')
 flags.DEFINE_integer('tokens', 1024, 'Tokens (batch x length) per call, as [4, tokens/4].')
@@ -51,6 +49,9 @@ class _Head:
 def cpu_medians(calls, repeats):
   """Median process CPU seconds of each (fn, args) in `calls`, repeats interleaved so a change
   in the machine's load hits every variant alike."""
+  import jax
+  import numpy as np
+
   for fn, args in calls:
     jax.block_until_ready(fn(*args))
   times = [[] for _ in calls]
@@ -63,6 +64,11 @@ def cpu_medians(calls, repeats):
 
 
 def measure(vocab: int, tokens: int, d: int, chunk: int, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from training import loss as loss_lib
+
   k = jax.random.split(jax.random.PRNGKey(0), 4)
   B = 4
   h = jax.random.normal(k[0], (B, tokens // B, d), jnp.float32)
@@ -83,6 +89,8 @@ def measure(vocab: int, tokens: int, d: int, chunk: int, repeats: int) -> dict:
 
 
 def main(_):
+  import jax
+
   F = flags.FLAGS
   vocabs = [256, 1024] if F.smoke else [int(v) for v in F.vocab.split(',')]
   tokens = 128 if F.smoke else F.tokens

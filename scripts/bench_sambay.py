@@ -18,16 +18,30 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
-from configs import base, sambay_d16, sambay_tiny
-from modeling import registry, sambay, sambay_decode, ssm
-from training import loss as loss_lib
-from training import perf
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: d=32, 64 tokens, two scan variants')
+  parser.add_argument('--max_mib', type=float, default=4096,
+                      help='largest compiled training step to run; above it, time the forward')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from configs import base, sambay_d16, sambay_tiny  # noqa: E402
+from modeling import registry, sambay, sambay_decode, ssm  # noqa: E402
+from training import loss as loss_lib  # noqa: E402
+from training import perf  # noqa: E402
 
 REPEATS = 5
 
@@ -143,13 +157,7 @@ def cache_rows(contexts):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--quick', action='store_true', help='short sequences (512, 1024)')
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: 2 layers, 64 tokens, one scan variant')
-  parser.add_argument('--max_mib', type=float, default=4096,
-                      help='largest compiled training step to run; above it, time the forward')
-  args = parser.parse_args()
+  args = parse_args()
   jax.config.update('jax_default_matmul_precision', 'highest')
   seq_lens = (512, 1024) if args.quick else (2048, 8192)
   scans = ('sequential', 'associative', 'chunked:64', 'chunked:256')

@@ -37,19 +37,34 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs import sambay_tiny
-from modeling import sambay, ssm
-from modeling.attention import self_attention_kwargs
-from parallelism import mesh as mesh_lib
-from parallelism.context import make_context_attend
-from scripts.bench_context import collective_bytes_per_device
-from training import composition, perf
-from training.program import build_program
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--seq_len', type=int, default=65536)
+  ap.add_argument('--context', type=int, default=8)
+  ap.add_argument('--smoke', action='store_true',
+                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: '
+                       'a quick check of the bytes rows')
+  ap.add_argument('--json', default='', help='also write the results to this path')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from configs import sambay_tiny  # noqa: E402
+from modeling import sambay, ssm  # noqa: E402
+from modeling.attention import self_attention_kwargs  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism.context import make_context_attend  # noqa: E402
+from scripts.bench_context import collective_bytes_per_device  # noqa: E402
+from training import composition, perf  # noqa: E402
+from training.program import build_program  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -233,14 +248,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--seq_len', type=int, default=65536)
-  ap.add_argument('--context', type=int, default=8)
-  ap.add_argument('--smoke', action='store_true',
-                  help='1,024 tokens, context 4, 4 layers, no train-step compilations: '
-                       'a quick check of the bytes rows')
-  ap.add_argument('--json', default='', help='also write the results to this path')
-  args = ap.parse_args(argv)
+  args = parse_args(argv)
   jax.config.update('jax_default_matmul_precision', 'highest')
   seq_len, context = (1024, 4) if args.smoke else (args.seq_len, args.context)
   result = run(seq_len, context, args.smoke)

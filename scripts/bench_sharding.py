@@ -15,14 +15,12 @@ if 'jax' not in sys.modules:
                              ' --xla_force_host_platform_device_count=8')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from parallelism import mesh as mesh_lib  # noqa: E402
-from training import data as data_lib, perf  # noqa: E402
-from training.program import build_program  # noqa: E402
+# JAX and training/ are imported inside the functions, after absl has parsed the flags, so
+# --help answers without JAX's ~2 s import.
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config.')
 flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
@@ -45,11 +43,19 @@ def shrink_for_smoke(c):
 
 
 def state_bytes_per_device(state) -> int:
+  import jax
+
   return sum(x.addressable_shards[0].data.nbytes
              for x in jax.tree.leaves((state.params, state.opt_state)))
 
 
 def main(_):
+  import jax
+
+  from parallelism import mesh as mesh_lib
+  from training import data as data_lib, perf
+  from training.program import build_program
+
   absl_logging.set_verbosity(absl_logging.WARNING)
   c = flags.FLAGS.config
   meshes = MESHES

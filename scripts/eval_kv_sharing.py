@@ -17,18 +17,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import ml_collections
-from flax import nnx
 
-from checkpoint import universal
-from checkpoint.manager import Checkpointer
-from modeling import decode
-from modeling.kv_routing import CachePlan
-from parallelism import mesh as mesh_lib
-from training import data as data_lib
-from training import loss as loss_lib
-from training.program import build_program
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
+  parser.add_argument('--step', type=int, default=None, help='default: the latest')
+  parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
+  parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
+  args = parser.parse_args(argv)
+  if not args.smoke and not args.checkpoint:
+    parser.error('--checkpoint is required (or --smoke)')
+  return args
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from checkpoint import universal  # noqa: E402
+from checkpoint.manager import Checkpointer  # noqa: E402
+from modeling import decode  # noqa: E402
+from modeling.kv_routing import CachePlan  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from training import data as data_lib  # noqa: E402
+from training import loss as loss_lib  # noqa: E402
+from training.program import build_program  # noqa: E402
 
 
 def load_run(checkpoint: str, step: int | None = None):
@@ -104,18 +122,9 @@ def smoke_run() -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', help='run workdir or its checkpoints/')
-  parser.add_argument('--step', type=int, default=None, help='default: the latest')
-  parser.add_argument('--groups', default='1,2,3,4', help='cache every g-th layer, for each g')
-  parser.add_argument('--eval_batches', type=int, default=None, help='default: the run config')
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds-long check: evaluate a 2-step tiny run trained in a temp dir')
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   if args.smoke:
     args.checkpoint, args.groups, args.eval_batches = smoke_run(), '1,2', 1
-  elif not args.checkpoint:
-    parser.error('--checkpoint is required (or --smoke)')
   config, program, params, step = load_run(args.checkpoint, args.step)
   groups = [int(g) for g in args.groups.split(',')]
   rows = evaluate_plans(config, program, params, groups,

@@ -24,20 +24,38 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import numpy as np
-from flax import nnx
-
-from configs import cart_tiny
-from modeling import cart, registry
-from parallelism import mesh as mesh_lib
-from scripts import study_report
-from training.state import count_params
-
 TRAIN_LOOPS = (2, 4, 6)
 EVAL_LOOPS = (1, 2, 4, 6, 8, 12, 16)
 DENSE_TOLERANCE = 0.0   # nats: CART "loses" when its best loss is not below dense - this
 R_PENALTY = 0.005       # nats: R' = 1 and the largest R' must cost at least this much
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--steps', type=int, default=200)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--seq_len', type=int, default=128)
+  parser.add_argument('--eval_batches', type=int, default=8)
+  parser.add_argument('--train_loops', default=','.join(map(str, TRAIN_LOOPS)))
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: tiny shapes, no training steps (init, eval, report)')
+  parser.add_argument('--out', default=None,
+                      help='report folder (default docs/results; smoke: a temp folder)')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import cart_tiny  # noqa: E402
+from modeling import cart, registry  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
+from training.state import count_params  # noqa: E402
 
 
 def study_config(args, loops: int):
@@ -69,17 +87,7 @@ def dense_config(args, stored: int):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--seq_len', type=int, default=128)
-  parser.add_argument('--eval_batches', type=int, default=8)
-  parser.add_argument('--train_loops', default=','.join(map(str, TRAIN_LOOPS)))
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds: tiny shapes, no training steps (init, eval, report)')
-  parser.add_argument('--out', default=None,
-                      help='report folder (default docs/results; smoke: a temp folder)')
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   train_loops = tuple(int(r) for r in args.train_loops.split(','))
   eval_loops = EVAL_LOOPS
   if args.smoke:

@@ -21,14 +21,33 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-from flax import nnx
 
-from configs import tiny
-from modeling import decode
-from modeling.kv_routing import CachePlan
-from parallelism import mesh as mesh_lib
-from scripts import study_report
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--seq_len', type=int, default=128)
+  parser.add_argument('--d_model', type=int, default=128, help='head_dim and mlp_dim follow')
+  parser.add_argument('--eval_batches', type=int, default=16)
+  parser.add_argument('--p', type=float, default=0.6, help='keep-own probability of the routed run')
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds: tiny shapes, no training steps (init, eval, report)')
+  parser.add_argument('--out', default=None,
+                      help='report folder (default docs/results; smoke: a temp folder)')
+  return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from modeling import decode  # noqa: E402
+from modeling.kv_routing import CachePlan  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
 
 GROUPS = (1, 2, 4)   # 100%, 50%, 25% retention on 4 layers
 MARGIN = 0.005       # nats: the routed model's 50%-retention penalty must be this much smaller
@@ -49,18 +68,7 @@ def study_config(args, p: float):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--steps', type=int, default=300)
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--seq_len', type=int, default=128)
-  parser.add_argument('--d_model', type=int, default=128, help='head_dim and mlp_dim follow')
-  parser.add_argument('--eval_batches', type=int, default=16)
-  parser.add_argument('--p', type=float, default=0.6, help='keep-own probability of the routed run')
-  parser.add_argument('--smoke', action='store_true',
-                      help='seconds: tiny shapes, no training steps (init, eval, report)')
-  parser.add_argument('--out', default=None,
-                      help='report folder (default docs/results; smoke: a temp folder)')
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   if args.smoke:
     args.steps, args.batch_size, args.seq_len, args.d_model, args.eval_batches = 0, 2, 32, 32, 1
   out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)

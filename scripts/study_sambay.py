@@ -23,14 +23,31 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-from flax import nnx
 
-from configs import sambay_tiny
-from modeling import registry, sambay as sb, sambay_decode, ssm
-from parallelism import mesh as mesh_lib
-from scripts import study_report
-from training.state import count_params
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--steps', type=int, default=150)
+  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--seq_len', type=int, default=128)
+  p.add_argument('--eval_batches', type=int, default=8)
+  p.add_argument('--smoke', action='store_true',
+                 help='seconds: tiny shapes, no training steps (init, eval, report)')
+  p.add_argument('--out', default=None,
+                 help='report folder (default docs/results; smoke: a temp folder)')
+  return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import sambay_tiny  # noqa: E402
+from modeling import registry, sambay as sb, sambay_decode, ssm  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from scripts import study_report  # noqa: E402
+from training.state import count_params  # noqa: E402
 
 TOLERANCE = 0.02       # nats: SambaY may trail YOCO by at most this much for the claim to hold
 LONG_CONTEXT = 65536
@@ -94,16 +111,7 @@ def cache_bytes(c, context: int) -> int:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--steps', type=int, default=150)
-  p.add_argument('--batch_size', type=int, default=8)
-  p.add_argument('--seq_len', type=int, default=128)
-  p.add_argument('--eval_batches', type=int, default=8)
-  p.add_argument('--smoke', action='store_true',
-                 help='seconds: tiny shapes, no training steps (init, eval, report)')
-  p.add_argument('--out', default=None,
-                 help='report folder (default docs/results; smoke: a temp folder)')
-  args = p.parse_args(argv)
+  args = parse_args(argv)
   if args.smoke:
     args.steps, args.batch_size, args.seq_len, args.eval_batches = 0, 2, 32, 1
   out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)
