@@ -40,23 +40,40 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs import base
-from modeling import blockwise
-from modeling.attention import self_attention_kwargs
-from parallelism import disaggregation as dca
-from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
-from parallelism.context import layout
-from training.perf import collective_bytes_per_device
-from training import perf
-from training import step as step_lib
-from training.composition import make_attend, make_runtime
-from training.state import init_train_state, setup_model
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--seq_len', type=int, default=1024)
+  ap.add_argument('--rows_per_device', type=int, default=2)
+  ap.add_argument('--tolerance', type=float, default=0.02)
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--impls', default='dp,ring,dca')
+  ap.add_argument('--json', help='write the rows (and the batch description) to this path')
+  ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dca only')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from configs import base  # noqa: E402
+from modeling import blockwise  # noqa: E402
+from modeling.attention import self_attention_kwargs  # noqa: E402
+from parallelism import disaggregation as dca  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism import rules as rules_lib  # noqa: E402
+from parallelism.context import layout  # noqa: E402
+from training.perf import collective_bytes_per_device  # noqa: E402
+from training import perf  # noqa: E402
+from training import step as step_lib  # noqa: E402
+from training.composition import make_attend, make_runtime  # noqa: E402
+from training.state import init_train_state, setup_model  # noqa: E402
 
 MiB = 2 ** 20
 N = 8
@@ -246,16 +263,7 @@ def time_steps(c, compiled, runtime, setup, device_batch, repeats):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--seq_len', type=int, default=1024)
-  ap.add_argument('--rows_per_device', type=int, default=2)
-  ap.add_argument('--tolerance', type=float, default=0.02)
-  ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--impls', default='dp,ring,dca')
-  ap.add_argument('--json', help='write the rows (and the batch description) to this path')
-  ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dca only')
-  args = ap.parse_args()
+  args = parse_args()
   if args.smoke:
     args.seq_len, args.rows_per_device, args.repeats, args.impls = 128, 2, 1, 'dca'
   B, L = N * args.rows_per_device, args.seq_len

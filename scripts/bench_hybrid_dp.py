@@ -50,22 +50,43 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs import base
-from parallelism import hybrid_dp
-from training import hybrid_exec
-from parallelism import mesh as mesh_lib
-from parallelism import rules as rules_lib
-from parallelism.context import layout
-from training.perf import collective_bytes_per_device
-from training import step as step_lib
-from training.composition import make_runtime
-from training.data import sources
-from training.state import init_train_state, setup_model
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--capacity', type=int, default=256, help='C: tokens per device')
+  ap.add_argument('--docs', type=int, default=128)
+  ap.add_argument('--dist', default='pareto', help='pareto | lognormal')
+  ap.add_argument('--scale', type=float, default=32.0, help='pareto: minimum; lognormal: median')
+  ap.add_argument('--shape', type=float, default=1.2, help='pareto: alpha; lognormal: sigma')
+  ap.add_argument('--lengths_from', default='',
+                  help='a prepare_data.py output directory: sample --docs real document lengths '
+                       'from its lengths.npy (with --seed) instead of --dist')
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--json', default='', help='write the rows (and the batch) to this path')
+  ap.add_argument('--smoke', action='store_true', help='seconds-long check: C=64, 12 documents')
+  return ap.parse_args(argv)
+
+
+if __name__ == '__main__':
+  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from configs import base  # noqa: E402
+from parallelism import hybrid_dp  # noqa: E402
+from training import hybrid_exec  # noqa: E402
+from parallelism import mesh as mesh_lib  # noqa: E402
+from parallelism import rules as rules_lib  # noqa: E402
+from parallelism.context import layout  # noqa: E402
+from training.perf import collective_bytes_per_device  # noqa: E402
+from training import step as step_lib  # noqa: E402
+from training.composition import make_runtime  # noqa: E402
+from training.data import sources  # noqa: E402
+from training.state import init_train_state, setup_model  # noqa: E402
 
 MiB = 2 ** 20
 N = 8
@@ -226,20 +247,7 @@ def run_static(c, docs, cost, state0, repeats, data: int, context: int, row: int
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--capacity', type=int, default=256, help='C: tokens per device')
-  ap.add_argument('--docs', type=int, default=128)
-  ap.add_argument('--dist', default='pareto', help='pareto | lognormal')
-  ap.add_argument('--scale', type=float, default=32.0, help='pareto: minimum; lognormal: median')
-  ap.add_argument('--shape', type=float, default=1.2, help='pareto: alpha; lognormal: sigma')
-  ap.add_argument('--lengths_from', default='',
-                  help='a prepare_data.py output directory: sample --docs real document lengths '
-                       'from its lengths.npy (with --seed) instead of --dist')
-  ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--json', default='', help='write the rows (and the batch) to this path')
-  ap.add_argument('--smoke', action='store_true', help='seconds-long check: C=64, 12 documents')
-  args = ap.parse_args()
+  args = parse_args()
   if args.smoke:
     args.capacity, args.docs, args.scale, args.repeats = 64, 12, 16.0, 1
   C = args.capacity

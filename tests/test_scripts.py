@@ -43,9 +43,6 @@ HELP_IMPORTS_JAX = {
     # --source choices come from training.data.sources; training/data/__init__ imports JAX
     'scripts/prepare_data.py': 'training.data',
     'scripts/train_tokenizer.py': 'training.data',
-    # heavy imports above the parser
-    'scripts/bench_disaggregation.py': 'jax',
-    'scripts/bench_hybrid_dp.py': 'jax',
 }
 # A smoke run checks that a script runs end to end, not how fast its compiled code is; at smoke
 # sizes XLA:CPU's compile is most of the run, and most of that is LLVM optimisation and the
