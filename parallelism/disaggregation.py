@@ -65,12 +65,6 @@ def causal_pairs(segment_ids, positions) -> np.ndarray:
   return np.where(np.asarray(segment_ids) > 0, np.asarray(positions) + 1, 0).astype(np.int64)
 
 
-def doc_flops(length) -> np.ndarray:
-  """Query-key pairs of causal attention over one document: L(L+1)/2."""
-  length = np.asarray(length, np.int64)
-  return length * (length + 1) // 2
-
-
 @dataclasses.dataclass
 class Schedule:
   """One nano-batch's plan, per device [n] unless noted."""

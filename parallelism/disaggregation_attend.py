@@ -112,7 +112,7 @@ class Local:
     return o_all[plan['ret']].reshape(R, L, H, D)
 
 
-class _Setup:
+class Setup:
   """Mesh specs and checks shared by the attend fn and the ping-pong stages."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel):
@@ -172,7 +172,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKerne
   """`parallelism.context_impl='disaggregated'`: attention tasks move over the batch axes.
   Inside the attention op the nano-batches still ping-pong: every dispatch, then every
   compute, then every return (`Runtime.ping_pong` extends this to the whole layer)."""
-  setup = _Setup(config, mesh, block)
+  setup = Setup(config, mesh, block)
   local = setup.local
 
   def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
@@ -207,14 +207,11 @@ class Stages:
   """The three steps of one nano-batch as sharded functions on global arrays, for the layer-
   wide ping-pong (`transformer.Block` when `Runtime.ping_pong` is set). Nano-batch a is local
   rows [a R/A, (a+1) R/A) of every device (`split` / `merge`)."""
-  setup: Any
+  setup: Setup
 
   @property
   def nano_batches(self) -> int:
-    return self.setup_plan()['ret'].shape[1]
-
-  def setup_plan(self):
-    return self.setup.plan()
+    return self.setup.plan()['ret'].shape[1]
 
   def split(self, x, a: int, A: int):
     """Nano-batch a of a global [B, ...] array whose rows are split over the batch devices."""
@@ -228,7 +225,7 @@ class Stages:
     return y.reshape(-1, *parts[0].shape[1:])
 
   def _plan(self, a: int):
-    return {k: v[:, a] for k, v in self.setup_plan().items()}
+    return {k: v[:, a] for k, v in self.setup.plan().items()}
 
   def dispatch(self, q, k, v, a: int):
     s = self.setup
@@ -265,4 +262,4 @@ class Stages:
 
 
 def make_stages(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> Stages:
-  return Stages(_Setup(config, mesh, block))
+  return Stages(Setup(config, mesh, block))
