@@ -1,10 +1,14 @@
 """Core-attention disaggregation vs data parallelism with packing vs ring context parallelism.
 
     python scripts/bench_disaggregation.py --seq_len=2048         # the issue's long-tail mix
+    python scripts/bench_disaggregation.py --seq_len=2048 --dist=pareto   # or lognormal,
+    python scripts/bench_disaggregation.py --lengths_from=DIR      # or real ArrayRecord lengths
     python scripts/bench_disaggregation.py --seq_len=512 --json rows.json
 
-One long-tail packed batch (a few documents of half to a whole row, many short ones, padding
-at row ends; first-fit packing order) on 8 fake CPU devices, float32, model: 2 layers,
+One packed batch of long-tail document lengths (--dist: the default mix of a few documents of
+half to a whole row and many short ones, Pareto, lognormal, or real lengths drawn from an
+ArrayRecord index), first-fit packed in drawing order, padding at row ends, on 8 fake CPU
+devices, float32, model: 2 layers,
 d=128, 4 heads (2 kv), head dim 32, SwiGLU 256, vocab 256, blockwise attention (block 128).
 Rows: dp = data parallelism, 8 devices, packed rows as they come; ring = ring attention over
 context=8 (zigzag) on the same rows; dca = disaggregated, data=8, planned per batch
@@ -49,6 +53,14 @@ def parse_args(argv=None):
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--impls', default='dp,ring,dca')
+  ap.add_argument('--dist', default='mix', help='document lengths: mix | pareto | lognormal')
+  ap.add_argument('--scale', type=float, default=0.0,
+                  help='pareto: minimum (default 32); lognormal: median (default 96)')
+  ap.add_argument('--shape', type=float, default=0.0,
+                  help='pareto: alpha (default 1.2); lognormal: sigma (default 1.3)')
+  ap.add_argument('--lengths_from', default='',
+                  help='a prepared ArrayRecord directory: draw real document lengths from its '
+                       'index (training.data.sources.load_document_lengths)')
   ap.add_argument('--json', help='write the rows (and the batch description) to this path')
   ap.add_argument('--smoke', action='store_true', help='seconds-long check: seq 128, dca only')
   return ap.parse_args(argv)
@@ -73,6 +85,7 @@ from training.perf import collective_bytes_per_device  # noqa: E402
 from training import perf  # noqa: E402
 from training import step as step_lib  # noqa: E402
 from training.composition import make_attend, make_runtime  # noqa: E402
+from training.data import sources  # noqa: E402
 from training.state import init_train_state, setup_model  # noqa: E402
 
 MiB = 2 ** 20
@@ -97,18 +110,38 @@ def bench_config(name: str, seq_len: int, batch: int, tolerance: float):
   return c
 
 
-def long_tail_batch(B: int, L: int, seed: int, vocab: int):
-  """First-fit packed rows: 10% of documents L/2..L tokens, the rest 8..L/8 (long tail)."""
+def length_sampler(dist: str, L: int, scale: float, shape: float, lengths=None):
+  """Document lengths (r -> int, 2..L): 'mix' = 10% L/2..L tokens, the rest 8..L/8;
+  'pareto' = ceil(scale x (1 + Lomax(shape))); 'lognormal' = median scale, sigma shape;
+  'lengths' = drawn from the given real document lengths; all capped at L."""
+  def cap(n):
+    return int(min(max(n, 2), L))
+  if dist == 'mix':
+    return lambda r: r.randint(L // 2, L + 1) if r.rand() < 0.1 else r.randint(8, L // 8 + 1)
+  if dist == 'pareto':
+    return lambda r: cap(np.ceil(scale * (1 + r.pareto(shape))))
+  if dist == 'lognormal':
+    return lambda r: cap(np.ceil(r.lognormal(np.log(scale), shape)))
+  if dist == 'lengths':
+    return lambda r: cap(lengths[r.randint(len(lengths))])
+  raise ValueError(f'--dist={dist!r}; valid: mix, pareto, lognormal (or --lengths_from)')
+
+
+def long_tail_batch(B: int, L: int, seed: int, vocab: int, sample=None):
+  """First-fit packed rows of documents drawn from `sample` (default: the 'mix' long tail),
+  in drawing order, until 200 draws in a row fit nowhere."""
   r = np.random.RandomState(seed)
+  sample = sample or length_sampler('mix', L, 0, 0)
   rows = [[] for _ in range(B)]
   free = np.full(B, L)
-  while True:
-    n = r.randint(L // 2, L + 1) if r.rand() < 0.1 else r.randint(8, L // 8 + 1)
+  misses = 0
+  while misses < 200:
+    n = sample(r)
     fits = np.nonzero(free >= n)[0]
     if not len(fits):
-      if free.max() < 8:
-        break
+      misses += 1
       continue
+    misses = 0
     b = fits[0]
     rows[b].append(n)
     free[b] -= n
@@ -267,12 +300,23 @@ def main():
   if args.smoke:
     args.seq_len, args.rows_per_device, args.repeats, args.impls = 128, 2, 1, 'dca'
   B, L = N * args.rows_per_device, args.seq_len
-  raw = long_tail_batch(B, L, args.seed, 256)
+  dist = 'lengths' if args.lengths_from else args.dist
+  scale = args.scale or {'pareto': 32.0, 'lognormal': 96.0}.get(dist, 0.0)
+  shape = args.shape or {'pareto': 1.2, 'lognormal': 1.3}.get(dist, 0.0)
+  lengths = sources.load_document_lengths(args.lengths_from) if args.lengths_from else None
+  raw = long_tail_batch(B, L, args.seed, 256,
+                        length_sampler(dist, L, scale, shape, lengths))
+  docs = np.array([(row[row > 0].max() if (row > 0).any() else 0) for row in raw['segment_ids']])
+  described = {'mix': 'long-tail mix (10% L/2..L, the rest 8..L/8)',
+               'pareto': f'Pareto lengths {scale:g} x (1 + Lomax({shape:g}))',
+               'lognormal': f'lognormal lengths (median {scale:g}, sigma {shape:g})',
+               'lengths': f'real lengths from {args.lengths_from}'}[dist]
   block = 128
 
   print(f'# bench_disaggregation | backend {jax.default_backend()} | {jax.device_count()} x '
         f'{jax.devices()[0].device_kind} | jax {jax.__version__} | float32')
-  print(f'# batch: {B} packed rows x {L} tokens, long-tail mix (seed {args.seed}); model 2 layers, '
+  print(f'# batch: {B} packed rows x {L} tokens, {described}, capped at {L}, {docs.sum()} '
+        f'documents (seed {args.seed}); model 2 layers, '
         f'd=128, 4 heads (2 kv), head dim 32, mlp 256, vocab 256, blockwise block {block}; dca '
         f'tolerance {args.tolerance}, 2 nano-batches, layer ping-pong')
   header = (f'{"impl":<5} {"mesh":<18} {"exec max/mean":>13} {"exec/dp":>8} '
@@ -360,7 +404,8 @@ def main():
   print('summary: ' + '; '.join(parts))
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'bench': 'bench_disaggregation', 'seq_len': L, 'rows_per_device':
+      json.dump({'bench': 'bench_disaggregation', 'seq_len': L, 'dist': described,
+                 'rows_per_device':
                  args.rows_per_device, 'seed': args.seed, 'backend': jax.default_backend(),
                  'rows': rows}, f, indent=1)
 
