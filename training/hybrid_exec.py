@@ -230,7 +230,9 @@ class Executor:
     # gathers the parameters once for all its micro-batches, and the update reduces the
     # per-device gradients once, straight into the sharded layout.
     self._gather = jax.jit(lambda p: p, out_shardings=self.replicated)
-    self._update = jax.jit(self._apply, donate_argnums=(0, 3),
+    # Only the state is donated: no output has the per-device gradients' shape, so donating
+    # them only printed XLA's "unusable donated buffers" warning every step.
+    self._update = jax.jit(self._apply, donate_argnums=(0,),
                            out_shardings=(setup.shardings, self.replicated))
     self._zeros = jax.jit(
         lambda params: jax.tree.map(lambda p: jnp.zeros((self.pool, *p.shape), p.dtype), params),
