@@ -138,6 +138,8 @@ class Setup:
     if exchange not in ragged.IMPLS:
       raise ValueError(f'parallelism.dca_exchange={exchange!r}; valid: auto, '
                        f'{", ".join(ragged.IMPLS)}')
+    if exchange == 'ragged':
+      ragged.verify(mesh, self.q_spec[0], exchange)   # never run on CPU: check it here first
     names = _axis_names(self.q_spec[0])
     self.n = rules_lib.mesh_axes_size(mesh, self.q_spec[0])
     axis = names[0] if len(names) == 1 else names

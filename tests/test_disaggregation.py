@@ -320,3 +320,19 @@ def test_telemetry_reports_executed_and_modelled_figures():
       dca.exchange_bytes(scheds, q_row, kv_row)['mean'])
   assert row['dca/bytes_sent_mean'] > 0 and 'dca/modelled_imbalance' in row
   assert 0 < row['dca/q_buffer_use'] <= 1 and 0 < row['dca/kv_buffer_use'] <= 1
+
+
+def test_exchange_self_check_catches_a_wrong_implementation(monkeypatch):
+  """`ragged.verify` (run before training with `ragged`, which XLA:CPU cannot execute): it
+  passes for the reference and refuses an exchange that drops a chunk."""
+  from parallelism import ragged
+  mesh = jax.make_mesh((RUN,), ('data',), devices=jax.devices()[:RUN])
+  ragged.verify(mesh, 'data', 'permute')
+
+  def wrong(x, route, axis, n, out_rows, chunk):
+    y = ragged._permute(x, route, axis, n, out_rows, chunk)
+    return y.at[:chunk].set(0)
+
+  monkeypatch.setitem(ragged.__dict__, '_ragged', wrong)
+  with pytest.raises(ValueError, match="parallelism.dca_exchange='permute'"):
+    ragged.verify(mesh, 'data', 'ragged')
