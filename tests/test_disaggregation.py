@@ -242,7 +242,7 @@ def test_non_blockwise_kernel_is_a_clear_error():
 VOCAB = 64
 
 
-def _train_config(impl: str, **mesh):
+def _train_config(impl: str, family: str = 'transformer', **mesh):
   c = base.get_config()
   c.steps, c.seq_len, c.batch_size = 3, L, B
   m = c.model
@@ -255,6 +255,12 @@ def _train_config(impl: str, **mesh):
   c.parallelism.context_impl = impl
   c.attention.impl = 'blockwise'
   c.attention.block_q = c.attention.block_kv = 8
+  m.name = 'cart' if family == 'cart' else 'transformer'
+  if family == 'cart':    # prelude and coda are transformer Blocks (layer ping-pong), the
+    m.cart.prelude_layers, m.cart.coda_layers, m.cart.loops = 1, 1, 2   # core is not
+    m.scan_layers = False
+  if family == 'kv_routing':  # routed layers read other layers' K/V: ping-pong in attention
+    m.kv_routing.p = 0.5
   return c
 
 
@@ -272,7 +278,7 @@ def _batches():
   return out
 
 
-def _train(c, devices, state=None):
+def _train(c, devices, state=None, steps=3):
   mesh = mesh_lib.make_mesh(c.mesh, devices)
   runtime = make_runtime(c, mesh)
   setup = setup_model(c, mesh, runtime)
@@ -285,7 +291,7 @@ def _train(c, devices, state=None):
                  out_shardings=(setup.shardings, NamedSharding(mesh, P())))
   host = dca.with_plan(c, mesh, lambda b: b)
   losses = []
-  for b in _batches():
+  for b in _batches()[:steps]:
     batch = {k: jax.device_put(v, b_sharding) for k, v in host(b).items()}
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
@@ -336,3 +342,16 @@ def test_exchange_self_check_catches_a_wrong_implementation(monkeypatch):
   monkeypatch.setitem(ragged.__dict__, '_ragged', wrong)
   with pytest.raises(ValueError, match="parallelism.dca_exchange='permute'"):
     ragged.verify(mesh, 'data', 'ragged')
+
+
+@pytest.mark.parametrize('family', ['cart', 'kv_routing'])
+def test_other_families_match_single_device(family):
+  """Layer ping-pong where a layer is a transformer Block with its own K/V, ping-pong inside
+  attention elsewhere (CART's core, routed K/V): one step equals one device."""
+  ref_losses, ref_params = _train(_train_config('none', family), jax.devices()[:1], steps=1)
+  losses, params = _train(_train_config('disaggregated', family, data=RUN),
+                          jax.devices()[:RUN], steps=1)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
