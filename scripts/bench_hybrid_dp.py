@@ -82,6 +82,7 @@ from training import hybrid_exec  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402
 from parallelism.context import layout  # noqa: E402
+from training import perf  # noqa: E402
 from training.perf import collective_bytes_per_device  # noqa: E402
 from training import step as step_lib  # noqa: E402
 from training.composition import make_runtime  # noqa: E402
@@ -158,18 +159,6 @@ def split_bytes(hlo: str) -> tuple[float, float]:
   return total - rest, rest
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-  """(median wall s, median process CPU s) of `fn` after one warm-up call (compiles)."""
-  fn()
-  wall, cpu = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return float(np.median(wall)), float(np.median(cpu))
-
-
 def run_hdp(c, docs, cost, state0, repeats, mixed_layouts: bool = True):
   mesh = mesh_lib.make_mesh(c.mesh)
   setup = setup_model(c, mesh, make_runtime(c, mesh))
@@ -190,7 +179,8 @@ def run_hdp(c, docs, cost, state0, repeats, mixed_layouts: bool = True):
     jax.block_until_ready(out)
     return out
 
-  step_s, cpu_s = timed(step, repeats)
+  t = perf.wall_and_cpu(step, repeats)
+  step_s, cpu_s = t['median'], t['cpu_median']
   # Bytes: each micro-batch program's HLO once per micro-batch, plus the update's.
   acc = ex._zeros(state.params)
   zeros = jax.device_put(np.zeros(N, np.float32), ex.per_device)
@@ -237,7 +227,8 @@ def run_static(c, docs, cost, state0, repeats, data: int, context: int, row: int
     jax.block_until_ready(out)
     return out
 
-  step_s, cpu_s = timed(step, repeats)
+  t = perf.wall_and_cpu(step, repeats)
+  step_s, cpu_s = t['median'], t['cpu_median']
   ring, grad = split_bytes(fn.lower(state, batch).compile().as_text())
   real = (host['segment_ids'] > 0).sum()
   return {'ring': ring, 'grad': grad, 'flops': flops, 'lockstep': flops.max() / flops.mean(),

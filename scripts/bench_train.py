@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
@@ -36,19 +35,6 @@ flags.DEFINE_string('shape', '', f'Named shape overriding the config: {sorted(pr
 flags.DEFINE_integer('profile_steps', 2, 'Steps traced for the op-time breakdown (0 = none).')
 flags.DEFINE_string('json', '', 'Also write every figure to this JSON file.')
 flags.DEFINE_bool('smoke', False, 'Seconds-long run: the smoke shape, 2 steps, small peak matmul.')
-
-
-def wall_and_cpu(fn, repeats: int) -> dict[str, float]:
-  """Median/min/max wall seconds and median process CPU seconds of `fn()`, after a warm-up."""
-  fn()
-  wall, cpu = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return {'median': float(np.median(wall)), 'min': float(np.min(wall)),
-          'max': float(np.max(wall)), 'cpu_median': float(np.median(cpu))}
 
 
 def cpu_time_peak(mesh, n: int, repeats: int) -> float:
@@ -83,7 +69,7 @@ def main(_):
     holder['state'], m = compiled(holder['state'], batch)
     jax.block_until_ready(m)
 
-  t = wall_and_cpu(one_step, repeats=steps)
+  t = perf.wall_and_cpu(one_step, repeats=steps)
   n = 256 if F.smoke else 2048
   trials = perf.measure_peak_trials(mesh, n=n, trials=3 if F.smoke else 10)
   peak = {'wall': c.perf.peak_flops * mesh.devices.size if c.perf.peak_flops else max(trials),

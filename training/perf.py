@@ -229,3 +229,16 @@ def compiled_memory(compiled) -> dict[str, int]:
   return {'temp': int(m.temp_size_in_bytes), 'arguments': int(m.argument_size_in_bytes),
           'outputs': int(m.output_size_in_bytes), 'aliased': int(m.alias_size_in_bytes),
           'total': compiled_memory_bytes(compiled)}
+
+
+def wall_and_cpu(fn, repeats: int) -> dict[str, float]:
+  """Median/min/max wall seconds and median process CPU seconds of `fn()`, after a warm-up."""
+  fn()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return {'median': float(np.median(wall)), 'min': float(np.min(wall)),
+          'max': float(np.max(wall)), 'cpu_median': float(np.median(cpu))}
