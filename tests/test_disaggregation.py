@@ -355,3 +355,15 @@ def test_other_families_match_single_device(family):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_same_batch_is_planned_once():
+  seg, pos = long_tail_batch(0)
+  kw = dict(nano_batches=2, tolerance=0.02, block_q=8, block_kv=8, q_capacity=1.0,
+            kv_capacity=4.0)
+  first = dca.plan_batch_cached(seg, pos, N, **kw)
+  assert dca.plan_batch_cached(seg.copy(), pos.copy(), N, **kw) is first
+  other = dca.plan_batch_cached(*long_tail_batch(1), N, **kw)
+  assert other is not first
+  np.testing.assert_array_equal(other[0]['dca_ret'], dca.plan_batch(*long_tail_batch(1), N,
+                                                                     **kw)[0]['dca_ret'])

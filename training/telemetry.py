@@ -138,11 +138,12 @@ class Telemetry:
 
   def _device_flops(self, host_batch):
     if self.disaggregated:
-      # mesh.context is 1 here, so the host batch is the layout the planner sees. The plan is
-      # remade from the ids (deterministic, the same as the step's).
+      # mesh.context is 1 here, so the host batch is the layout the planner sees; the step's
+      # host layout reuses this plan (the same batch, planned once).
       kwargs = disaggregation.planner_kwargs(self.config)
-      _, scheds = disaggregation.plan_batch(host_batch['segment_ids'], host_batch['positions'],
-                                            self.batch_devices, **kwargs)
+      _, scheds = disaggregation.plan_batch_cached(host_batch['segment_ids'],
+                                                   host_batch['positions'],
+                                                   self.batch_devices, **kwargs)
       self._dca = disaggregation.summary(scheds, *disaggregation.row_bytes(self.config))
       pairs = disaggregation.device_flops(scheds)[1]
       return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim']
