@@ -142,6 +142,7 @@ def _exchange_bwd(axis, n, out_rows, chunk, impl, res, dy):
 exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
+@functools.lru_cache(maxsize=None)   # once per mesh: the attend fn and the layer stages ask
 def verify(mesh, axes, impl: str, seed: int = 0) -> None:
   """Runs a small random exchange (forward and VJP) with `impl` and with `permute` on this
   mesh's `axes` and raises unless both move every row identically. `ragged` cannot run on CPU,
