@@ -77,7 +77,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import base  # noqa: E402
-from parallelism import hybrid_dp  # noqa: E402
+from parallelism.hybrid import planner as hybrid_dp  # noqa: E402
 from training import hybrid_exec  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402

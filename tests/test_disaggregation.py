@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from modeling import blockwise
-from modeling.attention import self_attention_kwargs, xla_attention
+from modeling.attention import xla_attention
+from modeling.runtime import self_attention_kwargs
 from modeling.kernels import BlockKernel
 from parallelism import disaggregation as dca
 from parallelism import disaggregation_attend
@@ -178,8 +179,14 @@ def test_grad_accumulation_is_a_clear_error():
 
 
 def test_missing_plan_is_a_clear_error():
-  with pytest.raises(ValueError, match='use_plan'):
-    dca.current_plan()
+  c = _config()
+  c.attention.block_q = c.attention.block_kv = 8
+  attend = disaggregation_attend.make_attend(c, mesh_lib.make_mesh(c.mesh),
+                                             BlockKernel('blockwise', 8, 8))
+  seg, pos = long_tail_batch(0)
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match='attn_plan'):
+    attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos))
 
 
 # ------------------------------------------------------------------ attention
@@ -195,8 +202,8 @@ WEIGHTS = np.sin(np.arange(H * D) + 1.0).reshape(H, D).astype(np.float32)
 
 def _value_and_grads(attend):
   def loss(q, k, v, seg, pos, plan):
-    with dca.use_plan(plan):
-      o = attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos))
+    o = attend(q, k, v, causal=True,
+               **self_attention_kwargs(seg, pos, dca.plan_of(plan)))
     return (o * WEIGHTS).sum(), o
   return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
 
@@ -309,10 +316,13 @@ def test_training_run_matches_single_device():
 
 def test_telemetry_reports_executed_and_modelled_figures():
   import types
-  from training.telemetry import Telemetry
+  from training.telemetry import DisaggregatedTelemetry
   c = _config()
   c.attention.block_q = c.attention.block_kv = 8
-  telemetry = Telemetry(c, types.SimpleNamespace(mesh=mesh_lib.make_mesh(c.mesh)))
+  mesh = mesh_lib.make_mesh(c.mesh)
+  telemetry = DisaggregatedTelemetry(types.SimpleNamespace(
+      config=c, mesh=mesh, planner=dca.Planner(c, mesh),
+      setup=types.SimpleNamespace(graphdef=None)))
   seg, pos = long_tail_batch(0)
   telemetry.observe({'segment_ids': seg, 'positions': pos})
   row = telemetry.row(None, None)
@@ -358,12 +368,14 @@ def test_other_families_match_single_device(family):
 
 
 def test_the_same_batch_is_planned_once():
+  c = _config()
+  c.attention.block_q = c.attention.block_kv = 8
+  planner = dca.Planner(c, mesh_lib.make_mesh(c.mesh))
   seg, pos = long_tail_batch(0)
-  kw = dict(nano_batches=2, tolerance=0.02, block_q=8, block_kv=8, q_capacity=1.0,
-            kv_capacity=4.0)
-  first = dca.plan_batch_cached(seg, pos, N, **kw)
-  assert dca.plan_batch_cached(seg.copy(), pos.copy(), N, **kw) is first
-  other = dca.plan_batch_cached(*long_tail_batch(1), N, **kw)
+  first = planner.plan(seg, pos)
+  assert planner.plan(seg.copy(), pos.copy()) is first
+  other = planner.plan(*long_tail_batch(1))
   assert other is not first
-  np.testing.assert_array_equal(other[0]['dca_ret'], dca.plan_batch(*long_tail_batch(1), N,
-                                                                     **kw)[0]['dca_ret'])
+  np.testing.assert_array_equal(
+      other[0]['dca_ret'],
+      dca.plan_batch(*long_tail_batch(1), N, **dca.planner_kwargs(c))[0]['dca_ret'])
