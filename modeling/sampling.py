@@ -13,7 +13,6 @@ length), since every family's decoder keeps all rows at one position.
 
 import dataclasses
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

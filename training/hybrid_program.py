@@ -12,7 +12,6 @@ figures are hdp/*); telemetry is the step's own hdp/* metrics.
 
 import logging
 
-import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
