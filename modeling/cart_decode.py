@@ -119,4 +119,5 @@ def decoder(model, *, loops: int | None = None, plan=None) -> decode.Decoder:
   R = loops or model.cfg.cart.eval_loops or model.cfg.cart.loops
   return decode.Decoder(f'cart (R={R})',
                         lambda m, t, n: decode.last_logits(prefill(m, t, n, loops)),
-                        lambda m, c, tok: decode_step(m, c, tok, loops))
+                        lambda m, c, tok: decode_step(m, c, tok, loops),
+                        lambda m, b, n, at: init_cache(m, b, n).replace(length=jnp.int32(at)))

@@ -22,10 +22,13 @@ from modeling.kv_routing import CachePlan
 class Decoder:
   """A family's cache protocol (`modeling/sampling.py` runs it): prefill(model, prompt_BP,
   max_len) -> (last prompt position's logits [B, V], cache), step(model, cache, token_B) ->
-  (logits [B, V], cache). Each family's registry entry makes one (`Family.decoder`)."""
+  (logits [B, V], cache), cache_at(model, batch, max_len, position) -> an allocated cache as
+  if `position` tokens were written (for timing decode steps at a context length). Each
+  family's registry entry makes one (`Family.decoder`)."""
   name: str
   prefill: Callable[[Any, jax.Array, int], tuple[jax.Array, Any]]
   step: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+  cache_at: Callable[[Any, int, int, int], Any]
 
 
 def last_logits(out):
@@ -42,7 +45,8 @@ def decoder(model, *, loops: int | None = None, plan: CachePlan | None = None) -
   plan = plan or CachePlan.from_config(model.cfg)
   return Decoder(f'transformer (cache at layers {",".join(map(str, plan.cached))})',
                  lambda m, t, n: last_logits(prefill(m, t, plan, n)),
-                 lambda m, c, tok: decode_step(m, c, tok, plan))
+                 lambda m, c, tok: decode_step(m, c, tok, plan),
+                 lambda m, b, n, at: init_cache(m, plan, b, n).replace(length=jnp.int32(at)))
 
 
 class KVCache(flax.struct.PyTreeNode):

@@ -185,4 +185,10 @@ def decoder(model, *, loops: int | None = None, plan=None) -> decode.Decoder:
     raise ValueError(f'--loops={loops} applies to model.name=cart only')
   if plan is not None:
     raise ValueError('a KV cache plan applies to model.name=transformer only')
-  return decode.Decoder('sambay', prefill, lambda m, c, tok: decode_step(m, tok, c))
+  return decode.Decoder('sambay', prefill, lambda m, c, tok: decode_step(m, tok, c), _cache_at)
+
+
+def _cache_at(model, batch: int, max_len: int, position: int):
+  cache = init_cache(model, batch, max_len)
+  cache['pos'] = jnp.int32(position)
+  return cache

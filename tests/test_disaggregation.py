@@ -408,3 +408,18 @@ def test_loop_run_matches_one_device(tmp_path, monkeypatch):
   got, want = _loop_losses(tmp_path / 'dca'), _loop_losses(tmp_path / 'one')
   assert sorted(got) == [1, 2, 3]
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-4, rtol=0)
+
+
+def test_abstract_batch_holds_the_plan_shapes():
+  """Compile paths without a batch (telemetry, dry_run) trace the step with the plan's
+  abstract arrays: the same keys, shapes and dtypes as a planned batch's."""
+  c = _config()
+  c.batch_size, c.seq_len = B, L
+  c.attention.impl, c.attention.block_q, c.attention.block_kv = 'blockwise', 8, 8
+  planner = dca.Planner(c, mesh_lib.make_mesh(c.mesh))
+  seg, pos = long_tail_batch(0)
+  plan, _ = planner.plan(seg, pos)
+  abstract = planner.abstract(B, L)
+  assert sorted(abstract) == sorted(plan)
+  for k, v in plan.items():
+    assert abstract[k] == (v.shape, v.dtype), k
