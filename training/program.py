@@ -11,7 +11,7 @@ strategy object the loop drives (and the benchmarks and tests build).
   HybridProgram          hybrid data parallelism (`training/hybrid_program.py`): whole documents
                          planned per batch, one compiled program per layout
 
-Each provides the same hooks: `train_iterator` (what the data pipeline feeds), `prepare`
+Each provides the same hooks (`Program`): `train_iterator` (what the data pipeline feeds), `prepare`
 (host batch -> device batch), `train_step`, `eval_step`, `throughput` (tokens and FLOPs per
 step), `real_tokens`, and `telemetry()` (start-up figures, per-batch observe, per-row
 figures). The loop never asks which strategy it runs.
@@ -19,7 +19,7 @@ figures). The loop never asks which strategy it runs.
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import ml_collections
@@ -37,6 +37,41 @@ from training.state import ModelSetup, TrainState, init_train_state, setup_model
 log = logging.getLogger('loomax')
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
+
+
+class Program(Protocol):
+  """The hooks every strategy's program provides (what `training/loop.py` calls)."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  setup: ModelSetup
+  eval_step: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+
+  def init_state(self) -> TrainState:
+    ...
+
+  def train_iterator(self, process_index: int, process_count: int):
+    ...
+
+  def prepare(self, host_batch) -> Any:
+    ...
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    ...
+
+  def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    ...
+
+  def compiled_train_step(self):
+    ...
+
+  def throughput(self, peak: float) -> throughput.Throughput:
+    ...
+
+  def real_tokens(self, host_batch) -> int:
+    ...
+
+  def telemetry(self) -> telemetry.NoTelemetry:
+    ...
 
 
 @dataclasses.dataclass
@@ -145,7 +180,7 @@ def build_static(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainProgram:
   return TrainProgram(*parts)
 
 
-def build_program(config: ml_collections.ConfigDict, mesh: Mesh):
+def build_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
   """The program of the configured strategy (see the module docstring)."""
   static = build_static(config, mesh)
   if config.parallelism.hybrid_dp.enabled:
