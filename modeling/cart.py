@@ -30,10 +30,10 @@ from flax import nnx
 from modeling import axes as ax
 from modeling import layers
 from modeling.cart_core import AnchorKV, CoreBlock, LoopGlue, kv_latent_dim, loop_index_table
+from modeling.runtime import Runtime
 from modeling.transformer import (
   REMAT_POLICIES,
   Block,
-  Runtime,
   apply_blocks,
   dtype_of,
   remat_policy,
@@ -93,13 +93,16 @@ class Cart(nnx.Module):
 
   # --- the model contract ---
 
-  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None, loops: int | None = None):
+  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None, loops: int | None = None,
+               attn_plan=None):
     """Final-normed hidden states [B, L, D]. CART is deterministic: rng only tells training
-    (cart.loops) from eval (cart.eval_loops); `loops` overrides both."""
+    (cart.loops) from eval (cart.eval_loops); `loops` overrides both. `attn_plan`: the
+    batch's attention plan (a step input), if any."""
     R = self.num_loops(training=rng is not None, loops=loops)
-    e_BLD = self.anchor(tokens_BL, segment_ids=segment_ids, positions=positions)
-    h_BLD = self.recur(e_BLD, R, segment_ids=segment_ids, positions=positions)
-    return self.finish(h_BLD, segment_ids=segment_ids, positions=positions)
+    kw = dict(segment_ids=segment_ids, positions=positions, attn_plan=attn_plan)
+    e_BLD = self.anchor(tokens_BL, **kw)
+    h_BLD = self.recur(e_BLD, R, **kw)
+    return self.finish(h_BLD, **kw)
 
   def head_matrix(self) -> jax.Array:
     return self.embed.table[...].T  # tied, as in the reference
@@ -132,17 +135,17 @@ class Cart(nnx.Module):
                        f'(model.cart.loops); cannot run R={R}; valid: 1..{c.loops}')
     return R
 
-  def anchor(self, tokens_BL, *, segment_ids, positions) -> jax.Array:
+  def anchor(self, tokens_BL, *, segment_ids, positions, attn_plan=None) -> jax.Array:
     """e = Prelude(Emb(tokens)): the context every core application reads."""
     x_BLD = self.runtime.constrain(self.embed(tokens_BL, dtype_of(self.cfg.dtype)),
                                    (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
     return apply_blocks(self.prelude, x_BLD, scanned=False, remat=self.cfg.remat,
-                        segment_ids=segment_ids, positions=positions)
+                        segment_ids=segment_ids, positions=positions, attn_plan=attn_plan)
 
   def core_at(self, r: int) -> CoreBlock:
     return self.core if self.cfg.cart.shared_core else self.core[r]
 
-  def recur(self, e_BLD, R: int, *, segment_ids, positions) -> jax.Array:
+  def recur(self, e_BLD, R: int, *, segment_ids, positions, attn_plan=None) -> jax.Array:
     """R core applications against K/V of the anchor; one rematerialisable step each."""
     c = self.cfg.cart
     kv = None if c.recompute_kv else self.kv_proj(e_BLD)
@@ -158,13 +161,13 @@ class Cart(nnx.Module):
     for r in range(R):
       pe_C = None if pe_RC is None else pe_RC[r]
       h_BLD = step(self.core_at(r), self.glue, self.kv_proj, buf, pe_C, kv, segment_ids,
-                   positions)
+                   positions, attn_plan)
       buf = (h_BLD,) + buf[:-1]
     return buf[0]
 
-  def finish(self, h_BLD, *, segment_ids, positions) -> jax.Array:
+  def finish(self, h_BLD, *, segment_ids, positions, attn_plan=None) -> jax.Array:
     h_BLD = apply_blocks(self.coda, h_BLD, scanned=False, remat=self.cfg.remat,
-                         segment_ids=segment_ids, positions=positions)
+                         segment_ids=segment_ids, positions=positions, attn_plan=attn_plan)
     return self.final_norm(h_BLD)
 
   @staticmethod
@@ -178,16 +181,41 @@ class Cart(nnx.Module):
 
 
 def loop_step(core: CoreBlock, glue: LoopGlue, kv_proj: AnchorKV, buf, pe_C, kv, segment_ids,
-              positions) -> jax.Array:
+              positions, attn_plan=None) -> jax.Array:
   """One iteration: hh = blend(buf) + W_lie pe[r]; h = sigmoid(a) hh + Core(hh; K, V).
 
   `kv` is None under the recompute ablation: K/V then come from the current state hh.
   """
   hh_BLD = glue.blend(buf, pe_C)
   k_BSKD, v_BSKD = kv if kv is not None else kv_proj(hh_BLD)
-  f_BLD = core(hh_BLD, k_BSKD, v_BSKD, segment_ids=segment_ids, positions=positions)
+  f_BLD = core(hh_BLD, k_BSKD, v_BSKD, segment_ids=segment_ids, positions=positions,
+               attn_plan=attn_plan)
   h_BLD = glue.gate(hh_BLD, f_BLD)
   return core.runtime.constrain(h_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+
+
+def loop_state_rms(model: 'Cart', tokens_BL, *, segment_ids, positions,
+                   attn_plan=None) -> dict[str, jax.Array]:
+  """Training diagnostics (registry `batch_diagnostics`): cart/state_rms_loop_<r>, the RMS over
+  real tokens of the state after core application r, running the model's own stages (anchor,
+  loop_step) at the training R."""
+  c = model.cfg.cart
+  R = model.num_loops(training=True)
+  kw = dict(segment_ids=segment_ids, positions=positions, attn_plan=attn_plan)
+  e = model.anchor(tokens_BL, **kw)
+  kv = None if c.recompute_kv else model.kv_proj(e)
+  pe = jnp.asarray(loop_index_table(c.max_loops, c.loop_embed_dim)) if c.loop_embedding \
+      else None
+  real = (segment_ids > 0).astype(jnp.float32)[..., None]
+  buf, out = (e,) * model.glue.slots, {}
+  for r in range(R):
+    h = loop_step(model.core_at(r), model.glue, model.kv_proj, buf, None if pe is None else pe[r],
+                  kv, segment_ids, positions, attn_plan)
+    buf = (h,) + buf[:-1]
+    ms = jnp.sum(jnp.square(h.astype(jnp.float32)) * real) / (
+        jnp.maximum(jnp.sum(real), 1.0) * h.shape[-1])
+    out[f'cart/state_rms_loop_{r}'] = jnp.sqrt(ms)
+  return out
 
 
 # --- accounting ---

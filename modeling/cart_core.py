@@ -14,8 +14,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
 from modeling import layers
-from modeling.attention import self_attention_kwargs
-from modeling.transformer import Runtime, dtype_of
+from modeling.runtime import Runtime, self_attention_kwargs
+from modeling.transformer import dtype_of
 
 # Base of the sinusoidal loop-index code, as in the reference.
 LOOP_CODE_BASE = 10_000.0
@@ -83,13 +83,13 @@ class CoreBlock(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
 
-  def __call__(self, hh_BLD, k_BSKD, v_BSKD, *, segment_ids, positions):
+  def __call__(self, hh_BLD, k_BSKD, v_BSKD, *, segment_ids, positions, attn_plan=None):
     dt, c = self.dtype, self.runtime.constrain
     q_BLHD = jnp.einsum('bld,dhk->blhk', self.attn_norm(hh_BLD).astype(dt),
                         self.wq[...].astype(dt))
     q_BLHD = c(q_BLHD, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
     o_BLHD = self.runtime.attend(q_BLHD, k_BSKD, v_BSKD, causal=True,
-                                 **self_attention_kwargs(segment_ids, positions))
+                                 **self_attention_kwargs(segment_ids, positions, attn_plan))
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
     u_BLD = hh_BLD + jnp.einsum('blhk,hkd->bld', o_BLHD, self.wo[...].astype(dt))
     return u_BLD + self.mlp(self.mlp_norm(u_BLD))

@@ -109,3 +109,15 @@ def decode_step(model: cart_lib.Cart, cache: CartCache, token_B: jax.Array,
   """Feeds one token per row at position `cache.length`; returns logits [B, V] and the caches."""
   logits_B1V, cache = _extend(model, token_B[:, None], cache, loops)
   return logits_B1V[:, 0], cache
+
+
+def decoder(model, *, loops: int | None = None, plan=None) -> decode.Decoder:
+  """CART's decoder with R = `loops` (default: model.cart.eval_loops, else loops)."""
+  if plan is not None:
+    raise ValueError('a KV cache plan applies to model.name=transformer only')
+  model.num_loops(training=False, loops=loops)   # a bad R fails here, before compiling
+  R = loops or model.cfg.cart.eval_loops or model.cfg.cart.loops
+  return decode.Decoder(f'cart (R={R})',
+                        lambda m, t, n: decode.last_logits(prefill(m, t, n, loops)),
+                        lambda m, c, tok: decode_step(m, c, tok, loops),
+                        lambda m, b, n, at: init_cache(m, b, n).replace(length=jnp.int32(at)))

@@ -6,6 +6,9 @@ attends over the cache of mu(l) = plan.sources[l]. `CachePlan.every(L, 1)` is th
 full cache. Sequences are unpacked: position t of every row is token t.
 """
 
+import dataclasses
+from typing import Any, Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,37 @@ from flax import nnx
 
 from modeling import transformer
 from modeling.kv_routing import CachePlan
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A family's cache protocol (`modeling/sampling.py` runs it): prefill(model, prompt_BP,
+  max_len) -> (last prompt position's logits [B, V], cache), step(model, cache, token_B) ->
+  (logits [B, V], cache), cache_at(model, batch, max_len, position) -> an allocated cache as
+  if `position` tokens were written (for timing decode steps at a context length). Each
+  family's registry entry makes one (`Family.decoder`)."""
+  name: str
+  prefill: Callable[[Any, jax.Array, int], tuple[jax.Array, Any]]
+  step: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+  cache_at: Callable[[Any, int, int, int], Any]
+
+
+def last_logits(out):
+  """(logits [B, T, V], cache) -> (logits of the last position [B, V], cache)."""
+  logits_BTV, cache = out
+  return logits_BTV[:, -1], cache
+
+
+def decoder(model, *, loops: int | None = None, plan: CachePlan | None = None) -> Decoder:
+  """The dense transformer's decoder under a KV cache `plan` (default: the config's
+  model.kv_routing plan)."""
+  if loops is not None:
+    raise ValueError(f'--loops={loops} applies to model.name=cart only')
+  plan = plan or CachePlan.from_config(model.cfg)
+  return Decoder(f'transformer (cache at layers {",".join(map(str, plan.cached))})',
+                 lambda m, t, n: last_logits(prefill(m, t, plan, n)),
+                 lambda m, c, tok: decode_step(m, c, tok, plan),
+                 lambda m, b, n, at: init_cache(m, plan, b, n).replace(length=jnp.int32(at)))
 
 
 class KVCache(flax.struct.PyTreeNode):

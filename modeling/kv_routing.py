@@ -125,7 +125,7 @@ def own_kv(block, x_BLD, positions_BL):
 
 
 def _routed_layer(block, x_BLD, borrowed_kv, keep, *, stop_gradient: bool, segment_ids,
-                  positions):
+                  positions, attn_plan=None):
   """One layer: attend with its own K/V if `keep`, else with `borrowed_kv`; returns its own K/V.
 
   Every layer computes its own K/V (it may be a later layer's source); the borrowed branch
@@ -136,12 +136,13 @@ def _routed_layer(block, x_BLD, borrowed_kv, keep, *, stop_gradient: bool, segme
     if stop_gradient:
       borrowed_kv = jax.lax.stop_gradient(borrowed_kv)
     kv = jax.tree.map(lambda o, b: jnp.where(keep, o, b), own, borrowed_kv)
-  x_BLD, _ = block(x_BLD, segment_ids=segment_ids, positions=positions, kv=kv)
+  x_BLD, _ = block(x_BLD, segment_ids=segment_ids, positions=positions, kv=kv,
+                   attn_plan=attn_plan)
   return x_BLD, own
 
 
 def apply_routed_blocks(blocks, x_BLD, routes: Routes, *, scanned: bool,
-                        policy: Callable | None, segment_ids, positions):
+                        policy: Callable | None, segment_ids, positions, attn_plan=None):
   """`transformer.apply_blocks` with K/V routed by `routes`.
 
   Every layer's own K/V goes into a stacked buffer [L, B, S, K, Dh] (the scan carry under
@@ -150,14 +151,14 @@ def apply_routed_blocks(blocks, x_BLD, routes: Routes, *, scanned: bool,
   """
   if isinstance(routes.sources, CachePlan) and not scanned:
     return _apply_plan_unrolled(blocks, x_BLD, routes.sources, segment_ids=segment_ids,
-                                positions=positions)
+                                positions=positions, attn_plan=attn_plan)
   sources = routes.sources
   sources_L = jnp.asarray(sources.sources if isinstance(sources, CachePlan) else sources,
                           jnp.int32)
 
   def layer(block, x, borrowed, keep):
     return _routed_layer(block, x, borrowed, keep, stop_gradient=routes.stop_gradient,
-                         segment_ids=segment_ids, positions=positions)
+                         segment_ids=segment_ids, positions=positions, attn_plan=attn_plan)
 
   num_layers = sources_L.shape[0]
   attn = blocks.attn if scanned else blocks[0].attn
@@ -192,13 +193,14 @@ def apply_routed_blocks(blocks, x_BLD, routes: Routes, *, scanned: bool,
   return x_BLD
 
 
-def _apply_plan_unrolled(blocks, x_BLD, plan: CachePlan, *, segment_ids, positions):
+def _apply_plan_unrolled(blocks, x_BLD, plan: CachePlan, *, segment_ids, positions,
+                         attn_plan=None):
   """Eval under a static plan: layers outside the cache set never compute K/V."""
   kv_of = {}
   for l, block in enumerate(blocks):
     source = plan.sources[l]
     x_BLD, kv = block(x_BLD, segment_ids=segment_ids, positions=positions,
-                      kv=None if source == l else kv_of[source])
+                      kv=None if source == l else kv_of[source], attn_plan=attn_plan)
     if source == l:
       kv_of[l] = kv
   return x_BLD

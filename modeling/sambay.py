@@ -23,7 +23,8 @@ from flax import nnx
 
 from modeling import axes as ax
 from modeling import layers, shared_kv, ssm
-from modeling.transformer import Attention, Runtime, dtype_of, remat_policy
+from modeling.runtime import Runtime
+from modeling.transformer import Attention, dtype_of, remat_policy
 
 MAMBA, SWA, MEMORY, FULL, GMU_ROLE, CROSS = 'mamba', 'swa', 'memory', 'full', 'gmu', 'cross'
 _SINGLE_DEVICE = Runtime()
@@ -180,9 +181,12 @@ class SambaY(nnx.Module):
       self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                (ax.EMBED, ax.VOCAB), pdt)
 
-  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None):
+  def __call__(self, tokens_BL, *, segment_ids, positions, rng=None, attn_plan=None):
     """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary."""
     del rng  # deterministic
+    if attn_plan is not None:
+      raise ValueError('model.name=sambay takes no per-batch attention plan: its window '
+                       "layers refuse parallelism.context_impl='disaggregated'")
     return self.forward_embedded(self.embed_tokens(tokens_BL), segment_ids=segment_ids,
                                  positions=positions)
 

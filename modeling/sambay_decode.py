@@ -16,6 +16,7 @@ Decoding assumes one document per row (segment id 1) and all rows at the same po
 import jax
 import jax.numpy as jnp
 
+from modeling import decode
 from modeling import sambay as sb
 
 Cache = dict
@@ -175,3 +176,19 @@ def dense_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, context
                       itemsize: int, batch: int = 1) -> int:
   """A dense transformer's KV cache: every layer keeps K and V for every position."""
   return 2 * num_layers * num_kv_heads * head_dim * context * itemsize * batch
+
+
+def decoder(model, *, loops: int | None = None, plan=None) -> decode.Decoder:
+  """SambaY's decoder: the self-decoder's constant-size state and one shared KV cache."""
+  del model
+  if loops is not None:
+    raise ValueError(f'--loops={loops} applies to model.name=cart only')
+  if plan is not None:
+    raise ValueError('a KV cache plan applies to model.name=transformer only')
+  return decode.Decoder('sambay', prefill, lambda m, c, tok: decode_step(m, tok, c), _cache_at)
+
+
+def _cache_at(model, batch: int, max_len: int, position: int):
+  cache = init_cache(model, batch, max_len)
+  cache['pos'] = jnp.int32(position)
+  return cache

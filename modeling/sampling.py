@@ -1,6 +1,7 @@
 """Autoregressive sampling with a cache, for every model family.
 
-One loop, three cache layouts behind `Decoder`: the dense transformer under a KV cache plan
+One loop, every family's cache layout behind `Decoder`, which the family's registry entry
+makes (`modeling/registry.py`): the dense transformer under a KV cache plan
 (modeling/decode.py), CART with prelude/anchor/coda caches and R chosen at inference
 (modeling/cart_decode.py), SambaY with its constant-size self-decoder state and one shared
 KV cache (modeling/sambay_decode.py). Prefill runs as one compiled call and the decoding steps
@@ -12,14 +13,14 @@ length), since every family's decoder keeps all rows at one position.
 
 import dataclasses
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from modeling import cart, cart_decode, decode, sambay, sambay_decode, transformer
+from modeling import registry
+from modeling.decode import Decoder
 from modeling.kv_routing import CachePlan
 
 
@@ -58,44 +59,15 @@ class Sampler:
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class Decoder:
-  """A family's cache protocol: prefill -> (last prompt position's logits [B, V], cache),
-  step(model, cache, token_B) -> (logits [B, V], cache)."""
-  name: str
-  prefill: Callable[[Any, jax.Array, int], tuple[jax.Array, Any]]
-  step: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
-
-
 def decoder_for(model: nnx.Module, *, loops: int | None = None,
                 plan: CachePlan | None = None) -> Decoder:
-  """The decoder of `model`'s family. `plan` (dense only; default: the config's
-  model.kv_routing plan) says which layers keep a cache; `loops` (CART only) is R."""
-  if loops is not None and not isinstance(model, cart.Cart):
-    raise ValueError(f'--loops={loops} applies to model.name=cart only')
-  if plan is not None and not isinstance(model, transformer.Transformer):
-    raise ValueError('a KV cache plan applies to model.name=transformer only')
-  if isinstance(model, transformer.Transformer):
-    plan = plan or CachePlan.from_config(model.cfg)
-    return Decoder(
-        f'transformer (cache at layers {",".join(map(str, plan.cached))})',
-        lambda m, t, n: _last(decode.prefill(m, t, plan, n)),
-        lambda m, c, tok: decode.decode_step(m, c, tok, plan))
-  if isinstance(model, cart.Cart):
-    model.num_loops(training=False, loops=loops)   # a bad R fails here, before compiling
-    R = loops or model.cfg.cart.eval_loops or model.cfg.cart.loops
-    return Decoder(f'cart (R={R})',
-                   lambda m, t, n: _last(cart_decode.prefill(m, t, n, loops)),
-                   lambda m, c, tok: cart_decode.decode_step(m, c, tok, loops))
-  if isinstance(model, sambay.SambaY):
-    return Decoder('sambay', sambay_decode.prefill,
-                   lambda m, c, tok: sambay_decode.decode_step(m, tok, c))
-  raise TypeError(f'no decoder for {type(model).__name__}')
-
-
-def _last(out):
-  logits_BTV, cache = out
-  return logits_BTV[:, -1], cache
+  """The decoder of `model`'s family (its registry entry's cache protocol). `plan` (dense only;
+  default: the config's model.kv_routing plan) says which layers keep a cache; `loops` (CART
+  only) is R."""
+  family = registry.get_family(model.cfg.name)
+  if family.decoder is None:
+    raise ValueError(f'model.name={model.cfg.name!r} has no decoder (registry entry)')
+  return family.decoder(model, loops=loops, plan=plan)
 
 
 def cache_bytes(cache) -> int:

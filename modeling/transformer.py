@@ -4,7 +4,6 @@ Pre-norm blocks, x <- x + Attn(RMSNorm(x)); x <- x + MLP(RMSNorm(x)), with group
 attention (Ainslie et al., 2023) and rotary positions (Su et al., 2021).
 """
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -13,9 +12,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import kv_routing, layers, scopes, ssm
-from modeling import shared_kv as shared_kv_lib
-from modeling.attention import AttendFn, self_attention_kwargs, xla_attention
+from modeling import kv_routing, layers, scopes
+from modeling.runtime import Runtime, self_attention_kwargs
 
 REMAT_POLICIES = {
     'none': None,
@@ -24,24 +22,6 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-  """What the composition root hands a model: how to attend, how to pin activations, how
-  recurrent layers run their token-order ops (None: the model's own single-device scan), and
-  how K/V read by several layers travel (None: each reader calls `attend` on them)."""
-  attend: AttendFn = xla_attention
-  constrain: ax.Constrain = ax.unconstrained
-  recurrence: ssm.Recurrence | None = None
-  shared_kv: shared_kv_lib.SharedKV | None = None
-  # Projections as 2-D [tokens, features] matmuls (layers.dense); the composition root turns
-  # it off when the sequence dimension is sharded (context parallelism).
-  flatten_tokens: bool = True
-  # Disaggregated attention's nano-batch stages (`disaggregation_attend.Stages`: split, merge,
-  # dispatch, compute, finish): a `Block` computing its own K/V then runs the layer as
-  # DistCA's ping-pong. None: attention is one call.
-  ping_pong: Any = None
 
 
 def dtype_of(name: str):
@@ -89,8 +69,9 @@ class Attention(nnx.Module):
     v_BLKD = self._project(x_BLD, self.wv[...])
     return self._rope(k_BLKD, positions_BL), v_BLKD
 
-  def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
-    """Returns (output, (k, v)); `kv` substitutes another layer's keys and values."""
+  def __call__(self, x_BLD, *, segment_ids, positions, kv=None, attn_plan=None):
+    """Returns (output, (k, v)); `kv` substitutes another layer's keys and values;
+    `attn_plan` is the batch's attention plan (a step input), if any."""
     c = self.runtime.constrain
     x_BLD = x_BLD.astype(self.dtype)
     q_BLHD = c(self.query(x_BLD, positions), (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
@@ -100,14 +81,16 @@ class Attention(nnx.Module):
     with jax.named_scope(scopes.ATTENTION_SCOPE):
       o_BLHD = self.runtime.attend(q_BLHD, k_BLKD, v_BLKD, causal=self.causal,
                                    window=self.window,
-                                   **self_attention_kwargs(segment_ids, positions))
+                                   **self_attention_kwargs(segment_ids, positions, attn_plan))
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
     out_BLD = self._project(o_BLHD, self.wo[...], n_in=2)
     return out_BLD, kv
 
 
 class Block(nnx.Module):
-  """One pre-norm transformer layer."""
+  """One pre-norm transformer layer. It exposes its stages (`pre`, `post`, `pin`) and the
+  plain order (`forward`); the runtime's `layer_schedule` decides how they run
+  (`modeling/runtime.py`)."""
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):
     pdt = dtype_of(cfg.param_dtype)
@@ -120,60 +103,34 @@ class Block(nnx.Module):
                              out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
                              flatten_tokens=runtime.flatten_tokens)
     self.constrain = runtime.constrain
-    self.ping_pong = runtime.ping_pong
+    self.schedule = runtime.layer_schedule
 
-  def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
-    if self.ping_pong is not None and kv is None:
-      return self._ping_pong(x_BLD, segment_ids, positions)
+  def __call__(self, x_BLD, *, segment_ids, positions, kv=None, attn_plan=None):
+    return self.schedule(self, x_BLD, segment_ids=segment_ids, positions=positions, kv=kv,
+                         attn_plan=attn_plan)
+
+  def forward(self, x_BLD, *, segment_ids, positions, kv=None, attn_plan=None):
+    """pre -> attend -> post in one go (the default schedule)."""
     a_BLD, kv = self.attn(self.attn_norm(x_BLD), segment_ids=segment_ids, positions=positions,
-                          kv=kv)
+                          kv=kv, attn_plan=attn_plan)
     x_BLD = x_BLD + a_BLD
     x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), kv
+    return self.pin(x_BLD), kv
 
-  def _pre(self, x_BLD, positions):
-    """Norm, Q/K/V projections and RoPE (the part before core attention)."""
+  def pre(self, x_BLD, positions):
+    """Norm, Q/K/V projections and RoPE (the part before core attention): (q, k, v)."""
     h_BLD = self.attn_norm(x_BLD).astype(self.attn.dtype)
     k_BLKD, v_BLKD = self.attn.key_value(h_BLD, positions)
     return self.attn.query(h_BLD, positions), k_BLKD, v_BLKD
 
-  def _post(self, x_BLD, o_BLHD):
+  def post(self, x_BLD, o_BLHD):
     """Output projection, residual and MLP (the part after core attention)."""
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
     x_BLD = x_BLD + self.attn._project(o_BLHD, self.attn.wo[...], n_in=2)
     return x_BLD + self.mlp(self.mlp_norm(x_BLD))
 
-  def _ping_pong(self, x_BLD, segment_ids, positions):
-    """DistCA's layer schedule over nano-batches 0..A-1 (section 5): every nano-batch's
-    pre-attention and dispatch, then for each nano-batch its core attention, the previous
-    one's post-attention and MLP, and its return, so one nano-batch's exchange always has
-    another's compute beside it:
-      pre(0) dispatch(0) pre(1) dispatch(1) compute(0) finish(0) compute(1) post(0)
-      finish(1) post(1)."""
-    pp = self.ping_pong
-    A = pp.nano_batches
-    xs, segs, poss = ([pp.split(t, a, A) for a in range(A)] for t in (x_BLD, segment_ids,
-                                                                        positions))
-    qkv, sent = [], []
-    for a in range(A):
-      with jax.named_scope(f'dca_pre_{a}'):
-        qkv.append(self._pre(xs[a], poss[a]))
-      with jax.named_scope(f'dca_dispatch_{a}'):
-        sent.append(pp.dispatch(*qkv[a], a))
-    out = [None] * A
-    for a in range(A):
-      with jax.named_scope(f'dca_compute_{a}'):
-        partial = pp.compute(*qkv[a], segs[a], poss[a], sent[a], a)
-      if a:
-        with jax.named_scope(f'dca_post_{a - 1}'):
-          out[a - 1] = self._post(xs[a - 1], o_prev)
-      with jax.named_scope(f'dca_finish_{a}'):
-        o_prev = pp.finish(partial, qkv[a][0].dtype, a)
-    with jax.named_scope(f'dca_post_{A - 1}'):
-      out[A - 1] = self._post(xs[A - 1], o_prev)
-    kv = (pp.merge([k for _, k, _ in qkv]), pp.merge([v for _, _, v in qkv]))
-    x_BLD = pp.merge(out)
-    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), kv
+  def pin(self, x_BLD):
+    return self.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
 
 class Transformer(nnx.Module):
@@ -196,16 +153,17 @@ class Transformer(nnx.Module):
                                (ax.EMBED, ax.VOCAB), pdt)
 
   def __call__(self, tokens_BL, *, segment_ids, positions, rng=None,
-               kv_plan: kv_routing.CachePlan | None = None):
+               kv_plan: kv_routing.CachePlan | None = None, attn_plan=None):
     """Final-normed hidden states [B, L, D]; `logits` maps them to the vocabulary.
 
     `rng` (training) draws K/V routes when model.kv_routing.p < 1; in eval the layers share
     caches by `kv_plan`, by default the config's plan (see kv_routing.layer_routes).
+    `attn_plan` is the batch's attention plan (a step input: disaggregation's task plan).
     """
     x_BLD = self.embed(tokens_BL, dtype_of(self.cfg.dtype))
     x_BLD = apply_blocks(self.blocks, x_BLD, scanned=self.cfg.scan_layers,
                          remat=self.cfg.remat, segment_ids=segment_ids, positions=positions,
-                         kv_routes=kv_routing.layer_routes(self.cfg, rng, kv_plan))
+                         attn_plan=attn_plan, kv_routes=kv_routing.layer_routes(self.cfg, rng, kv_plan))
     return self.final_norm(x_BLD)
 
   def head_matrix(self) -> jax.Array:

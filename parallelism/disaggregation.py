@@ -10,10 +10,11 @@ How the pieces fit (a newcomer's map):
   parallelism/disaggregation.py         this file: numpy planner -> fixed-shape int32 arrays
   parallelism/ragged.py                 the ragged exchange (only the planned rows travel)
   parallelism/disaggregation_attend.py  dispatch / compute / return, and the ping-pong layer
-  training/program.py                   `with_plan` adds the plan to every host batch as keys
-                                        'dca_*' (shape [n devices, nano-batches, ...])
-  training/step.py                      `use_plan(batch)` puts those arrays in scope while the
-                                        model runs; the attend fn reads them (`current_plan`)
+  training/programs/                    the disaggregated program's host prepare runs
+                                        `Planner`: the plan joins the batch as 'dca_*' arrays
+                                        (shape [n devices, nano-batches, ...])
+  training/step.py                      passes `plan_of(batch)` to the model as `attn_plan`,
+                                        down the blocks to the attend call: a step input
 
 Work is counted as the kernel executes it. The blockwise kernel computes a (query block, key
 block) pair unless its skip test (`modeling.blockwise.block_table`) proves it fully masked, so
@@ -44,11 +45,10 @@ Decisions and limits:
   (`optimizer.grad_accum_steps=1`); both are checked with clear errors.
 """
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -284,22 +284,6 @@ def plan_batch(segment_ids_BL, positions_BL, n: int, *, nano_batches: int, toler
   return out, scheds
 
 
-_LAST: list = []   # the last (key, result) of `plan_batch_cached`
-
-
-def plan_batch_cached(segment_ids_BL, positions_BL, n: int, **kwargs):
-  """`plan_batch`, remembering the last batch: the loop's telemetry and its host layout both
-  need the plan of the same batch, one after the other, and planning costs tens of ms."""
-  seg, pos = np.asarray(segment_ids_BL), np.asarray(positions_BL)
-  key = (n, tuple(sorted(kwargs.items())))
-  if _LAST and _LAST[0][0] == key and np.array_equal(_LAST[0][1], seg) and np.array_equal(
-      _LAST[0][2], pos):
-    return _LAST[0][3]
-  result = plan_batch(seg, pos, n, **kwargs)
-  _LAST[:] = [(key, seg.copy(), pos.copy(), result)]
-  return result
-
-
 def device_flops(scheds: list[Schedule]) -> tuple[np.ndarray, np.ndarray]:
   """Per-device exact causal query-key pairs (before, after) summed over nano-batches."""
   return (sum(s.flops_before for s in scheds), sum(s.flops_after for s in scheds))
@@ -356,8 +340,7 @@ def batch_devices(config: ml_collections.ConfigDict, mesh) -> int:
 
 def planner_kwargs(config: ml_collections.ConfigDict) -> dict:
   p, m = config.parallelism, config.model
-  heads, kv_heads, head_dim = (m.get('num_heads', 1), m.get('num_kv_heads', 1),
-                               m.get('head_dim', 1))
+  heads, kv_heads, head_dim = m.num_heads, m.num_kv_heads, m.head_dim
   return {'nano_batches': p.dca_nano_batches, 'tolerance': p.dca_tolerance,
           'block_q': config.attention.block_q, 'block_kv': config.attention.block_kv,
           'q_capacity': p.dca_q_capacity, 'kv_capacity': p.dca_kv_capacity,
@@ -367,8 +350,54 @@ def planner_kwargs(config: ml_collections.ConfigDict) -> dict:
 def row_bytes(config: ml_collections.ConfigDict) -> tuple[float, float]:
   """Bytes of one query row and one key/value row (K and V) in the exchange's dtype."""
   m = config.model
-  item = 2 if m.get('dtype', 'float32') in ('bfloat16', 'float16') else 4
+  item = 2 if m.dtype in ('bfloat16', 'float16') else 4
   return m.num_heads * m.head_dim * item, 2 * m.num_kv_heads * m.head_dim * item
+
+
+class Planner:
+  """Plans the host batches of one run: `planner(batch)` adds the batch's plan as 'dca_*'
+  arrays (shape [n devices, nano-batches, ...]), which travel in the device batch and reach
+  the attend fn as the model call's explicit `attn_plan` (`plan_of`). Remembers the last
+  batch's plan, so the telemetry (`last_schedules`) reads the plan the step ran."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    import jax
+    if jax.process_count() > 1:
+      raise ValueError("parallelism.context_impl='disaggregated' plans on one host: "
+                       'multi-process runs would need the global segment ids on every host '
+                       '(not implemented)')
+    self.n = batch_devices(config, mesh)
+    self.kwargs = planner_kwargs(config)
+    self._last = None   # (segment ids, positions, (arrays, schedules))
+
+  def plan(self, segment_ids_BL, positions_BL) -> tuple[dict[str, np.ndarray], list[Schedule]]:
+    """`plan_batch` of this run's devices and settings; the same batch twice is planned once
+    (the telemetry and the host layout may both ask; planning costs tens of ms)."""
+    seg, pos = np.asarray(segment_ids_BL), np.asarray(positions_BL)
+    last = self._last
+    if last is not None and np.array_equal(last[0], seg) and np.array_equal(last[1], pos):
+      return last[2]
+    result = plan_batch(seg, pos, self.n, **self.kwargs)
+    self._last = (seg.copy(), pos.copy(), result)
+    return result
+
+  def __call__(self, batch: dict) -> dict:
+    plan, _ = self.plan(batch['segment_ids'], batch['positions'])
+    return {**batch, **plan}
+
+  def abstract(self, batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{'dca_*': (shape, dtype)} of every plan of [batch_size, seq_len] batches (the shapes are
+    fixed by the settings; this plans one empty batch), for compiling without a batch."""
+    seg = np.zeros((batch_size, seq_len), np.int32)
+    arrays, _ = plan_batch(seg, seg, self.n, **self.kwargs)
+    return {k: (v.shape, v.dtype) for k, v in arrays.items()}
+
+
+def plan_of(batch: dict) -> dict | None:
+  """The attend fn's plan from a device batch: its 'dca_*' arrays without the prefix, or None
+  (no per-batch attention plan)."""
+  plan = {k[len(PREFIX):]: v for k, v in batch.items() if k.startswith(PREFIX)}
+  return plan or None
 
 
 def with_plan(config: ml_collections.ConfigDict, mesh,
@@ -376,42 +405,5 @@ def with_plan(config: ml_collections.ConfigDict, mesh,
   """`layout` followed by adding this batch's plan ('dca_*' arrays), when disaggregated."""
   if config.parallelism.context_impl != 'disaggregated':
     return layout
-  import jax
-  if jax.process_count() > 1:
-    raise ValueError("parallelism.context_impl='disaggregated' plans on one host: multi-process "
-                     'runs would need the global segment ids on every host (not implemented)')
-  n = batch_devices(config, mesh)
-  kwargs = planner_kwargs(config)
-
-  def add_plan(batch):
-    batch = layout(batch)
-    plan, _ = plan_batch_cached(batch['segment_ids'], batch['positions'], n, **kwargs)
-    return {**batch, **plan}
-
-  return add_plan
-
-
-# ------------------------------------------------------------------ the side channel
-
-_PLAN: contextvars.ContextVar = contextvars.ContextVar('dca_plan', default=None)
-
-
-@contextlib.contextmanager
-def use_plan(batch: dict):
-  """Makes the batch's 'dca_*' arrays (if any) visible to the attend fn while the model runs."""
-  plan = {k[len(PREFIX):]: v for k, v in batch.items() if k.startswith(PREFIX)}
-  token = _PLAN.set(plan or None)
-  try:
-    yield
-  finally:
-    _PLAN.reset(token)
-
-
-def current_plan() -> dict:
-  plan = _PLAN.get()
-  if plan is None:
-    raise ValueError(
-        "parallelism.context_impl='disaggregated' needs the batch's plan arrays ('dca_*', "
-        'from parallelism.disaggregation.with_plan) in scope: run the model inside '
-        '`disaggregation.use_plan(batch)` (training/step.py does)')
-  return plan
+  planner = Planner(config, mesh)
+  return lambda batch: planner(layout(batch))

@@ -2,8 +2,9 @@
 the ping-pong layer schedule.
 
 Zhuang et al., "Efficiently Training LLMs with Core Attention Disaggregation" (DistCA, 2025,
-arXiv 2510.18121), sections 4-5. The plan (`parallelism/disaggregation.py`) is read from
-`disaggregation.current_plan()`. Per nano-batch, inside a shard_map over the batch axes:
+arXiv 2510.18121), sections 4-5. The plan (`parallelism/disaggregation.py`) is a step input:
+the attend fn takes it as its `attn_plan` argument (the model passes the batch's plan down to
+every attend call). Per nano-batch, inside a shard_map over the batch axes:
 
   dispatch  gather the query blocks and key/value blocks of outgoing tasks and move them with
             the ragged exchange (`parallelism/ragged.py`): only the planned rows travel;
@@ -17,7 +18,8 @@ Gradients come from autodiff: the exchange's VJP is the reversed exchange and th
 of a gather is a scatter-add, so K/V gradients of every copy sum at the owner.
 
 Ping-pong (DistCA section 5). `Stages` exposes the three steps as separate sharded functions
-on global arrays; `transformer.Block` with `Runtime.ping_pong` runs a layer as
+on global arrays; `PingPong`, installed as the runtime's layer schedule
+(`modeling/runtime.py`), runs a layer's stages (`transformer.Block.pre` / `post`) as
 
   pre(A)  dispatch(A)  pre(B)  dispatch(B)  compute(A)  return(A)  compute(B)  post(A)
   return(B)  post(B)
@@ -40,7 +42,6 @@ from modeling import axes as ax
 from modeling.attention import AttendFn
 from modeling import kernels
 from modeling.kernels import BlockKernel
-from parallelism import disaggregation as dca
 from parallelism import ragged
 from parallelism import rules as rules_lib
 
@@ -132,7 +133,7 @@ class Setup:
       raise ValueError("parallelism.context_impl='disaggregated' balances the block pairs the "
                        f"blockwise kernel executes; the per-block kernel here is {block.impl!r}: "
                        "set attention.impl='blockwise'")
-    exchange = config.parallelism.get('dca_exchange', 'auto')
+    exchange = config.parallelism.dca_exchange
     if exchange == 'auto':
       exchange = ragged.default_impl()
     if exchange not in ragged.IMPLS:
@@ -148,8 +149,15 @@ class Setup:
     self.rows = P(self.q_spec[0])
     self.ids = P(self.q_spec[0], None)
 
-  def plan(self):
-    plan = dca.current_plan()
+  def plan(self, attn_plan):
+    """The batch's plan (the model call's `attn_plan`), checked."""
+    if attn_plan is None:
+      raise ValueError(
+          "parallelism.context_impl='disaggregated' needs the batch's plan ('dca_*' arrays from "
+          'parallelism.disaggregation.Planner) passed to the model as `attn_plan` '
+          '(training/step.py passes `disaggregation.plan_of(batch)`); compile with the '
+          "program's abstract_batch(), which includes the plan's shapes")
+    plan = attn_plan
     missing = [k for k in PLAN_KEYS if k not in plan]
     if missing:
       raise ValueError(f'disaggregation plan lacks {missing} (made by an older planner?)')
@@ -173,15 +181,15 @@ class Setup:
 def make_attend(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> AttendFn:
   """`parallelism.context_impl='disaggregated'`: attention tasks move over the batch axes.
   Inside the attention op the nano-batches still ping-pong: every dispatch, then every
-  compute, then every return (`Runtime.ping_pong` extends this to the whole layer)."""
+  compute, then every return (`PingPong` extends this to the whole layer)."""
   setup = Setup(config, mesh, block)
   local = setup.local
 
   def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
-             kv_positions, causal, window=0):
+             kv_positions, causal, window=0, attn_plan=None):
     _check_mask(causal, window)
     del q_segment_ids, q_positions  # causal self-attention: the key ids are the query ids
-    plan = setup.plan()
+    plan = setup.plan(attn_plan)
     k_BSKD, v_BSKD = setup.repeat_kv(q_BLHD, k_BSKD, v_BSKD)
 
     def body(q, k, v, seg, pos, p):
@@ -207,13 +215,9 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKerne
 @dataclasses.dataclass(frozen=True)
 class Stages:
   """The three steps of one nano-batch as sharded functions on global arrays, for the layer-
-  wide ping-pong (`transformer.Block` when `Runtime.ping_pong` is set). Nano-batch a is local
-  rows [a R/A, (a+1) R/A) of every device (`split` / `merge`)."""
+  wide ping-pong (`PingPong`). Nano-batch a is local rows [a R/A, (a+1) R/A) of every device
+  (`split` / `merge`); `plan` is the batch's plan checked by `Setup.plan`."""
   setup: Setup
-
-  @property
-  def nano_batches(self) -> int:
-    return self.setup.plan()['ret'].shape[1]
 
   def split(self, x, a: int, A: int):
     """Nano-batch a of a global [B, ...] array whose rows are split over the batch devices."""
@@ -226,13 +230,10 @@ class Stages:
     y = jnp.stack([p.reshape(n, -1, *p.shape[1:]) for p in parts], axis=1)
     return y.reshape(-1, *parts[0].shape[1:])
 
-  def _plan(self, a: int):
-    return {k: v[:, a] for k, v in self.setup.plan().items()}
-
-  def dispatch(self, q, k, v, a: int):
+  def dispatch(self, q, k, v, plan, a: int):
     s = self.setup
     k, v = s.repeat_kv(q, k, v)
-    plan = self._plan(a)
+    plan = _nano(plan, a)
 
     def body(q, k, v, p):
       return s.local.dispatch(q, k, v, jax.tree.map(lambda x: x[0], p))
@@ -240,10 +241,10 @@ class Stages:
     return s.shard(body, (s.q_spec, s.q_spec, s.q_spec, {k_: s.rows for k_ in plan}),
                    (s.rows, s.rows))(q, k, v, plan)
 
-  def compute(self, q, k, v, segment_ids, positions, received, a: int):
+  def compute(self, q, k, v, segment_ids, positions, received, plan, a: int):
     s = self.setup
     k, v = s.repeat_kv(q, k, v)
-    plan = self._plan(a)
+    plan = _nano(plan, a)
 
     def body(q, k, v, seg, pos, r, p):
       return s.local.compute(q, k, v, seg, pos, r, jax.tree.map(lambda x: x[0], p))
@@ -252,9 +253,9 @@ class Stages:
                           {k_: s.rows for k_ in plan}),
                    (s.q_spec, s.rows))(q, k, v, segment_ids, positions, received, plan)
 
-  def finish(self, outs, dtype, a: int):
+  def finish(self, outs, dtype, plan, a: int):
     s = self.setup
-    plan = self._plan(a)
+    plan = _nano(plan, a)
 
     def body(o_own, o_in, p):
       return s.local.finish(o_own, o_in, jax.tree.map(lambda x: x[0], p), dtype)
@@ -263,5 +264,51 @@ class Stages:
         *outs, plan)
 
 
-def make_stages(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> Stages:
-  return Stages(Setup(config, mesh, block))
+def _nano(plan, a: int):
+  return {k: v[:, a] for k, v in plan.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PingPong:
+  """DistCA's layer schedule (section 5), a `modeling.runtime.LayerSchedule` over nano-batches
+  0..A-1: every nano-batch's pre-attention and dispatch, then for each nano-batch its core
+  attention, the previous one's post-attention and MLP, and its return, so one nano-batch's
+  exchange always has another's compute beside it:
+    pre(0) dispatch(0) pre(1) dispatch(1) compute(0) finish(0) compute(1) post(0)
+    finish(1) post(1).
+  A layer attending with another layer's K/V (`kv` given: routed K/V) runs in the plain
+  order, its attention ping-ponging inside the attend fn."""
+  stages: Stages
+
+  def __call__(self, layer, x_BLD, *, segment_ids, positions, kv=None, attn_plan=None):
+    if kv is not None:
+      return layer.forward(x_BLD, segment_ids=segment_ids, positions=positions, kv=kv,
+                           attn_plan=attn_plan)
+    pp = self.stages
+    plan = pp.setup.plan(attn_plan)
+    A = plan['ret'].shape[1]
+    xs, segs, poss = ([pp.split(t, a, A) for a in range(A)] for t in (x_BLD, segment_ids,
+                                                                        positions))
+    qkv, sent = [], []
+    for a in range(A):
+      with jax.named_scope(f'dca_pre_{a}'):
+        qkv.append(layer.pre(xs[a], poss[a]))
+      with jax.named_scope(f'dca_dispatch_{a}'):
+        sent.append(pp.dispatch(*qkv[a], plan, a))
+    out = [None] * A
+    for a in range(A):
+      with jax.named_scope(f'dca_compute_{a}'):
+        partial = pp.compute(*qkv[a], segs[a], poss[a], sent[a], plan, a)
+      if a:
+        with jax.named_scope(f'dca_post_{a - 1}'):
+          out[a - 1] = layer.post(xs[a - 1], o_prev)
+      with jax.named_scope(f'dca_finish_{a}'):
+        o_prev = pp.finish(partial, qkv[a][0].dtype, plan, a)
+    with jax.named_scope(f'dca_post_{A - 1}'):
+      out[A - 1] = layer.post(xs[A - 1], o_prev)
+    kv = (pp.merge([k for _, k, _ in qkv]), pp.merge([v for _, _, v in qkv]))
+    return layer.pin(pp.merge(out)), kv
+
+
+def make_ping_pong(config: ml_collections.ConfigDict, mesh: Mesh, block: BlockKernel) -> PingPong:
+  return PingPong(Stages(Setup(config, mesh, block)))

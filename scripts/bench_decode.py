@@ -47,8 +47,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from modeling import cart_decode, decode, registry, sambay_decode, sampling  # noqa: E402
-from modeling.kv_routing import CachePlan  # noqa: E402
+from modeling import registry, sampling  # noqa: E402
 
 
 def family_configs(smoke: bool):
@@ -90,18 +89,6 @@ def _count(model_cfg) -> int:
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def cache_at(model, name: str, max_len: int, position: int):
-  """An allocated cache of one sequence set to `position` tokens already written."""
-  if name == 'transformer':
-    c = decode.init_cache(model, CachePlan.from_config(model.cfg), 1, max_len)
-    return c.replace(length=jnp.int32(position))
-  if name == 'cart':
-    return cart_decode.init_cache(model, 1, max_len).replace(length=jnp.int32(position))
-  c = sambay_decode.init_cache(model, 1, max_len)
-  c['pos'] = jnp.int32(position)
-  return c
-
-
 def bench_one(model, name: str, context: int, steps: int, repeats: int) -> dict:
   dec = sampling.decoder_for(model)
   graphdef, state = nnx.split(model)
@@ -117,7 +104,7 @@ def bench_one(model, name: str, context: int, steps: int, repeats: int) -> dict:
     (cache, tok), _ = jax.lax.scan(body, (cache, token), None, length=steps)
     return tok
 
-  cache = cache_at(model, name, context + steps, context)
+  cache = dec.cache_at(model, 1, context + steps, context)
   token = jnp.zeros((1,), jnp.int32)
   fn = jax.jit(run).lower(state, cache, token).compile()
   jax.block_until_ready(fn(state, cache, token))
@@ -167,9 +154,9 @@ def main(argv=None):
 
 
 def _describe(m) -> str:
-  if m.name == 'cart':
-    return f'P={m.cart.prelude_layers} coda={m.cart.coda_layers} R={m.cart.loops}'
-  return f'{m.num_layers} layers'
+  """The family's own one-line summary (registry `describe`), else its layer count."""
+  describe = registry.get_family(m.name).describe
+  return describe(m) if describe is not None else f'{m.num_layers} layers'
 
 
 if __name__ == '__main__':

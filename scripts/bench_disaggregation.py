@@ -76,7 +76,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import base  # noqa: E402
 from modeling import blockwise  # noqa: E402
-from modeling.attention import self_attention_kwargs  # noqa: E402
+from modeling.runtime import self_attention_kwargs  # noqa: E402
 from parallelism import disaggregation as dca  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402
@@ -276,8 +276,8 @@ def attention_program(c, mesh, batch):
   int_arg = jax.ShapeDtypeStruct((B, L), np.int32, sharding=ids)
 
   def f(q, k, v, seg, pos, plan):
-    with dca.use_plan(plan):
-      return attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos)).sum()
+    return attend(q, k, v, causal=True,
+                  **self_attention_kwargs(seg, pos, dca.plan_of(plan))).sum()
 
   return jax.jit(jax.grad(f, (0, 1, 2))).lower(*qkv, int_arg, int_arg, plan).compile()
 

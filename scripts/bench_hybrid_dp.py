@@ -9,7 +9,7 @@ One global batch of documents with long-tail lengths (default Pareto: 32 x (1 + 
 rounded up, capped at 8 x C; or --dist=lognormal; or --docs lengths sampled with --seed from an
 ArrayRecord index's lengths.npy, capped at 8 x C) on 8 fake CPU devices, float32, the same
 documents for every row:
-  hdp          parallelism/hybrid_dp.py: per-document group sizes in {1,2,4,8}, several sizes per
+  hdp          parallelism/hybrid/planner.py: per-document group sizes in {1,2,4,8}, several sizes per
                micro-batch (lockstep planner), C tokens per device per micro-batch, zigzag
                ring inside each group, one compiled program per layout
   hdp-uniform  the same with one group size per micro-batch (the previous planner; not in
@@ -77,7 +77,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import base  # noqa: E402
-from parallelism import hybrid_dp  # noqa: E402
+from parallelism.hybrid import planner as hybrid_dp  # noqa: E402
 from training import hybrid_exec  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402

@@ -14,7 +14,7 @@ from flax import nnx
 from configs import base
 from modeling import cart, registry
 from modeling.attention import xla_attention
-from modeling.transformer import Runtime
+from modeling.runtime import Runtime
 
 B, L, V = 2, 16, 64
 SEG = jnp.ones((B, L), jnp.int32)

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from modeling import blockwise
-from modeling.attention import self_attention_kwargs, xla_attention
+from modeling.attention import xla_attention
+from modeling.runtime import self_attention_kwargs
 from modeling.kernels import BlockKernel
 from parallelism import disaggregation as dca
 from parallelism import disaggregation_attend
@@ -178,8 +179,14 @@ def test_grad_accumulation_is_a_clear_error():
 
 
 def test_missing_plan_is_a_clear_error():
-  with pytest.raises(ValueError, match='use_plan'):
-    dca.current_plan()
+  c = _config()
+  c.attention.block_q = c.attention.block_kv = 8
+  attend = disaggregation_attend.make_attend(c, mesh_lib.make_mesh(c.mesh),
+                                             BlockKernel('blockwise', 8, 8))
+  seg, pos = long_tail_batch(0)
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match='attn_plan'):
+    attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos))
 
 
 # ------------------------------------------------------------------ attention
@@ -195,8 +202,8 @@ WEIGHTS = np.sin(np.arange(H * D) + 1.0).reshape(H, D).astype(np.float32)
 
 def _value_and_grads(attend):
   def loss(q, k, v, seg, pos, plan):
-    with dca.use_plan(plan):
-      o = attend(q, k, v, causal=True, **self_attention_kwargs(seg, pos))
+    o = attend(q, k, v, causal=True,
+               **self_attention_kwargs(seg, pos, dca.plan_of(plan)))
     return (o * WEIGHTS).sum(), o
   return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
 
@@ -309,10 +316,13 @@ def test_training_run_matches_single_device():
 
 def test_telemetry_reports_executed_and_modelled_figures():
   import types
-  from training.telemetry import Telemetry
+  from training.telemetry import DisaggregatedTelemetry
   c = _config()
   c.attention.block_q = c.attention.block_kv = 8
-  telemetry = Telemetry(c, types.SimpleNamespace(mesh=mesh_lib.make_mesh(c.mesh)))
+  mesh = mesh_lib.make_mesh(c.mesh)
+  telemetry = DisaggregatedTelemetry(types.SimpleNamespace(
+      config=c, mesh=mesh, planner=dca.Planner(c, mesh),
+      setup=types.SimpleNamespace(graphdef=None)))
   seg, pos = long_tail_batch(0)
   telemetry.observe({'segment_ids': seg, 'positions': pos})
   row = telemetry.row(None, None)
@@ -358,12 +368,58 @@ def test_other_families_match_single_device(family):
 
 
 def test_the_same_batch_is_planned_once():
+  c = _config()
+  c.attention.block_q = c.attention.block_kv = 8
+  planner = dca.Planner(c, mesh_lib.make_mesh(c.mesh))
   seg, pos = long_tail_batch(0)
-  kw = dict(nano_batches=2, tolerance=0.02, block_q=8, block_kv=8, q_capacity=1.0,
-            kv_capacity=4.0)
-  first = dca.plan_batch_cached(seg, pos, N, **kw)
-  assert dca.plan_batch_cached(seg.copy(), pos.copy(), N, **kw) is first
-  other = dca.plan_batch_cached(*long_tail_batch(1), N, **kw)
+  first = planner.plan(seg, pos)
+  assert planner.plan(seg.copy(), pos.copy()) is first
+  other = planner.plan(*long_tail_batch(1))
   assert other is not first
-  np.testing.assert_array_equal(other[0]['dca_ret'], dca.plan_batch(*long_tail_batch(1), N,
-                                                                     **kw)[0]['dca_ret'])
+  np.testing.assert_array_equal(
+      other[0]['dca_ret'],
+      dca.plan_batch(*long_tail_batch(1), N, **dca.planner_kwargs(c))[0]['dca_ret'])
+
+
+# ------------------------------------------------------------------ the CLI path
+
+def _loop_losses(workdir) -> dict[int, float]:
+  import json
+  rows = [json.loads(line) for line in open(f'{workdir}/metrics.jsonl')]
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def test_loop_run_matches_one_device(tmp_path, monkeypatch):
+  """`training.loop.run` (train.py's path: telemetry compiles the step at start-up, held-out
+  eval runs) with disaggregated attention on 8 devices equals one device's losses. The plan
+  is a step input: the start-up compile traces it from `abstract_batch()`."""
+  from tests.helpers import tiny_config
+  from training import loop
+  over = {'batch_size': 16, 'seq_len': 64, 'steps': 3, 'log_every': 1, 'eval_every': -1,
+          'data.source': 'local_text', 'attention.block_q': 16, 'attention.block_kv': 16}
+  c = tiny_config(**over, **{'mesh.data': N, 'parallelism.context_impl': 'disaggregated'})
+  c.eval_every, c.eval_batches = 0, 1   # the final eval runs the planned eval batches
+  row = loop.run(c, str(tmp_path / 'dca'))
+  assert 'eval/loss' in row
+  make_mesh = mesh_lib.make_mesh
+  monkeypatch.setattr(mesh_lib, 'make_mesh', lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+  ref = loop.run(tiny_config(**over, **{'mesh.data': 1}), str(tmp_path / 'one'))
+  assert ref['step'] == 3
+  got, want = _loop_losses(tmp_path / 'dca'), _loop_losses(tmp_path / 'one')
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-4, rtol=0)
+
+
+def test_abstract_batch_holds_the_plan_shapes():
+  """Compile paths without a batch (telemetry, dry_run) trace the step with the plan's
+  abstract arrays: the same keys, shapes and dtypes as a planned batch's."""
+  c = _config()
+  c.batch_size, c.seq_len = B, L
+  c.attention.impl, c.attention.block_q, c.attention.block_kv = 'blockwise', 8, 8
+  planner = dca.Planner(c, mesh_lib.make_mesh(c.mesh))
+  seg, pos = long_tail_batch(0)
+  plan, _ = planner.plan(seg, pos)
+  abstract = planner.abstract(B, L)
+  assert sorted(abstract) == sorted(plan)
+  for k, v in plan.items():
+    assert abstract[k] == (v.shape, v.dtype), k

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from parallelism import hybrid_dp
-from training import hybrid_data, hybrid_exec
+from parallelism.hybrid import planner as hybrid_dp
+from training import hybrid_data, hybrid_exec, hybrid_program
 from parallelism import mesh as mesh_lib
 from training import step as step_lib
 from training.composition import make_runtime
@@ -205,7 +205,7 @@ def runs():
   setup = setup_model(c, mesh, make_runtime(c, mesh))
   state = jax.device_put(jax.tree.map(np.asarray, jax.device_get(state0)), setup.shardings)
   fsdp_leaves = sum('fsdp' in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
-  train_step = hybrid_data.TrainStep(c, mesh, setup)
+  train_step = hybrid_program.TrainStep(c, mesh, setup)
   ex = train_step.executor
   # Gradients at the initial parameters on the first batch, both ways; the hybrid side on
   # hand-made mixed layouts: a document over 4 devices beside one over 2 and single devices.

@@ -155,3 +155,26 @@ def test_rope_off_means_positions_unused(config):
   h1 = m(b['inputs'], segment_ids=b['segment_ids'], positions=b['positions'])
   h2 = m(b['inputs'], segment_ids=b['segment_ids'], positions=b['positions'] + 5)
   np.testing.assert_allclose(h1, h2, atol=1e-6)
+
+
+def test_only_the_registry_and_family_modules_know_a_family():
+  """Callers ask `registry.get_family(name)`; none compares a family's name or type, nor reads
+  a family's config section (docs/architecture.md, "Adding a model family")."""
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).resolve().parents[1]
+  family_modules = {'registry', 'transformer', 'cart', 'cart_core', 'cart_decode', 'sambay',
+                    'sambay_decode', 'kv_routing', 'ssm', 'decode'}
+  names = re.compile(r"name\s*[!=]=\s*'(transformer|cart|sambay)'")
+  code_refs = re.compile(r"isinstance\([^)]*\b(Transformer|Cart|SambaY)\b|\bmodel\.(sambay|cart)\b")
+  strings = re.compile(r"[rf]?'[^']*'|[rf]?\"[^\"]*\"")
+  found = []
+  for folder in ('modeling', 'parallelism', 'training'):
+    for path in (root / folder).rglob('*.py'):
+      if folder == 'modeling' and path.stem in family_modules:
+        continue
+      for i, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split('#')[0]
+        if names.search(code) or code_refs.search(strings.sub("''", code)):
+          found.append(f'{path.relative_to(root)}:{i}: {line.strip()}')
+  assert not found, '\n'.join(found)

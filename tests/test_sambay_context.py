@@ -15,7 +15,7 @@ from flax import nnx
 from configs import base, sambay_tiny
 from modeling import registry, ssm
 from modeling.attention import self_attention_kwargs
-from parallelism import hybrid_dp
+from parallelism.hybrid import planner as hybrid_dp
 from parallelism import mesh as mesh_lib
 from parallelism.context import layout
 from parallelism.context import scan as context_scan

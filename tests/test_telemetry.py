@@ -72,7 +72,7 @@ def test_cart_state_rms_per_loop():
   c = tiny_config(**{'model.name': 'cart', 'model.cart.prelude_layers': 1,
                      'model.cart.loops': 3, 'mesh.data': 2})
   program = build_program(c, mesh_lib.make_mesh(c.mesh, jax.devices()[:2]))
-  tele = telemetry.Telemetry(c, program)
+  tele = program.telemetry()
   host = random_batch(c)
   tele.observe(host)
   rng = np.random.default_rng(0)   # random parameters: no init program to compile

@@ -11,9 +11,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from modeling import attention as attention_lib
-from modeling import kernels, registry, ssm
+from modeling import kernels, registry
 from modeling.kernels import auto as kernel_choice
-from modeling.transformer import Runtime
+from modeling.runtime import Runtime, sequential
 from parallelism import context as context_lib
 from parallelism import disaggregation_attend
 from parallelism import rules as rules_lib
@@ -21,9 +21,7 @@ from parallelism.context import layout as context_layout
 from parallelism.context import scan as context_scan
 from parallelism.context import shared_kv as context_shared_kv
 from parallelism.context import window as context_window
-
-log = logging.getLogger(__name__)
-
+from parallelism.hybrid import groups as hybrid_groups
 
 CONTEXT_IMPLS = (*context_lib.IMPLS, 'disaggregated')
 
@@ -144,7 +142,7 @@ def check_token_order(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         'follow array order and have no context-parallel form: set mesh.context=1')
   h = p.hybrid_dp
   # With the seam, hybrid-DP groups run the context scan and conv halo per group
-  # (`hybrid_exec.GroupRecurrence`, plans made with whole_groups=True).
+  # (`parallelism.hybrid.groups.GroupRecurrence`, plans made with whole_groups=True).
   if h.enabled and max(h.layouts) > 1 and not family.uses_recurrence_seam:
     raise ValueError(
         f'parallelism.hybrid_dp.layouts={tuple(h.layouts)} cuts documents into zigzag pieces '
@@ -160,10 +158,9 @@ def make_recurrence(config: ml_collections.ConfigDict, mesh: Mesh):
   p = config.parallelism
   if not family.uses_recurrence_seam or context_layout.context_size(mesh, p.rules) == 1:
     return None
-  s = config.model.sambay
+  scan_fn, chunk = family.recurrence_scan(config.model)
   return context_scan.ContextRecurrence(
-      mesh, p.rules, ssm.make_scan(s.scan_impl, s.scan_chunk),
-      zigzag=context_layout.uses_zigzag(config, mesh), chunk=s.scan_chunk)
+      mesh, p.rules, scan_fn, zigzag=context_layout.uses_zigzag(config, mesh), chunk=chunk)
 
 
 def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -184,6 +181,23 @@ def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
   return context_shared_kv.GatheredKV(mesh, p.rules, _context_kernel(config)[1])
 
 
+def make_group_runtime(config: ml_collections.ConfigDict, layout: tuple[int, ...],
+                       pool: int) -> Runtime:
+  """The per-device runtime of a hybrid-DP micro-batch layout (inside the pool's shard_map,
+  `training/hybrid_exec.py`): the zigzag ring among each group's members and, for recurrent
+  layers with g > 1, the group's context-parallel scan (else the model's own local scan).
+  Shared K/V stays None: each reader runs the group ring."""
+  a = config.attention
+  family = registry.get_family(config.model.name)
+  recurrence = None
+  if max(layout) > 1 and family.uses_recurrence_seam:
+    scan_fn, chunk = family.recurrence_scan(config.model)
+    recurrence = hybrid_groups.GroupRecurrence(
+        hybrid_groups.GroupAxis(hybrid_groups.POOL, max(layout), pool), scan_fn, chunk)
+  return Runtime(attend=hybrid_groups.group_attend(layout, pool, a.block_q, a.block_kv),
+                 recurrence=recurrence)
+
+
 def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
   check_token_order(config, mesh)
   return Runtime(attend=make_attend(config, mesh),
@@ -191,22 +205,24 @@ def make_runtime(config: ml_collections.ConfigDict, mesh: Mesh) -> Runtime:
                  recurrence=make_recurrence(config, mesh),
                  shared_kv=make_shared_kv(config, mesh),
                  flatten_tokens=not _length_sharded(config, mesh),
-                 ping_pong=make_ping_pong(config, mesh))
+                 layer_schedule=make_layer_schedule(config, mesh))
 
 
-def make_ping_pong(config: ml_collections.ConfigDict, mesh: Mesh):
-  """Disaggregated attention's nano-batch stages for the layer-wide ping-pong
-  (`parallelism.dca_ping_pong='layer'`), else None (ping-pong inside the attention op)."""
+def make_layer_schedule(config: ml_collections.ConfigDict, mesh: Mesh):
+  """How a layer's stages run: DistCA's ping-pong over nano-batches under disaggregated
+  attention with `parallelism.dca_ping_pong='layer'`, else pre -> attend -> post
+  (`modeling.runtime.sequential`; with 'attention' the nano-batches ping-pong inside the
+  attention op only)."""
   p = config.parallelism
   if p.context_impl != 'disaggregated':
-    return None
-  mode = p.get('dca_ping_pong', 'layer')
+    return sequential
+  mode = p.dca_ping_pong
   if mode not in ('layer', 'attention'):
     raise ValueError(f"parallelism.dca_ping_pong={mode!r}; valid: 'layer', 'attention'")
   if mode == 'attention':
-    return None
+    return sequential
   block, _, _ = _context_kernel(config)
-  return disaggregation_attend.make_stages(config, mesh, block)
+  return disaggregation_attend.make_ping_pong(config, mesh, block)
 
 
 def _length_sharded(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:

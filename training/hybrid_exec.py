@@ -1,4 +1,6 @@
-"""Runs a hybrid-data-parallel plan (`hybrid_dp.py`): one compiled program per layout.
+"""Runs a hybrid-data-parallel plan (`parallelism/hybrid/planner.py`): one compiled program per
+layout. The pool's groups, their ring attention and recurrences are `parallelism/hybrid/groups.py`;
+the program the loop drives is `training/hybrid_program.py`.
 
 ByteScale (Ge et al., 2025), section 4: every device of the pool (mesh data x fsdp x
 context) computes on its own C tokens; a micro-batch's layout, e.g. (4, 2, 1, 1), cuts the
@@ -6,7 +8,7 @@ pool into consecutive groups, and each group runs the zigzag ring attention (`co
 reused) among its own members only: the ring's ppermute cycles inside each group (one static
 permutation per layout, so JAX compiles once per layout tuple and the executor caches it).
 With mixed sizes the ring takes as many steps as the largest group; a K/V block that has gone
-round a smaller group once is hidden from its queries (`GroupAxis.visible`: its segment ids
+round a smaller group once is hidden from its queries (`groups.GroupAxis.visible`: its segment ids
 become -1, so the block kernel skips it), and dK/dV still arrive home after the last step
 because every size divides the largest (layouts divide the pool, so (1, 2, 4, 8) on 8 devices).
 Single devices in a mixed layout thus compute only their own block; idle devices compute
@@ -29,7 +31,6 @@ device) and one group size per micro-batch, so for such models the plan is made 
 `gradients` refuses buffers laid out otherwise, and `program` refuses mixed layouts.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -41,159 +42,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from modeling import registry, ssm
-from modeling.transformer import Runtime
-from parallelism import hybrid_dp
-from parallelism.context import ring
-from parallelism.context import scan as context_scan
-from parallelism.context.sharded import ContextAxis
+from modeling import registry
+from parallelism.hybrid import planner as hybrid_dp
+from parallelism.hybrid.groups import POOL, check_whole_group_layout, layout_of, pool_size
 from training import step as step_lib
-from training.composition import check_token_order
+from training.composition import check_token_order, make_group_runtime
 from training.state import ModelSetup, TrainState
-
-POOL = ('data', 'fsdp', 'context')  # the mesh axes that form the pool, in device order
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupAxis(ContextAxis):
-  """A context axis made of the pool's groups: consecutive devices cut into groups of the
-  sizes in `layout` (default: every group `size` devices). Every collective is one static
-  permutation applied inside every group at once, so the context code written for a mesh axis
-  (ring, scan, conv halo) runs per group unchanged. With mixed sizes, `size` is the largest
-  group: the ring takes that many steps, a block going round a smaller group again is hidden
-  (`visible`), and dK/dV still come home because every size divides the largest."""
-  pool: int = 1
-  layout: tuple[int, ...] = ()
-
-  def groups(self) -> tuple[int, ...]:
-    return self.layout or hybrid_dp.uniform_layout(self.size, self.pool)
-
-  def _table(self, values) -> jax.Array:
-    """A per-device value from a static [pool] table."""
-    return jnp.asarray(np.asarray(values, np.int32))[jax.lax.axis_index(self._name())]
-
-  def _members(self):
-    """(group start, group size) of every pool device."""
-    start, size, at = [], [], 0
-    for g in self.groups():
-      start += [at] * g
-      size += [g] * g
-      at += g
-    return start, size
-
-  def index(self) -> jax.Array:
-    if len(set(self.groups())) == 1:
-      return jax.lax.axis_index(self._name()) % self.size
-    start, _ = self._members()
-    return jax.lax.axis_index(self._name()) - self._table(start)
-
-  def send(self, tree, pairs):
-    """ppermute along (source, destination) member pairs, in every group (taken modulo the
-    group's size); members no pair reaches receive zeros."""
-    if self.size == 1:
-      return tree
-    pool_pairs, at = [], 0
-    for g in self.groups():
-      pool_pairs += sorted({(at + s % g, at + d % g) for s, d in pairs})
-      at += g
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, self._name(), pool_pairs), tree)
-
-  def shift(self, tree, offset: int):
-    return self.send(tree, [(j, j + offset) for j in range(self.size)])
-
-  def visible(self, kv, hop):
-    if len(set(self.groups())) == 1:
-      return kv
-    _, size = self._members()
-    k, v, seg, pos = kv
-    # Segment -1 matches no query (padding is 0), so the kernel skips the whole block.
-    return k, v, jnp.where(hop < self._table(size), seg, -1), pos
-
-  def all_gather(self, x, axis: int):
-    """Tiled all-gather over the group's members in member order, by g-1 shifts (meant for
-    small arrays, such as the scan's per-piece summaries; uniform layouts only)."""
-    if self.size == 1:
-      return x
-    g = self.size
-    got = jnp.stack([x] + [self.shift(x, o) for o in range(1, g)])  # got[o]: from member me-o
-    src = (self.index() - jnp.arange(g)) % g
-    ordered = jnp.take(got, jnp.argsort(src), axis=0)              # [g, ...] by member
-    ordered = jnp.moveaxis(ordered, 0, axis)
-    shape = list(x.shape)
-    shape[axis] *= g
-    return ordered.reshape(shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupRecurrence:
-  """`ssm.Recurrence` for a document split over a group (per device, inside the pool's
-  shard_map): the context-parallel scan and conv halo over a `GroupAxis`, zigzag layout."""
-  axis: GroupAxis
-  scan_fn: Any
-  chunk: int
-
-  def conv(self, x_BLE, w_WE, b_E, segment_ids_BL):
-    return context_scan.local_conv(x_BLE, w_WE, b_E, segment_ids_BL, axis=self.axis,
-                                   zigzag=True)
-
-  def scan(self, x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, *, segment_ids_BL):
-    return context_scan.local_scan(x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, segment_ids_BL,
-                                   axis=self.axis, zigzag=True, scan_fn=self.scan_fn,
-                                   chunk=self.chunk)
-
 
 def whole_groups(config: ml_collections.ConfigDict) -> bool:
   """Whether plans for this model must give a split document its group alone
   (`hybrid_dp.plan(whole_groups=...)`): yes when it has order-dependent (recurrent) layers."""
   return bool(registry.get_family(config.model.name).order_dependent_layers)
-
-
-def check_whole_group_layout(g: int, buffers: dict[str, np.ndarray]) -> None:
-  """Refuses g > 1 buffers not laid out as `whole_groups=True` makes them: in every group,
-  either nothing or one document whose member m holds tokens [m h, (m+1) h) and
-  [(2g-1-m) h, (2g-m) h), h = capacity / 2."""
-  seg, pos = np.asarray(buffers['segment_ids']), np.asarray(buffers['positions'])
-  n, C = seg.shape
-  h = C // 2
-  want = np.stack([np.r_[m * h:(m + 1) * h, (2 * g - 1 - m) * h:(2 * g - m) * h]
-                   for m in range(g)])
-  for j in range(0, n, g):
-    s, p = seg[j:j + g], pos[j:j + g]
-    if not s.any():
-      continue
-    ids = np.unique(s[s > 0])
-    if len(ids) != 1 or not (p == want).all() or not (C % 2 == 0):
-      raise ValueError(
-          f'hybrid_dp: a group of {g} devices holds buffers not planned with whole_groups=True, '
-          'which this model (recurrent layers over token order) needs: make the plan with '
-          'hybrid_dp.plan(..., whole_groups=hybrid_exec.whole_groups(config))')
-
-
-def group_attend(layout: tuple[int, ...], pool: int, block_q: int, block_kv: int):
-  """The per-device `AttendFn` for a layout: the zigzag ring among each group's members."""
-  local = ring.make_local(block_q, block_kv, zigzag=True)
-  axis = GroupAxis(POOL, max(layout), pool, layout)
-
-  def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
-             kv_positions, causal, window=0):
-    return local(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
-                 kv_positions, axis=axis, causal=causal, window=int(window))
-
-  return attend
-
-
-def layout_of(key, pool: int) -> tuple[int, ...]:
-  """The layout tuple of an executor key: g (every group g devices) or the tuple itself."""
-  layout = hybrid_dp.uniform_layout(key, pool) if isinstance(key, (int, np.integer)) else \
-      tuple(int(g) for g in key)
-  if sum(layout) != pool or min(layout) < 1 or any(max(layout) % g for g in layout):
-    raise ValueError(f'hybrid_dp: layout {layout} does not cut the pool of {pool} devices into '
-                     'groups whose sizes divide the largest')
-  return layout
-
-
-def pool_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in POOL]))
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -247,21 +106,8 @@ class Executor:
   def whole_groups(self) -> bool:
     return whole_groups(self.config)
 
-  def _recurrence(self, layout: tuple[int, ...]):
-    """None (the model's own local scan) for g = 1 or a model without recurrent layers."""
-    g = max(layout)
-    if g == 1 or not registry.get_family(self.config.model.name).uses_recurrence_seam:
-      return None
-    s = self.config.model.sambay
-    return GroupRecurrence(GroupAxis(POOL, g, self.pool), ssm.make_scan(s.scan_impl,
-                                                                        s.scan_chunk),
-                           s.scan_chunk)
-
   def _graphdef(self, layout: tuple[int, ...]):
-    a = self.config.attention
-    # Shared K/V (SambaY's cross-decoder) stays None: each reader runs the group ring.
-    runtime = Runtime(attend=group_attend(layout, self.pool, a.block_q, a.block_kv),
-                      recurrence=self._recurrence(layout))
+    runtime = make_group_runtime(self.config, layout, self.pool)
     model = nnx.eval_shape(
         lambda: registry.build_model(self.config.model, rngs=nnx.Rngs(0), runtime=runtime))
     return nnx.split(model, nnx.Param, ...)[0]

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from modeling import registry
-from modeling.transformer import Runtime
+from modeling.runtime import Runtime
 from parallelism import rules as rules_lib
 from training import optimizer as optimizer_lib
 
@@ -70,7 +70,7 @@ def setup_model(config: ml_collections.ConfigDict, mesh: Mesh, runtime: Runtime)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return ModelSetup(graphdef, param_axes, tx, schedule, shardings, abstract,
-                    bool(config.optimizer.get('skip_nonfinite', False)))
+                    bool(config.optimizer.skip_nonfinite))
 
 
 def init_train_state(config: ml_collections.ConfigDict, setup: ModelSetup,

@@ -16,12 +16,18 @@ from training.state import ModelSetup, TrainState
 Batch = dict[str, jax.Array]
 
 
+def model_inputs(batch: Batch) -> dict[str, Any]:
+  """The model call's per-token and per-batch inputs besides the tokens: segment ids,
+  positions, and the batch's attention plan (disaggregation's 'dca_*' arrays, or None), a step
+  input the model passes down to every attend call."""
+  return dict(segment_ids=batch['segment_ids'], positions=batch['positions'],
+              attn_plan=disaggregation.plan_of(batch))
+
+
 def loss_sum(params, graphdef, batch: Batch, rng,
              loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   model = nnx.merge(graphdef, params)
-  with disaggregation.use_plan(batch):  # per-batch attention plan, if any ('dca_*' keys)
-    h_BLD = model(batch['inputs'], segment_ids=batch['segment_ids'],
-                  positions=batch['positions'], rng=rng)
+  h_BLD = model(batch['inputs'], rng=rng, **model_inputs(batch))
   return loss_lib.lm_loss_sum(model, h_BLD, batch['targets'], chunk=loss_chunk)
 
 

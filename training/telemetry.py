@@ -28,23 +28,23 @@ Per logged window, from the host batches actually run (averaged over the window'
                          the backward sends as much again), executed_block_pairs_max,
                          q_buffer_use / kv_buffer_use (the fullest send or receive buffer:
                          rows used / parallelism.dca_q_capacity, dca_kv_capacity rows)
-At logging steps, for CART: cart/state_rms_loop_<r>, the RMS of the state after core
-application r on the logged batch (one extra forward pass per log row).
+At logging steps, the model family's batch diagnostics on the logged batch (registry
+`Family.batch_diagnostics`; one extra forward pass per log row), e.g. CART's
+cart/state_rms_loop_<r>, the RMS of the state after core application r.
+
+Which figures a strategy reports is the program's choice (`TrainProgram.telemetry()`):
+`Telemetry` for a static mesh, `DisaggregatedTelemetry` (the planner's per-device work),
+`NoTelemetry` for hybrid DP (its step reports hdp/* itself).
 """
 
 import logging
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import nnx
 
-from modeling import cart as cart_lib
-from modeling.cart_core import loop_index_table
+from modeling import registry
 from parallelism import disaggregation
-from training import perf
+from training import perf, step as step_lib
 
 log = logging.getLogger('loomax')
 
@@ -82,35 +82,46 @@ def attention_flops_per_device(segment_ids_BL, positions_BL, batch_devices: int,
                       L // context_devices).sum(axis=(1, 3)).ravel()
 
 
-class Telemetry:
-  """What the training loop calls: `startup()` once, `observe(host_batch)` per step,
-  `row(params, device_batch)` at each log step."""
+class NoTelemetry:
+  """The hooks the loop calls, reporting nothing: `startup()` once, `observe(host_batch)` per
+  step, `row(params, device_batch)` at each log step."""
 
-  def __init__(self, config: ml_collections.ConfigDict, program):
+  def startup(self) -> dict[str, float]:
+    return {}
+
+  def observe(self, host_batch) -> None:
+    del host_batch
+
+  def row(self, params, device_batch) -> dict[str, float]:
+    del params, device_batch
+    return {}
+
+
+class Telemetry(NoTelemetry):
+  """A static-mesh program's telemetry (see the module docstring)."""
+
+  def __init__(self, program):
+    config, mesh = program.config, program.mesh
     self.config, self.program = config, program
-    self.hybrid = config.parallelism.hybrid_dp.enabled
-    self.disaggregated = config.parallelism.context_impl == 'disaggregated'
-    mesh = program.mesh
     self.batch_devices = disaggregation.batch_devices(config, mesh)
     self.context_devices = mesh.devices.size // self.batch_devices // _tensor_size(mesh)
     m = config.model
+    family = registry.get_family(m.name)
     self.attn = dict(heads=m.num_heads, head_dim=m.head_dim,
-                     window=m.sliding_window if m.name != 'sambay' else 0)
+                     window=family.balance_window(m))
     self._reset()
-    self._cart_norms = None
-    if m.name == 'cart':
-      self._cart_norms = jax.jit(_cart_state_rms(program.setup.graphdef),
-                                 in_shardings=(program.setup.shardings.params,
-                                               program.batch_sharding))
+    self._diagnostics = None
+    if family.batch_diagnostics is not None:
+      self._diagnostics = jax.jit(_batch_diagnostics(program.setup.graphdef,
+                                                     family.batch_diagnostics),
+                                  in_shardings=(program.setup.shardings.params,
+                                                program.batch_sharding))
 
   def _reset(self):
     self._steps, self._sums = 0, {}
 
   def startup(self) -> dict[str, float]:
     """Compile-time figures of the train step, computed once."""
-    if self.hybrid:
-      log.info('telemetry: hybrid DP compiles one program per layout; comm/mem not reported')
-      return {}
     compiled = self.program.compiled_train_step()   # the jit cache serves the first step
     try:
       return compiled_figures(compiled, self.program.mesh.devices.size)
@@ -120,14 +131,11 @@ class Telemetry:
 
   def observe(self, host_batch: dict[str, np.ndarray]) -> None:
     """Per-step host-side figures of the batch about to run (cheap numpy)."""
-    if self.hybrid:   # a list of documents: hybrid DP reports padding and balance itself
-      return
     seg = np.asarray(host_batch['segment_ids'])
     add = {'data/real_token_fraction': float((seg > 0).mean())}
     add['data/padding_fraction'] = 1.0 - add['data/real_token_fraction']
-    self._dca = {}
-    flops = self._device_flops(host_batch)
-    add.update(self._dca)
+    flops, extra = self._device_flops(host_batch)
+    add.update(extra)
     if flops is not None:
       add.update({'balance/attn_flops_max': float(flops.max()),
                   'balance/attn_flops_mean': float(flops.mean()),
@@ -137,64 +145,51 @@ class Telemetry:
     self._steps += 1
 
   def _device_flops(self, host_batch):
-    if self.disaggregated:
-      # mesh.context is 1 here, so the host batch is the layout the planner sees; the step's
-      # host layout reuses this plan (the same batch, planned once).
-      kwargs = disaggregation.planner_kwargs(self.config)
-      _, scheds = disaggregation.plan_batch_cached(host_batch['segment_ids'],
-                                                   host_batch['positions'],
-                                                   self.batch_devices, **kwargs)
-      self._dca = disaggregation.summary(scheds, *disaggregation.row_bytes(self.config))
-      pairs = disaggregation.device_flops(scheds)[1]
-      return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim']
+    """(forward attention FLOPs per device or None, further figures of the batch)."""
     # Each process holds only its own rows, which feed its share of the batch devices: the
     # balance figures are over this process's devices (all of them in a single process).
     batch_devices, nproc = self.batch_devices, jax.process_count()
     if nproc > 1:
       if batch_devices % nproc:
-        return None
+        return None, {}
       batch_devices //= nproc
     batch = self.program.host_layout(
         {k: host_batch[k] for k in ('segment_ids', 'positions')})
     return attention_flops_per_device(batch['segment_ids'], batch['positions'],
-                                      batch_devices, self.context_devices, **self.attn)
+                                      batch_devices, self.context_devices, **self.attn), {}
 
   def row(self, params, device_batch) -> dict[str, float]:
-    """The window's means since the last row, plus CART's loop-state RMS on `device_batch`."""
+    """The window's means since the last row, plus the family's diagnostics on
+    `device_batch`."""
     out = {k: v / self._steps for k, v in self._sums.items()} if self._steps else {}
     self._reset()
-    if self._cart_norms is not None and device_batch is not None:
-      norms = np.asarray(self._cart_norms(params, device_batch))
-      out.update({f'cart/state_rms_loop_{r}': float(v) for r, v in enumerate(norms)})
+    if self._diagnostics is not None and device_batch is not None:
+      out.update({k: float(v) for k, v in self._diagnostics(params, device_batch).items()})
     return out
+
+
+class DisaggregatedTelemetry(Telemetry):
+  """Balance from the planner: the per-device pairs after moving work, and dca/*."""
+
+  def _device_flops(self, host_batch):
+    # mesh.context is 1 here, so the host batch is the layout the planner sees; the program's
+    # prepare reuses this plan (the same batch, planned once).
+    _, scheds = self.program.planner.plan(host_batch['segment_ids'], host_batch['positions'])
+    extra = disaggregation.summary(scheds, *disaggregation.row_bytes(self.config))
+    pairs = disaggregation.device_flops(scheds)[1]
+    return np.asarray(pairs, np.float64) * 4 * self.attn['heads'] * self.attn['head_dim'], extra
 
 
 def _tensor_size(mesh) -> int:
   return int(mesh.shape.get('tensor', 1))
 
 
-def _cart_state_rms(graphdef):
-  """(params, batch) -> [R] RMS over real tokens of the state after each core application,
-  running the model's own stages (anchor, loop_step) at the training R."""
+def _batch_diagnostics(graphdef, diagnostics):
+  """(params, device batch) -> {name: scalar} of the family's diagnostics on that batch."""
+  from flax import nnx
 
   def fn(params, batch):
-    model: Any = nnx.merge(graphdef, params)
-    seg, pos = batch['segment_ids'], batch['positions']
-    c = model.cfg.cart
-    R = model.num_loops(training=True)
-    e = model.anchor(batch['inputs'], segment_ids=seg, positions=pos)
-    kv = None if c.recompute_kv else model.kv_proj(e)
-    pe = jnp.asarray(loop_index_table(c.max_loops, c.loop_embed_dim)) if c.loop_embedding \
-        else None
-    real = (seg > 0).astype(jnp.float32)[..., None]
-    buf, out = (e,) * model.glue.slots, []
-    for r in range(R):
-      h = cart_lib.loop_step(model.core_at(r), model.glue, model.kv_proj, buf,
-                             None if pe is None else pe[r], kv, seg, pos)
-      buf = (h,) + buf[:-1]
-      ms = jnp.sum(jnp.square(h.astype(jnp.float32)) * real) / (
-          jnp.maximum(jnp.sum(real), 1.0) * h.shape[-1])
-      out.append(jnp.sqrt(ms))
-    return jnp.stack(out)
+    model = nnx.merge(graphdef, params)
+    return diagnostics(model, batch['inputs'], **step_lib.model_inputs(batch))
 
   return fn

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from training import perf
+
 log = logging.getLogger('loomax')
 
 
@@ -120,3 +122,16 @@ def log_line(step: int, loss: float, perf_row: dict[str, float]) -> str:
     parts.append(f"step {perf_row['perf/step_time_s'] * 1e3:,.1f} ms")
     parts.append(f"data wait {perf_row['perf/data_wait_s'] * 1e3:,.1f} ms")
   return ' | '.join(parts)
+
+
+def matmul_peak(config, mesh) -> float:
+  """perf.peak_flops, or the best of perf.peak_trials matmul timings (logged once)."""
+  if config.perf.peak_flops:  # per device, as accelerator data sheets state it
+    log.info('MFU against perf.peak_flops=%.3g FLOP/s per device x %d (given, not measured)',
+             config.perf.peak_flops, mesh.devices.size)
+    return config.perf.peak_flops * mesh.devices.size
+  trials = perf.measure_peak_trials(mesh, trials=config.perf.peak_trials)
+  log.info('matmul peak over %d device(s): best of %d trials %.3g FLOP/s (median %.3g, '
+           'worst %.3g); MFU divides by the best', mesh.devices.size, len(trials), max(trials),
+           float(sorted(trials)[len(trials) // 2]), min(trials))
+  return max(trials)
