@@ -19,7 +19,7 @@ from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import checkpointing, evals, perf, telemetry, throughput
+from training import autoplan, checkpointing, evals, perf, telemetry, throughput
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
@@ -47,6 +47,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last logged metrics row."""
   distributed.initialize(config.distributed)
   setup_logging()
+  if config.mesh.auto:   # the planner's choice for these devices (training/autoplan.py)
+    config = autoplan.auto_config(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.get('dry_run', False):
     return dry_run(config, build_program(config, mesh))
