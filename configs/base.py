@@ -160,6 +160,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mesh.fsdp = 1
   mesh.context = 1
   mesh.tensor = 1
+  # True: the planner (training/autoplan.py, docs/planning.md) picks mesh.*, context_impl,
+  # attention.impl, model.remat and grad_accum_steps for the devices this run sees (logged)
+  mesh.auto = False
+  mesh.auto_memory_gib = 0.0         # auto: memory per device; 0 = the backend's (else profile's)
+  mesh.auto_hardware = ''            # auto: profile (h100 | h200 | tpu-v5p | cpu | JSON); '' = by device
 
   # --- parallel strategies ---
   p = c.parallelism = ml_collections.ConfigDict()

@@ -20,7 +20,7 @@ from checkpoint import metadata as ckpt_metadata
 from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
-from training import checkpointing, eval_hook, perf, signals
+from training import autoplan, checkpointing, eval_hook, perf, signals
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.eval_hook import eval_enabled, evaluate  # noqa: F401 - re-exported
 from training.metrics_log import Dispatched, MetricsLog
@@ -45,6 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last logged metrics row."""
   distributed.initialize(config.distributed)
   setup_logging()
+  if config.mesh.auto:   # the planner's choice for these devices (training/autoplan.py)
+    config = autoplan.auto_config(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.dry_run:
     return dry_run(config, build_program(config, mesh))

@@ -1,0 +1,179 @@
+"""Checks the automatic planner against measurement on fake CPU devices: for each case, plans
+with this machine's calibrated profile, compiles the leading candidates (and a spread of the
+others that fit), measures every compiled candidate that fits the budget, and reports the
+first choice's measured step time against the best measured, and the rank correlation of
+predicted and measured step times.
+
+    python scripts/bench_plan.py [--cases dense4k,dense16k,sambay8k] [--measure 8]
+        [--device_memory_gib 0.5] [--json PATH] [--smoke]
+
+Step time is process CPU seconds per step (fake devices share the cores, so CPU time is the
+steady figure on a shared machine); wall seconds are reported beside it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name: (config file, overrides, seq_len, rows). The dense cases halve configs/tiny.py (2
+# layers, d=128) so that every candidate's step can be measured on 2 CPU cores in seconds.
+SMALL_DENSE = {'model.num_layers': 2, 'model.d_model': 128, 'model.num_heads': 2,
+               'model.num_kv_heads': 1, 'model.head_dim': 64, 'model.mlp_dim': 384}
+CASES = {
+    'dense4k': ('configs/tiny.py', SMALL_DENSE, 4096, 4),
+    'dense16k': ('configs/tiny.py', SMALL_DENSE, 16384, 1),
+    'sambay8k': ('configs/sambay_tiny.py', {}, 8192, 1),
+    'smoke': ('configs/tiny.py', {'model.num_layers': 2, 'model.d_model': 64,
+                                  'model.num_heads': 2, 'model.num_kv_heads': 1,
+                                  'model.head_dim': 32, 'model.mlp_dim': 128}, 256, 8),
+}
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  ap.add_argument('--cases', default='dense4k,dense16k,sambay8k', help=f'of {sorted(CASES)}')
+  ap.add_argument('--devices', type=int, default=8, help='fake CPU devices')
+  ap.add_argument('--device_memory_gib', type=float, default=0.5)
+  ap.add_argument('--measure', type=int, default=8, help='candidates measured per case')
+  ap.add_argument('--steps', type=int, default=2, help='timed steps per candidate (median)')
+  ap.add_argument('--json', default='', help='write every figure to this JSON file')
+  ap.add_argument('--smoke', action='store_true',
+                  help='seconds-long: a 2-layer d=64 model at 256 tokens, 2 candidates, 1 step')
+  return ap.parse_args(argv)
+
+
+def spearman(a, b) -> float:
+  import numpy as np
+  ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
+  if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+    return float('nan')
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def measure(config, devices, steps: int) -> dict:
+  """Compiles the configured step on `devices` and times it on a fixed synthetic batch."""
+  import jax
+  import numpy as np
+  from parallelism import mesh as mesh_lib
+  from training import perf
+  from training.program import build_program
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+  t0 = time.perf_counter()
+  program = build_program(config, mesh)
+  state = program.init_state()
+  B, L = config.batch_size, config.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.model.vocab_size, (B, L + 1), dtype=np.int32)
+  host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((B, L), np.int32),
+          'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
+  batch = program.global_batch(host)
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = program.train_step(holder['state'], batch)
+    jax.block_until_ready(metrics)
+
+  step()
+  first_s = time.perf_counter() - t0
+  t = perf.wall_and_cpu(step, steps)
+  return {'cpu_s': t['cpu_median'], 'wall_s': t['median'], 'compile_and_first_s': first_s}
+
+
+def run_case(name: str, args, hw) -> dict:
+  import jax
+  import numpy as np
+  from parallelism.planner import hardware as hw_lib
+  from training import autoplan, overrides as overrides_lib
+  path, over, seq_len, rows_per_step = CASES[name]
+  config = overrides_lib.load_config_file(path)
+  for k, v in over.items():
+    *parents, leaf = k.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  budget = args.device_memory_gib * hw_lib.GIB
+  tokens = seq_len * rows_per_step
+  t0 = time.perf_counter()
+  rows = autoplan.plan(config, devices=args.devices, memory_bytes=budget, seq_len=seq_len,
+                       global_tokens=tokens, hw=hw, top=max(args.measure // 2, 1),
+                       max_compiles=2 * args.measure)
+  plan_s = time.perf_counter() - t0
+  chosen = rows[0]
+  # The planner's leading compiled candidates, then a spread over the rest of the ranking.
+  feasible = [r for r in rows if r.feasible]
+  picked = [r for r in feasible if r.checked == 'compiled'][:max(args.measure // 2, 1)]
+  rest = [r for r in feasible if r not in picked]
+  if rest and len(picked) < args.measure:
+    idx = np.linspace(0, len(rest) - 1, min(args.measure - len(picked), len(rest)))
+    picked += [rest[int(i)] for i in sorted(set(np.round(idx).astype(int)))]
+  results = []
+  for r in picked:
+    cfg = autoplan.apply(config, r.candidate, seq_len=seq_len, global_tokens=tokens)
+    entry = {'candidate': r.candidate.describe(), 'overrides': r.candidate.overrides(),
+             'predicted_s': r.estimate.time['step'], 'modelled_bytes': r.estimate.memory['total'],
+             'compiled_bytes': r.compiled_bytes, 'checked': r.checked,
+             'chosen': r is chosen}
+    try:
+      if r.compiled_bytes is None:
+        entry['compiled_bytes'] = autoplan.compile_memory(cfg, jax.devices()[:args.devices])
+      entry['fits'] = entry['compiled_bytes'] <= budget
+      if entry['fits']:
+        entry.update(measure(cfg, jax.devices()[:args.devices], args.steps))
+    except ValueError as e:
+      entry['refused'] = str(e).splitlines()[0]
+    results.append(entry)
+    print(f'  {entry["candidate"]:<52} predicted {entry["predicted_s"]:8.3g} s  measured '
+          f'{entry.get("cpu_s", float("nan")):8.3g} CPU s ({entry.get("wall_s", float("nan")):.3g}'
+          f' wall)  {entry["compiled_bytes"] / 2**20 if entry["compiled_bytes"] else 0:7.1f} MiB'
+          f'{"  <- first choice" if entry["chosen"] else ""}', flush=True)
+  timed = [e for e in results if 'cpu_s' in e]
+  best = min((e['cpu_s'] for e in timed), default=float('nan'))
+  first = next((e for e in timed if e['chosen']), None)
+  rho = spearman([e['predicted_s'] for e in timed], [e['cpu_s'] for e in timed])
+  summary = {'case': name, 'config': path, 'seq_len': seq_len, 'rows': rows_per_step,
+             'budget_bytes': budget, 'candidates': len(rows), 'fit_modelled': len(feasible),
+             'plan_s': plan_s, 'measured': len(timed),
+             'first_choice': chosen.candidate.describe(),
+             'first_vs_best': (first['cpu_s'] / best) if first else None,
+             'rank_correlation': rho, 'results': results}
+  print(f'{name}: first choice {chosen.candidate.describe()}: '
+        f'{summary["first_vs_best"] if first else "not measured"} x the best measured; '
+        f'rank correlation {rho:.2f} over {len(timed)} measured', flush=True)
+  return summary
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.smoke:
+    args.cases, args.measure, args.steps, args.device_memory_gib = 'smoke', 2, 1, 1.0
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={args.devices}')
+  from absl import logging as absl_logging
+  from training import autoplan
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  hw = (autoplan.calibrate(seq_len=256, matmul=512) if args.smoke
+        else autoplan.calibrate(seq_len=1024))
+  print(f'calibrated: peak {hw.peak_flops:.3g} FLOP/s per device, matmul share '
+        f'{hw.matmul_efficiency:.2f}, attention {dict(hw.attention_efficiency)}, link '
+        f'{hw.intra_bytes_per_s:.3g} B/s, latency {hw.latency_s * 1e6:.0f} us', flush=True)
+  out = {'hardware': hw.__dict__, 'date': time.strftime('%Y-%m-%d %H:%M'),
+         'command': ' '.join(sys.argv), 'cases': []}
+  for name in args.cases.split(','):
+    if name not in CASES:
+      raise SystemExit(f'bench_plan.py: error: unknown case {name!r}; valid: {sorted(CASES)}')
+    out['cases'].append(run_case(name, args, hw))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(out, f, indent=1, default=str)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

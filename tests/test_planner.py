@@ -1,0 +1,157 @@
+"""The automatic parallel planner: candidates respect the shapes, the memory model moves the
+right way, every plan it prints compiles within its budget and trains, and mesh.auto runs."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cart_tiny, sambay_tiny
+from parallelism.planner import estimate as est, hardware, search, workload
+from parallelism.planner.estimate import Candidate
+from tests.helpers import tiny_config
+from training import autoplan, loop
+
+
+def _workload(config=None, seq_len=256, tokens=256 * 8):
+  return workload.from_config(config or tiny_config(), seq_len, tokens)
+
+
+def test_candidates_respect_shapes():
+  w = _workload(seq_len=256, tokens=256 * 4)
+  cands = list(search.candidates(w, hardware.PROFILES['h100'], 8))
+  assert cands
+  for c in cands:
+    assert c.devices == 8
+    assert w.rows % (c.data * c.fsdp * c.grad_accum) == 0
+    assert w.heads % c.tensor == 0
+    assert c.context == 1 or (c.context_impl != 'none' and w.seq_len % (2 * c.context) == 0)
+  # every factorisation of 8 that the shapes allow appears
+  meshes = {(c.data, c.fsdp, c.context, c.tensor) for c in cands}
+  assert (4, 1, 1, 2) in meshes and (1, 1, 8, 1) in meshes and (8, 1, 1, 1) not in meshes
+
+
+def test_memory_model_directions():
+  w = _workload(seq_len=4096, tokens=4096 * 8)
+  base = Candidate(8, 1, 1, 1, 'none', 'blockwise', 'none', 1)
+  mem = lambda **kw: est.memory(Candidate(**{**base.__dict__, **kw}), w)['total']
+  assert mem(remat='full') < mem(remat='dots') < mem()
+  assert mem(data=1, fsdp=8) < mem()                       # fsdp shards the state
+  assert mem(attention='xla') > 4 * mem()                  # dense scores are O(L^2)
+  ring = lambda n: mem(data=1, context=n, context_impl='ring')
+  assert ring(8) < ring(4) < ring(2)                       # context splits the activations
+
+
+def test_time_model_charges_recompute_and_links():
+  w = _workload(seq_len=4096, tokens=4096 * 8)
+  hw = hardware.PROFILES['h100']
+  t = lambda c: est.estimate(c, w, hw).time
+  none = t(Candidate(8, 1, 1, 1, 'none', 'jax_nn', 'none', 1))
+  full = t(Candidate(8, 1, 1, 1, 'none', 'jax_nn', 'full', 1))
+  assert full['recompute'] > 0 == none['recompute'] and full['step'] > none['step']
+  inter = hardware.Hardware(**{**hw.__dict__, 'devices_per_node': 2})
+  assert (est.estimate(Candidate(1, 1, 1, 8, 'none', 'jax_nn', 'none', 1), w, inter).time['step']
+          > t(Candidate(1, 1, 1, 8, 'none', 'jax_nn', 'none', 1))['step'])
+
+
+def test_hardware_profiles_parse():
+  assert hardware.parse('h200').memory_bytes > hardware.parse('h100').memory_bytes
+  custom = hardware.parse('custom:100,1000,50')
+  assert custom.peak_flops == 100e12 and custom.intra_bytes_per_s == 50e9
+  for bad in ('a100', 'custom:1,2'):
+    with pytest.raises(ValueError, match='--hardware'):
+      hardware.parse(bad)
+  for hw in hardware.PROFILES.values():
+    assert hw.source
+
+
+def test_workload_counts_cart_loops():
+  c = cart_tiny.get_config()
+  w = workload.from_config(c, 128, 128 * 4)
+  m = c.model
+  assert w.effective_layers > m.num_layers     # the core counts once per application
+
+
+@pytest.fixture(scope='module')
+def planned():
+  """The tiny dense model at 256 tokens x 8 rows on the 8 fake devices, 64 MiB each."""
+  c = tiny_config()
+  rows = autoplan.plan(c, devices=8, memory_bytes=64 * 2**20, seq_len=256, global_tokens=2048,
+                       hw=hardware.PROFILES['cpu'], top=2, max_compiles=4)
+  return c, rows
+
+
+def test_first_choice_compiles_within_budget(planned):
+  _, rows = planned
+  first = rows[0]
+  assert first.feasible and first.checked == 'compiled', first
+  assert first.compiled_bytes <= 64 * 2**20
+  compiled = [r for r in rows if r.checked == 'compiled']
+  assert all(r.compiled_bytes > 0 for r in compiled)
+  # rows that do not fit are ranked after every row that does
+  fits = [r.feasible for r in rows]
+  assert fits == sorted(fits, reverse=True)
+
+
+def _family_config(name):
+  if name == 'transformer':
+    c = tiny_config()
+  else:
+    c = {'cart': cart_tiny, 'sambay': sambay_tiny}[name].get_config()
+    c.perf.peak_flops, c.progress = 1e12, False
+    c.model.update(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+    if name == 'cart':
+      c.model.cart.update(prelude_layers=1, coda_layers=1, loops=2)
+    else:
+      c.model.sambay.window = 16
+  c.batch_size, c.seq_len = 8, 64
+  c.eval_every, c.eval_batches, c.log_every = -1, 0, 1
+  return c
+
+
+@pytest.mark.parametrize('family', ['transformer', 'cart', 'sambay'])
+def test_top_plan_trains(family, tmp_path):
+  """Every plan it prints runs: the top plan for each family trains 2 steps on 8 devices."""
+  c = _family_config(family)
+  rows = autoplan.plan(c, devices=8, memory_bytes=256 * 2**20, seq_len=c.seq_len,
+                       global_tokens=c.batch_size * c.seq_len, hw=hardware.PROFILES['cpu'],
+                       top=1, max_compiles=3)
+  top = rows[0]
+  assert top.feasible and top.checked == 'compiled', [(r.candidate, r.refused) for r in rows[:3]]
+  cfg = autoplan.apply(c, top.candidate)
+  cfg.steps = 2
+  row = loop.run(cfg, str(tmp_path))
+  assert row['step'] == 2 and math.isfinite(row['train/loss'])
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['mesh']['data'] == top.candidate.data
+
+
+def test_mesh_auto_runs_and_logs(tmp_path, caplog):
+  c = tiny_config(**{'mesh.auto': True, 'mesh.auto_memory_gib': 0.25, 'steps': 2,
+                     'eval_every': -1, 'log_every': 1})
+  with caplog.at_level('INFO', logger='loomax'):
+    row = loop.run(c, str(tmp_path))
+  assert row['step'] == 2 and np.isfinite(row['train/loss'])
+  chosen = [r.getMessage() for r in caplog.records if 'mesh.auto chosen' in r.getMessage()]
+  assert chosen, [r.getMessage() for r in caplog.records][:20]
+  assert json.load(open(tmp_path / 'config.json'))['mesh']['auto'] is False
+
+
+def test_compile_always_without_devices_is_an_error():
+  with pytest.raises(ValueError, match='--compile=always needs 64 gpu devices'):
+    autoplan.plan(tiny_config(), devices=64, memory_bytes=2**30, seq_len=256,
+                  global_tokens=256 * 64, hw=hardware.PROFILES['h100'], compile='always')
+
+
+def test_large_targets_are_modelled_only():
+  """64 H100s at 128K: no compile here, the rows say 'modelled' and the first fits."""
+  c = tiny_config()
+  c.model.update(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                 mlp_dim=14336, vocab_size=128256)
+  rows = autoplan.plan(c, devices=64, memory_bytes=80e9, seq_len=131072,
+                       global_tokens=131072 * 8, hw=hardware.PROFILES['h100'])
+  assert rows[0].feasible and rows[0].checked == 'modelled'
+  assert rows[0].candidate.context > 1 or rows[0].candidate.remat != 'none'
+  assert jax.device_count() < 64
