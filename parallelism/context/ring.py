@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from modeling import blockwise
-from modeling.attention import MASK_VALUE
+from modeling.masking import MASK_VALUE
 from modeling.kernels import BlockKernel
 from parallelism.context.sharded import ContextAxis, merge
 

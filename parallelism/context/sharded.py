@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from modeling import axes as ax
-from modeling.attention import MASK_VALUE
+from modeling.masking import MASK_VALUE
 from parallelism import rules as rules_lib
 
 
