@@ -103,15 +103,19 @@ def test_splash_in_interpret_mode():
 
 
 def test_auto_choices_are_logged(caplog):
-  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512)[0] == 'pallas'
+  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512)[0] == 'pallas'  # packed
+  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512, index_ordered=True,
+                     packed=False)[0] == 'jax_nn'  # cuDNN
+  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512, index_ordered=True,
+                     packed=False, head_dim=256)[0] == 'pallas'
+  assert auto.choose('gpu', batch=1, heads=8, q_len=512, kv_len=512, index_ordered=True,
+                     packed=False, dtype='float32')[0] == 'pallas'
   assert auto.choose('cpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'  # 512 MiB
   assert auto.choose('cpu', batch=1, heads=6, q_len=65536, kv_len=65536)[0] == 'blockwise'
-  assert auto.block_impl('jax_nn', 'cpu')[0] == 'xla'
   assert auto.block_impl('auto', 'gpu')[0] == 'pallas'
   assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096,
                      index_ordered=True)[0] == 'splash'
   assert auto.choose('tpu', batch=1, heads=8, q_len=4096, kv_len=4096)[0] == 'xla'
-  assert auto.block_impl('splash', 'tpu')[0] == 'blockwise'
   c = base.get_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = 1, 1, 1, 1
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
@@ -127,6 +131,88 @@ def test_auto_choices_are_logged(caplog):
   c.attention.impl = 'splash'
   with pytest.raises(ValueError, match="attention.impl='splash' needs a TPU"):
     make_attend(c, mesh)
+
+
+def test_fallbacks_warn_once_or_refuse_under_strict(caplog):
+  """A ring with a kernel that masks by index runs another per-block kernel: WARNING once
+  (O(L x block) memory kept, but not the kernel named), an error under attention.strict."""
+  from modeling.kernels import policy
+  policy._warned.clear()  # once per process: forget what earlier tests were warned about
+  with caplog.at_level(logging.WARNING, logger='loomax'):
+    assert auto.block_impl('jax_nn', 'cpu')[0] == 'blockwise'
+    assert auto.block_impl('jax_nn', 'cpu')[0] == 'blockwise'
+    assert auto.block_impl('splash', 'tpu')[0] == 'blockwise'
+    assert auto.block_impl('jax_nn', 'gpu')[0] == 'pallas'
+  warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 3 and 'attention.impl=jax_nn under context parallelism' in warned[0].getMessage()
+  with pytest.raises(ValueError, match='attention.strict=True'):
+    auto.block_impl('jax_nn', 'gpu', strict=True)
+  # jax_nn asked for cuDNN on GPU where it cannot: dense O(L^2) is a fallback too.
+  from modeling.kernels import jax_nn
+  ok, why = jax_nn.cudnn_expresses(backend='gpu', causal=True, index_ordered=False,
+                                   head_dim=128, dtype='bfloat16')
+  assert not ok and 'index order' in why
+
+
+def test_pallas_tiles_above_the_cap_warn_naming_the_key(caplog):
+  from modeling.kernels import policy
+  policy._warned.clear()
+  q, k, v = (np.zeros((1, 256, h, 16), np.float32) for h in (2, 1, 1))
+  kernel = BlockKernel('pallas', 512, 512, block_q_bwd=256, interpret=True)
+  with caplog.at_level(logging.WARNING, logger='loomax'):
+    assert kernel._pallas_tiles(q, k, False) == {'block_q': 128, 'block_kv': 128}
+    assert kernel._pallas_tiles(q, k, True) == {'block_q': 128, 'block_kv': 32}
+  for key in ('attention.block_q=512', 'attention.block_kv=512', 'attention.block_q_bwd=256'):
+    assert key in caplog.text
+  with pytest.raises(ValueError, match='attention.block_kv_bwd=24'):
+    BlockKernel('pallas', 64, 64, block_kv_bwd=24, interpret=True,
+                gpu_shapes=True)._pallas_tiles(q, k, True)
+
+
+def _gpu_case(L, H, K, D, dtype, seed=0):
+  """One row, two packed documents and padding, GQA H:K, inputs rounded to `dtype`."""
+  r = np.random.RandomState(seed)
+  q, k, v = (r.randn(1, L, h, D).astype(np.float32) for h in (H, K, K))
+  seg = np.ones((1, L), np.int32)
+  seg[0, L // 3:], seg[0, L - L // 8:] = 2, 0
+  pos = np.zeros((1, L), np.int32)
+  for t in range(1, L):
+    pos[:, t] = np.where(seg[:, t] == seg[:, t - 1], pos[:, t - 1] + 1, 0)
+  cast = lambda x: np.asarray(jax.numpy.asarray(x, dtype).astype(np.float32))
+  return cast(q), cast(k), cast(v), seg, pos
+
+
+@pytest.mark.parametrize('tile,bwd,D,dtype,causal,window', [
+    (128, 0, 64, 'float32', True, 0),
+    (64, 32, 128, 'bfloat16', True, 100),
+    (32, 64, 64, 'bfloat16', False, 0),
+], ids=['t128-d64-f32-causal', 't64-bwd32-d128-bf16-window', 't32-bwd64-d64-bf16-full'])
+def test_pallas_at_gpu_tile_sizes(tile, bwd, D, dtype, causal, window):
+  """Interpret mode at the tiles a GPU runs (128/64/32, separate backward tiles, Triton's
+  shape rules enforced), bf16 and head dims 64 and 128, GQA 4:1, packed rows with padding:
+  forward and gradients against dense float32 attention on the same (rounded) inputs."""
+  from modeling.attention import xla_attention
+  L, H, K = 256, 4, 1
+  q, k, v, seg, pos = _gpu_case(L, H, K, D, dtype)
+  kw = dict(causal=causal, window=window, **self_attention_kwargs(seg, pos))
+  weights = np.cos(np.arange(H * D)).reshape(H, D).astype(np.float32)
+  kernel = BlockKernel('pallas', tile, tile, interpret=True, block_q_bwd=bwd, block_kv_bwd=bwd,
+                       gpu_shapes=True)
+
+  def run(attend, cast):
+    f = lambda q, k, v: (attend(q, k, v, **kw).astype(np.float32) * weights).sum()
+    args = tuple(jax.numpy.asarray(x, cast) for x in (q, k, v))
+    return jax.jit(lambda *a: (attend(*a, **kw), jax.grad(f, (0, 1, 2))(*a)))(*args)
+
+  o, g = run(attend(kernel), dtype)
+  o_ref, g_ref = run(xla_attention, 'float32')
+  assert o.dtype == jax.numpy.dtype(dtype) and all(x.dtype == o.dtype for x in g)
+  tol = 1e-4 if dtype == 'float32' else 3e-2
+  scale = lambda x: max(1.0, float(np.abs(x).max()))
+  np.testing.assert_allclose(np.asarray(o, np.float32), o_ref, atol=tol * scale(o_ref), rtol=0)
+  for name, a, b in zip('qkv', g, g_ref):
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=tol * scale(b), rtol=0,
+                               err_msg=f'd{name}')
 
 
 def test_jax_nn_logs_its_fallback(caplog):

@@ -96,3 +96,22 @@ def test_token_ring_sends_overlap_compute(programs, backward):
   # halves). Only the final delivery waits.
   assert len(sends) == 2 * (N - 1), [i.line[:100] for _, i in sends]
   assert len(blocked) <= 1, blocked
+
+
+def test_xla_flags_helper_adds_overlap_flags_and_env_wins():
+  from parallelism import xla_flags
+  c = base.get_config()
+  assert c.parallelism.xla_flags == 'auto'
+  env = {'XLA_FLAGS': '--xla_gpu_enable_latency_hiding_scheduler=false --foo=1'}
+  value = xla_flags.merged('auto', env['XLA_FLAGS'])
+  assert '--xla_gpu_enable_latency_hiding_scheduler=false' in value  # the user's setting wins
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' not in value
+  assert '--xla_gpu_experimental_parallel_collective_overlap_limit=2' in value
+  assert xla_flags.merged('none', '--foo=1') == '--foo=1'
+  assert xla_flags.merged('--a=1 --b=2', '') == '--a=1 --b=2'
+  assert xla_flags.merged('auto', '--foo=1', gpu=False) == '--foo=1'  # no CUDA plugin
+  # This process's backend already runs: apply leaves XLA_FLAGS as it is (and warns).
+  c.parallelism.xla_flags = '--xla_gpu_enable_latency_hiding_scheduler=true'
+  env = {'XLA_FLAGS': ''}
+  jax.devices()
+  assert xla_flags.apply(c, env) == '' and env['XLA_FLAGS'] == ''

@@ -79,6 +79,8 @@ class BlockKernel:
   per_row: bool = False
   block_q_bwd: int = 0
   block_kv_bwd: int = 0
+  # pallas in interpret mode: still enforce Triton's shape rules (tests at GPU sizes)
+  gpu_shapes: bool = False
 
   def __post_init__(self):
     if self.impl not in BLOCK_IMPLS:
@@ -153,7 +155,7 @@ class BlockKernel:
     bk = min(policy.cap_tile(bk, cap, keys[1], 'Pallas'), k.shape[1])
     bq = blockwise.fit_block(q.shape[1], bq, keys[0])
     bk = blockwise.fit_block(k.shape[1], bk, keys[1])
-    if not self.interpret:
+    if not self.interpret or self.gpu_shapes:
       pallas_flash.check_shapes(q.shape[1], k.shape[1], q.shape[3], block_q=bq, block_kv=bk,
                                 keys=keys)
     return {'block_q': bq, 'block_kv': bk}
