@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a.block_q_bwd = 0                  # backward query tile; 0: blockwise as forward, pallas 32
   a.block_kv_bwd = 0                 # backward key/value tile; 0: blockwise as forward, pallas 32
   a.strict = False                   # True: a kernel fallback (other kernel / dense memory) errors
+  a.rows_packed = True               # False promises one document per row: cuDNN needs no mask
   # >0: LM head + loss over sequence chunks of N tokens; 0: whole sequence at once;
   # -1 (auto): chunks once the float32 [tokens, vocab] logits pass 1 GiB (training/loss.py)
   a.loss_chunk = -1
