@@ -55,7 +55,8 @@ def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str
   batch, heads, q_len, kv_len = _local_shapes(config, mesh)
   pick, why = kernel_choice.choose(jax.default_backend(), batch=batch, heads=heads,
                                    q_len=q_len, kv_len=kv_len,
-                                   index_ordered=config.parallelism.context_impl == 'none')
+                                   index_ordered=config.parallelism.context_impl == 'none',
+                                   packed=config.attention.rows_packed)
   log.info('attention.impl=auto -> %s (%s)', pick, why)
   return pick
 

@@ -5,7 +5,8 @@ an error under `attention.strict=True`).
 `choose` (single device, attention.impl=auto):
   GPU          cuDNN flash attention (`jax.nn.dot_product_attention`, attention.impl=jax_nn)
                when it expresses the case exactly: one device in index order, rows not
-               packed (`packed=False`; the data pipeline packs, so training runs say True),
+               packed (`attention.rows_packed=False`; the data pipeline packs documents,
+               so it is True by default),
                a head dim and dtype it takes. Otherwise the fused Pallas kernel (O(L) memory,
                packing, windows, GQA, any position order)
   TPU          Splash attention on one device in index order (no context parallelism) when
@@ -90,5 +91,6 @@ def single_device(attention, impl: str):
                            block_q_bwd=attention.block_q_bwd,
                            block_kv_bwd=attention.block_kv_bwd)
   if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
-    fn = functools.partial(fn, index_ordered=True, strict=attention.strict)
+    fn = functools.partial(fn, index_ordered=True, packed=attention.rows_packed,
+                           strict=attention.strict)
   return fn
