@@ -243,7 +243,9 @@ def test_bench_gpu_tiny(tmp_path):
   import time
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / 'bench_gpu.jsonl'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  # The suite's fast-compile flags (conftest) carry over; the device count is the script's.
+  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
   t0 = time.perf_counter()
   run = subprocess.run([sys.executable, 'scripts/bench_gpu.py', '--tiny', '--json', str(out)],
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -273,3 +275,30 @@ def test_bench_gpu_tiny(tmp_path):
                           capture_output=True, text=True, timeout=120)
   assert no_gpu.returncode == 3 and 'no usable GPU backend' in no_gpu.stdout, no_gpu.stdout
   assert time.perf_counter() - t0 < 60
+
+
+def test_pallas_loop_bounds_stop_at_the_diagonal():
+  """The kernel's key-block ranges (from the conservative block table): causal in index order
+  ends at the diagonal, a sliding window starts at its first live block, a packed row's
+  ranges cover every block that holds a live entry."""
+  from modeling.kernels import pallas_flash
+  L, b = 256, 32
+  seg = np.ones((1, L), np.int32)
+  pos = np.arange(L, dtype=np.int32)[None]
+  ranges = lambda seg, pos, **kw: np.asarray(pallas_flash._ranges(pallas_flash._live(
+      seg, seg, pos, pos, bq=b, bk=b, **kw)))[0]
+  n = L // b
+  np.testing.assert_array_equal(ranges(seg, pos, causal=True, window=0),
+                                [[0, i + 1] for i in range(n)])
+  np.testing.assert_array_equal(ranges(seg, pos, causal=False, window=0), [[0, n]] * n)
+  np.testing.assert_array_equal(ranges(seg, pos, causal=True, window=40),
+                                [[max(0, i - 2), i + 1] for i in range(n)])
+  q, k, v, seg, pos = _gpu_case(L, 2, 1, 16, 'float32')
+  r = ranges(seg, pos, causal=True, window=0)
+  from modeling.masking import attention_mask
+  live = np.asarray(attention_mask(seg, seg, pos, pos, causal=True))[0]
+  needed = live.reshape(n, b, n, b).any(axis=(1, 3))
+  for i in range(n):
+    cols = np.nonzero(needed[i])[0]
+    if cols.size:
+      assert r[i, 0] <= cols.min() and cols.max() < r[i, 1]
