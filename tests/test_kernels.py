@@ -144,7 +144,8 @@ def test_fallbacks_warn_once_or_refuse_under_strict(caplog):
     assert auto.block_impl('splash', 'tpu')[0] == 'blockwise'
     assert auto.block_impl('jax_nn', 'gpu')[0] == 'pallas'
   warned = [r for r in caplog.records if r.levelno == logging.WARNING]
-  assert len(warned) == 3 and 'attention.impl=jax_nn under context parallelism' in warned[0].getMessage()
+  assert len(warned) == 3
+  assert 'attention.impl=jax_nn under context parallelism' in warned[0].getMessage()
   with pytest.raises(ValueError, match='attention.strict=True'):
     auto.block_impl('jax_nn', 'gpu', strict=True)
   # jax_nn asked for cuDNN on GPU where it cannot: dense O(L^2) is a fallback too.

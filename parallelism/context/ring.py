@@ -17,12 +17,12 @@ inside a `cond`/`switch`, where XLA could not schedule it around the compute.
 `tests/test_overlap.py` checks both properties on the compiled program.
 
 The custom VJP (`modeling.kernels.lse_vjp`, shared with TokenRing and the single-device
-kernels) recomputes every block in the backward pass. K/V are sent ahead the same way, and
-the dK/dV travel one step late: step s sends, in the same packed buffer as the next K/V, the
-dK/dV accumulated up to step s-1 (which do not depend on step s's compute); the receiver adds
-its step-s gradients for that block when they arrive. So no send waits on its own step's
-compute; only the final hop home after the last step does (once per pass). After N hops
-dK/dV arrive at their owner: per-device memory stays O(L/N). Only the K/V heads travel (GQA: H/K times fewer
+kernels) recomputes every block in the backward pass. K/V are sent ahead the same way, and the
+dK/dV travel one step late: step s sends, in the same packed buffer as the next K/V, the dK/dV
+accumulated up to step s-1 (which do not depend on step s's compute); the receiver adds its
+step-s gradients for that block when they arrive. So no send waits on its own step's compute;
+only the final hop home after the last step does (once per pass). After N hops dK/dV arrive at
+their owner: per-device memory stays O(L/N). Only the K/V heads travel (GQA: H/K times fewer
 bytes than queries would be).
 """
 

@@ -8,16 +8,17 @@ merges it by log-sum-exp. Queries and results flow in opposite directions, so bo
 directions of a full-duplex link carry traffic (on NVLink/NVSwitch; on a torus the direct
 returns are multi-hop).
 
-Causal, zigzag layout (device i holds chunks i and 2N-1-i, index order = position order
-inside a segment): if the owner's index is above j, both query halves attend to j's front
-K/V half only; otherwise only the owner's back query half attends, to all of j's K/V. Every
-step computes two half x half blocks. The front half rides along in the back half's packed
-buffer even where it is no longer needed (one collective-permute per step and direction; the
-devices past their owner ignore it, and the owner drops a front result by its lse). This relies on the zigzag layout being in force
-(`parallelism.zigzag`); without it, or when not causal, whole query shards travel. The
-pipeline's padding (segment 0, every token at position 0) breaks the index-order premise:
-padding queries then miss padding keys of later chunks, which changes only padding outputs
-(no targets, and only padding attends to padding), so losses and gradients stay exact.
+Causal, zigzag layout (device i holds chunks i and 2N-1-i, index order = position order inside
+a segment): if the owner's index is above j, both query halves attend to j's front K/V half
+only; otherwise only the owner's back query half attends, to all of j's K/V. Every step
+computes two half x half blocks. The front half rides along in the back half's packed buffer
+even where it is no longer needed (one collective-permute per step and direction; the devices
+past their owner ignore it, and the owner drops a front result by its lse). This relies on the
+zigzag layout being in force (`parallelism.zigzag`); without it, or when not causal, whole
+query shards travel. The pipeline's padding (segment 0, every token at position 0) breaks the
+index-order premise: padding queries then miss padding keys of later chunks, which changes only
+padding outputs (no targets, and only padding attends to padding), so losses and gradients stay
+exact.
 
 Bidirectional in time as well as on the wire: during step s the queries for step s+1 travel
 one way while the results of step s-1 travel the other, and neither transfer depends on step
