@@ -303,3 +303,31 @@ def test_pallas_loop_bounds_stop_at_the_diagonal():
     cols = np.nonzero(needed[i])[0]
     if cols.size:
       assert r[i, 0] <= cols.min() and cols.max() < r[i, 1]
+
+
+def test_kernel_modules_import_downward_only():
+  """No import circle: the mask rule is a leaf, blockwise and the kernels never import the
+  seam module (modeling/attention.py re-exports them), and nothing imports them function-
+  locally to dodge a circle (splash's TPU modules are imported on use, for their cost)."""
+  import ast
+  import glob
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = [os.path.join(root, 'modeling', f) for f in ('masking.py', 'blockwise.py')]
+  files += glob.glob(os.path.join(root, 'modeling', 'kernels', '*.py'))
+  for path in files:
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+      if not isinstance(node, (ast.Import, ast.ImportFrom)):
+        continue
+      names = [node.module or ''] if isinstance(node, ast.ImportFrom) else [
+          a.name for a in node.names]
+      names += [f'{node.module}.{a.name}' for a in node.names] if isinstance(
+          node, ast.ImportFrom) else []
+      assert not any(n == 'modeling.attention' for n in names), (path, node.lineno)
+      if node.col_offset and any(n.startswith('modeling') for n in names):
+        assert path.endswith(os.path.join('kernels', '__init__.py')) and 'splash' in str(
+            names), (path, node.lineno, names)
+  masking = ast.parse(open(files[0]).read())
+  assert not [n for n in ast.walk(masking) if isinstance(n, ast.ImportFrom)
+              and (n.module or '').startswith('modeling')]
