@@ -27,6 +27,8 @@ def main(argv):
   # Orbax and Grain narrate every step at INFO; loomax's own logger stays at INFO on
   # process 0 (training.monitor.setup_logging), and absl's handler prints it to stderr.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  from parallelism import xla_flags  # before any backend starts: XLA reads them once
+  xla_flags.apply(flags.FLAGS.config)
   from training import loop  # after flag parsing, so --help stays fast
   row = loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
   loop.log.info('done: %s', {k: round(v, 4) if isinstance(v, float) else v

@@ -108,6 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a.impl = 'auto'
   a.block_q = 512                    # blockwise / pallas: query block
   a.block_kv = 512                   # blockwise / pallas: key/value block
+  a.block_q_bwd = 0                  # backward query tile; 0: blockwise as forward, pallas 32
+  a.block_kv_bwd = 0                 # backward key/value tile; 0: blockwise as forward, pallas 32
+  a.strict = False                   # True: a kernel fallback (other kernel / dense memory) errors
+  a.rows_packed = True               # False promises one document per row: cuDNN needs no mask
   # >0: LM head + loss over sequence chunks of N tokens; 0: whole sequence at once;
   # -1 (auto): chunks once the float32 [tokens, vocab] logits pass 1 GiB (training/loss.py)
   a.loss_chunk = -1
@@ -171,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.context_impl = 'none'            # none | allgather | ring | token_ring | auto | disaggregated
   p.zigzag = True                    # causal load balance for ring/token_ring (data layout)
   p.context_full_duplex = True       # auto: links carry both directions at once (NVLink/ICI)
+  p.xla_flags = 'auto'               # auto (GPU overlap flags) | none | 'flags'; env XLA_FLAGS wins
   # Hybrid data parallelism (parallelism/hybrid_dp.py): data x context devices form one pool;
   # per batch, each document spans its own aligned group of devices (ring inside the group).
   p.hybrid_dp = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ key/value blocks keeping a running max and sum (the online softmax, float32), an
 backward pass recompute each block's probabilities from the saved log-sum-exp instead of
 storing them.
 
-Masking is by segment ids and positions (see `modeling/attention.py`). A block pair is skipped
+Masking is by segment ids and positions (see `modeling/masking.py`). A block pair is skipped
 (`lax.cond`) when per-block summaries prove every entry is masked (`block_table`): segment
 ranges that do not overlap, every query before every key in (segment, position) order
 (causal), or every pair further apart than the sliding window. The proof is conservative,
@@ -17,8 +17,9 @@ disaggregated server's tasks, packed rows of different documents) computes only 
 pairs each row needs.
 
 `flash_forward` / `flash_backward` are the `blockwise` implementation of the per-block
-kernel seam (`modeling/kernels/`) that ring attention, TokenRing and all-gather
-(`parallelism/context/`) call, merging partial results by their log-sum-exp.
+kernel seam (`modeling/kernels/`): single-device `attention.impl=blockwise` (through the one
+recompute-from-lse custom VJP there) and ring attention, TokenRing and all-gather
+(`parallelism/context/`) all call them, merging partial results by their log-sum-exp.
 Rows that see no key at all get output 0 and log-sum-exp `MASK_VALUE` (plain softmax would
 give a uniform average there; self-attention never has such rows, a token sees itself).
 """
@@ -28,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from modeling.attention import MASK_VALUE, attention_mask
+from modeling.masking import MASK_VALUE, attention_mask
 
 
 def fit_block(length: int, block: int, key: str) -> int:
@@ -226,34 +227,3 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
 def output_delta(o_BLHD, do_BLHD):
   """delta = rowsum(dO * O) in float32, the softmax-backward correction term."""
   return jnp.einsum('blhd,blhd->blh', o_BLHD.astype(jnp.float32), do_BLHD.astype(jnp.float32))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _blockwise(q, k, v, qseg, kseg, qpos, kpos, causal, window, block_q, block_kv):
-  o, _ = flash_forward(q, k, v, qseg, kseg, qpos, kpos, causal=causal, window=window,
-                       block_q=block_q, block_kv=block_kv)
-  return o.astype(q.dtype)
-
-
-def _blockwise_fwd(q, k, v, qseg, kseg, qpos, kpos, causal, window, block_q, block_kv):
-  o, lse = flash_forward(q, k, v, qseg, kseg, qpos, kpos, causal=causal, window=window,
-                         block_q=block_q, block_kv=block_kv)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, qseg, kseg, qpos, kpos, o, lse)
-
-
-def _blockwise_bwd(causal, window, block_q, block_kv, res, do):
-  q, k, v, qseg, kseg, qpos, kpos, o, lse = res
-  dq, dk, dv = flash_backward(q, k, v, qseg, kseg, qpos, kpos, lse, output_delta(o, do), do,
-                              causal=causal, window=window, block_q=block_q, block_kv=block_kv)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def blockwise_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q_positions,
-                        kv_positions, causal, window=0, block_q: int = 512, block_kv: int = 512):
-  """The `AttendFn` of `attention.impl='blockwise'`: exact attention in O(L x block) memory."""
-  return _blockwise(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
-                    kv_positions, causal, int(window), block_q, block_kv)

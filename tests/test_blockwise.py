@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from modeling import blockwise
+from modeling import blockwise, kernels
 from modeling.attention import KERNELS, self_attention_kwargs, xla_attention
 from tests import attention_data as data
 
@@ -21,7 +21,7 @@ def compiled():
 
   def get(causal, window):
     if (causal, window) not in cache:
-      flash = lambda *a, **kw: blockwise.blockwise_attention(*a, block_q=16, block_kv=8, **kw)
+      flash = lambda *a, **kw: kernels.blockwise_attention(*a, block_q=16, block_kv=8, **kw)
 
       def both(q, k, v, seg, pos):
         grad = lambda fn: jax.value_and_grad(

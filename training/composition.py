@@ -3,7 +3,6 @@ ops and the activation sharding for a run, and hands them to the model (models n
 mesh). It also refuses, at start-up, every way of splitting a sequence that a model's layers
 cannot follow (`check_token_order`)."""
 
-import functools
 import logging
 
 import jax
@@ -54,17 +53,15 @@ def resolve_attention_impl(config: ml_collections.ConfigDict, mesh: Mesh) -> str
   batch, heads, q_len, kv_len = _local_shapes(config, mesh)
   pick, why = kernel_choice.choose(jax.default_backend(), batch=batch, heads=heads,
                                    q_len=q_len, kv_len=kv_len,
-                                   index_ordered=config.parallelism.context_impl == 'none')
+                                   index_ordered=config.parallelism.context_impl == 'none',
+                                   packed=config.attention.rows_packed)
   log.info('attention.impl=auto -> %s (%s)', pick, why)
   return pick
 
 
 def make_block_kernel(config: ml_collections.ConfigDict) -> kernels.BlockKernel:
   """The per-block kernel the context-parallel implementations call (logged)."""
-  pick, why = kernel_choice.block_impl(config.attention.impl, jax.default_backend())
-  log.info('context-parallel per-block kernel: %s (%s)', pick, why)
-  return kernels.BlockKernel(pick, config.attention.block_q, config.attention.block_kv,
-                             interpret=pick == 'pallas' and kernels.on_cpu())
+  return kernel_choice.make_block_kernel(config.attention)
 
 
 def _context_kernel(config: ml_collections.ConfigDict):
@@ -90,13 +87,7 @@ def make_attend(config: ml_collections.ConfigDict, mesh: Mesh):
                   'attention; the single-device kernel sees the sharded sequence and XLA '
                   'gathers it as it sees fit. Set parallelism.context_impl (allgather, ring, '
                   'token_ring or auto).', context)
-    kernel = {**attention_lib.KERNELS, **attention_lib.TPU_KERNELS}[impl]
-    if impl in attention_lib.TILED:
-      kernel = functools.partial(kernel, block_q=config.attention.block_q,
-                                 block_kv=config.attention.block_kv)
-    if impl == 'jax_nn':  # one device, index order: cuDNN may take causal by index
-      kernel = functools.partial(kernel, index_ordered=True)
-    return kernel
+    return kernel_choice.single_device(config.attention, impl)
   block, kernel, tile = _context_kernel(config)
   if context_impl == 'disaggregated':
     return disaggregation_attend.make_attend(config, mesh, block)

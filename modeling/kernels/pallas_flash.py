@@ -8,21 +8,34 @@ query and key segment ids and positions (packing, any permutation of the sequenc
 the zigzag layout, ring steps whose keys come from another device), with sliding windows,
 and grouped-query heads read their shared K/V head through the block index map.
 
-A key block whose mask is all false for the query block is skipped (`lax.cond` on the
-mask itself, so the skip is exact, not conservative). Rows that see no key get o = 0 and
-lse = MASK_VALUE, as in `modeling/blockwise.py`.
+Loop bounds, not branches, skip dead blocks: before the call, the conservative block table
+of `modeling/blockwise.py` (segment / position summaries per block) gives every (row, query
+block) the range [lo, hi) of key blocks that may hold a live entry, and the kernel loops
+over that range only. Causal attention in index order thus stops at the diagonal (as JAX's
+kernel does), a sliding window starts at its first live block, and every load in the loop
+is unconditional, so Triton can pipeline it (`num_stages`); dead blocks inside the range
+(packed rows) are computed and masked. Rows that see no key get o = 0 and lse = MASK_VALUE,
+as in `modeling/blockwise.py`.
 
-Backward: two kernels, as in FlashAttention-2 section 3.2: one program per (key block,
-batch row, kv head) accumulates dK and dV over every query block of its G query heads
-(no atomics), and one per (query block, row, head) accumulates dQ. Both recompute
-P = exp(s - lse) from the final lse the caller passes (the whole softmax's, so a ring
-can call them per step) and delta = rowsum(dO * O).
+Outputs are written in `out_dtype` with float32 accumulation: the inputs' dtype where the
+caller runs over all keys at once (`attend`), float32 where a ring merges partial results.
 
-On GPU the Triton compiler needs power-of-two block shapes of at least 16 (head dim too);
-`check_shapes` says which config key to change. Tiles are capped at `MAX_BLOCK` (a 128 x 128
-float32 score tile already fills a warp group's registers), so the config's blockwise-sized
-blocks (512) can stay as they are. Not written (yet): a Mosaic GPU (Hopper wgmma/TMA)
-variant; the Triton kernel has not been tuned on a GPU.
+Backward: two kernels, as in FlashAttention-2 section 3.2 and JAX's own Triton backward: one
+program per (key block, row, kv head) accumulates dK and dV over the live query blocks of its
+G query heads, and one per (query block, row, head) accumulates dQ over its live key blocks.
+Both recompute P = exp(s - lse) from the final lse the caller passes (the whole softmax's,
+so a ring can call them per step) and delta = rowsum(dO * O). That is 7 matmuls per block
+pair where a fused kernel needs 5: fusing would accumulate dQ across the key-block programs
+with float atomics (non-deterministic sums, so two runs of a step would differ in the last
+bits) or hold all of dQ in one program; the recompute is the documented price of exact
+reproducibility, as in JAX's kernel.
+
+Tiles: forward and backward are separate (`attention.block_q/block_kv` and
+`attention.block_q_bwd/block_kv_bwd`); the backward keeps dK, dV (or dQ) accumulators plus
+four score-sized float32 tiles live, so its default is JAX's 32 x 32 (`BWD_BLOCK`). On GPU
+Triton needs power-of-two block shapes of at least 16 (head dim too); `check_shapes` says
+which config key to change. Tiles are capped at `MAX_BLOCK` with a WARNING naming the key.
+Not written (yet): a Mosaic GPU (Hopper wgmma/TMA) variant.
 """
 
 import functools
@@ -31,10 +44,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from modeling.attention import MASK_VALUE
+from modeling import blockwise
+from modeling.masking import MASK_VALUE
 
 f32 = jnp.float32
 MAX_BLOCK = 128
+BWD_BLOCK = 32  # default backward tiles (attention.block_q_bwd / block_kv_bwd = 0)
 _SQ = getattr(pl, 'squeezed', None)  # a block dimension dropped inside the kernel
 
 
@@ -49,11 +64,6 @@ def _mask(qseg, qpos, kseg, kpos, causal: bool, window: int):
     if not causal:
       mask = mask & (delta > -window)
   return mask
-
-
-def _any(mask):
-  # One axis per reduction: Triton's lowering reduces a single axis at a time.
-  return jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
 
 
 def _dot_t(a, b):
@@ -77,48 +87,71 @@ def _compiler_params(num_warps: int = 4, num_stages: int = 2):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name, head_dim):
-  kw = {} if interpret else {'compiler_params': _compiler_params(4 if head_dim <= 64 else 8)}
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name, num_warps):
+  kw = {} if interpret else {'compiler_params': _compiler_params(num_warps)}
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=interpret, name=name, **kw)
 
 
-def check_shapes(L: int, S: int, D: int, block_q: int, block_kv: int):
+def check_shapes(L: int, S: int, D: int, block_q: int, block_kv: int,
+                 keys=('attention.block_q', 'attention.block_kv')):
   """Triton tiles must be powers of two >= 16: a clear error instead of a compiler crash."""
-  for value, key in ((block_q, 'attention.block_q'), (block_kv, 'attention.block_kv'),
-                     (D, 'model.head_dim')):
+  for value, key in ((block_q, keys[0]), (block_kv, keys[1]), (D, 'model.head_dim')):
     if value < 16 or value & (value - 1):
       raise ValueError(f'{key}={value}: the Pallas attention kernel on GPU needs a power of two '
                        '>= 16 (or set attention.impl to blockwise)')
 
 
+
+
+def _ids(*arrays):
+  return tuple(jnp.asarray(a, jnp.int32) for a in arrays)
+
+
+def _ranges(live):
+  """bool [B, n, m] -> int32 [B, n, 2]: per row and block, the range [lo, hi) of the other
+  axis's blocks holding every live one ([0, 0) when none is)."""
+  m = live.shape[-1]
+  some = live.any(-1)
+  lo = jnp.argmax(live, axis=-1)
+  hi = m - jnp.argmax(live[..., ::-1], axis=-1)
+  return jnp.stack([jnp.where(some, lo, 0), jnp.where(some, hi, 0)], -1).astype(jnp.int32)
+
+
+def _live(qseg, kseg, qpos, kpos, *, causal, window, bq, bk):
+  """Per-row block table [B, L/bq, S/bk] (conservative: a dead pair may be marked live)."""
+  return blockwise.block_table(qseg, kseg, qpos, kpos, causal=causal, window=window,
+                               block_q=bq, block_kv=bk, per_row=True)
+
+
+def _warps(D: int) -> int:
+  return 4 if D <= 64 else 8
+
+
 # ---------------------------------------------------------------- forward
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, o_ref, lse_ref, *,
-                causal, window, scale, block_kv):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, range_ref, o_ref,
+                lse_ref, *, causal, window, scale, block_kv):
   q = q_ref[...]
   qseg, qpos = qseg_ref[...], qpos_ref[...]
   bq, D = q.shape
-  n_kv = k_ref.shape[0] // block_kv
 
   def body(j, carry):
+    m, row_sum, acc = carry
     sl = pl.ds(j * block_kv, block_kv)
+    k, v = k_ref[sl, :], v_ref[sl, :]  # unconditional loads: Triton pipelines them
     mask = _mask(qseg, qpos, kseg_ref[sl], kpos_ref[sl], causal, window)
-
-    def compute(carry):
-      m, row_sum, acc = carry
-      s = jnp.where(mask, _dot_t(q, k_ref[sl, :]) * scale, MASK_VALUE)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      v = v_ref[sl, :]
-      acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-      return m_new, row_sum * corr + jnp.sum(p, axis=1), acc
-
-    return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
+    s = jnp.where(mask, _dot_t(q, k) * scale, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # Masked entries are zeroed explicitly: with a finite mask value, exp(s - m) is 1 for
+    # them while a row has seen no real key yet.
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+    return m_new, row_sum * corr + jnp.sum(p, axis=1), acc
 
   init = (jnp.full((bq,), MASK_VALUE, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, D), f32))
-  m, row_sum, acc = jax.lax.fori_loop(0, n_kv, body, init)
+  m, row_sum, acc = jax.lax.fori_loop(range_ref[0], range_ref[1], body, init)
   seen = row_sum > 0
   safe = jnp.where(seen, row_sum, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -127,13 +160,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, o_r
 
 def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
                   kv_positions, *, causal: bool, window: int = 0, block_q: int = 128,
-                  block_kv: int = 128, interpret: bool = False):
-  """(o [B, L, H, D] float32, lse [B, L, H] float32) over the given keys only."""
+                  block_kv: int = 64, interpret: bool = False, out_dtype=f32):
+  """(o [B, L, H, D] out_dtype, lse [B, L, H] float32) over the given keys only."""
   B, L, H, D = q_BLHD.shape
   S, K = k_BSKD.shape[1:3]
   G = H // K
   bq, bk = min(block_q, L), min(block_kv, S)
-  kernel = functools.partial(_fwd_kernel, causal=causal, window=int(window), scale=D ** -0.5,
+  window = int(window)
+  qseg, qpos, kseg, kpos = _ids(q_segment_ids, q_positions, kv_segment_ids, kv_positions)
+  ranges = _ranges(_live(qseg, kseg, qpos, kpos, causal=causal, window=window, bq=bq, bk=bk))
+  kernel = functools.partial(_fwd_kernel, causal=causal, window=window, scale=D ** -0.5,
                              block_kv=bk)
   o, lse_BHL = _call(
       kernel, grid=(L // bq, B, H),
@@ -143,77 +179,68 @@ def flash_forward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posit
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
-                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0))],
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, _SQ, 2), lambda i, b, h: (b, i, 0))],
       out_specs=[pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
                  pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct((B, L, H, D), f32), jax.ShapeDtypeStruct((B, H, L), f32)],
-      interpret=interpret, name='loomax_flash_fwd', head_dim=D)(
-          q_BLHD, k_BSKD, v_BSKD, *_ids(q_segment_ids, q_positions, kv_segment_ids,
-                                         kv_positions))
+      out_shape=[jax.ShapeDtypeStruct((B, L, H, D), out_dtype),
+                 jax.ShapeDtypeStruct((B, H, L), f32)],
+      interpret=interpret, name='loomax_flash_fwd', num_warps=_warps(D))(
+          q_BLHD, k_BSKD, v_BSKD, qseg, qpos, kseg, kpos, ranges)
   return o, lse_BHL.transpose(0, 2, 1)
-
-
-def _ids(*arrays):
-  return tuple(jnp.asarray(a, jnp.int32) for a in arrays)
 
 
 # ---------------------------------------------------------------- backward
 
 def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, qpos_ref, k_ref, v_ref, kseg_ref,
-                kpos_ref, dk_ref, dv_ref, *, causal, window, scale, block_q, groups):
+                kpos_ref, range_ref, dk_ref, dv_ref, *, causal, window, scale, block_q, groups):
   k, v = k_ref[...], v_ref[...]
   kseg, kpos = kseg_ref[...], kpos_ref[...]
-  n_q = q_ref.shape[0] // block_q
+  lo, hi = range_ref[0], range_ref[1]
   dk = jnp.zeros(k.shape, f32)
   dv = jnp.zeros(v.shape, f32)
   for g in range(groups):  # the query heads sharing this kv head
     def body(i, carry, g=g):
+      dk, dv = carry
       sl = pl.ds(i * block_q, block_q)
+      q, do = q_ref[sl, g, :], do_ref[sl, g, :]
+      lse, delta = lse_ref[g, sl], delta_ref[g, sl]
       mask = _mask(qseg_ref[sl], qpos_ref[sl], kseg, kpos, causal, window)
+      s = _dot_t(q, k) * scale
+      p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+      dv = dv + _t_dot(p.astype(do.dtype), do)
+      ds = p * (_dot_t(do, v) - delta[:, None]) * scale
+      return dk + _t_dot(ds.astype(q.dtype), q), dv
 
-      def compute(carry):
-        dk, dv = carry
-        q, do = q_ref[sl, g, :], do_ref[sl, g, :]
-        s = _dot_t(q, k) * scale
-        p = jnp.where(mask, jnp.exp(s - lse_ref[g, sl][:, None]), 0.0)
-        dv = dv + _t_dot(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta_ref[g, sl][:, None]) * scale
-        return dk + _t_dot(ds.astype(q.dtype), q), dv
-
-      return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
-
-    dk, dv = jax.lax.fori_loop(0, n_q, body, (dk, dv))
-  dk_ref[...] = dk
-  dv_ref[...] = dv
+    dk, dv = jax.lax.fori_loop(lo, hi, body, (dk, dv))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, qpos_ref, k_ref, v_ref, kseg_ref,
-               kpos_ref, dq_ref, *, causal, window, scale, block_kv):
+               kpos_ref, range_ref, dq_ref, *, causal, window, scale, block_kv):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   qseg, qpos = qseg_ref[...], qpos_ref[...]
-  n_kv = k_ref.shape[0] // block_kv
 
   def body(j, dq):
     sl = pl.ds(j * block_kv, block_kv)
+    k, v = k_ref[sl, :], v_ref[sl, :]
     mask = _mask(qseg, qpos, kseg_ref[sl], kpos_ref[sl], causal, window)
+    s = _dot_t(q, k) * scale
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    ds = p * (_dot_t(do, v) - delta[:, None]) * scale
+    return dq + _dot(ds.astype(k.dtype), k)
 
-    def compute(dq):
-      k = k_ref[sl, :]
-      s = _dot_t(q, k) * scale
-      p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-      ds = p * (_dot_t(do, v_ref[sl, :]) - delta[:, None]) * scale
-      return dq + _dot(ds.astype(k.dtype), k)
-
-    return jax.lax.cond(_any(mask), compute, lambda c: c, dq)
-
-  dq_ref[...] = jax.lax.fori_loop(0, n_kv, body, jnp.zeros(q.shape, f32))
+  dq = jax.lax.fori_loop(range_ref[0], range_ref[1], body, jnp.zeros(q.shape, f32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_positions,
                    kv_positions, lse_BLH, delta_BLH, do_BLHD, *, causal: bool, window: int = 0,
-                   block_q: int = 128, block_kv: int = 128, interpret: bool = False):
-  """(dq, dk, dv) float32 for these keys, given the final lse and delta = sum(do * o)."""
+                   block_q: int = BWD_BLOCK, block_kv: int = BWD_BLOCK,
+                   interpret: bool = False, out_dtype=f32):
+  """(dq, dk, dv) in out_dtype for these keys, given the final lse and delta = sum(do * o)."""
   B, L, H, D = q_BLHD.shape
   S, K = k_BSKD.shape[1:3]
   G = H // K
@@ -223,8 +250,9 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
   lse_BHL, delta_BHL = lse_BLH.transpose(0, 2, 1), delta_BLH.transpose(0, 2, 1)
   do_BLHD = do_BLHD.astype(q_BLHD.dtype)
   qseg, qpos, kseg, kpos = _ids(q_segment_ids, q_positions, kv_segment_ids, kv_positions)
+  live = _live(qseg, kseg, qpos, kpos, causal=causal, window=window, bq=bq, bk=bk)
 
-  # dK, dV: one program per (key block, row, kv head), over all queries of its G heads.
+  # dK, dV: one program per (key block, row, kv head), over the live queries of its G heads.
   dk, dv = _call(
       functools.partial(_dkv_kernel, causal=causal, window=window, scale=scale, block_q=bq,
                         groups=G),
@@ -238,14 +266,16 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
                 pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
                 pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
                 pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
-                pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j))],
+                pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, j)),
+                pl.BlockSpec((_SQ, _SQ, 2), lambda j, b, h: (b, j, 0))],
       out_specs=[pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0)),
                  pl.BlockSpec((_SQ, bk, _SQ, D), lambda j, b, h: (b, j, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, S, K, D), f32)] * 2,
-      interpret=interpret, name='loomax_flash_dkv', head_dim=D)(
-          q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos)
+      out_shape=[jax.ShapeDtypeStruct((B, S, K, D), out_dtype)] * 2,
+      interpret=interpret, name='loomax_flash_dkv', num_warps=_warps(D))(
+          q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos,
+          _ranges(jnp.swapaxes(live, 1, 2)))
 
-  # dQ: one program per (query block, row, head), over every key block.
+  # dQ: one program per (query block, row, head), over its live key blocks.
   dq = _call(
       functools.partial(_dq_kernel, causal=causal, window=window, scale=scale, block_kv=bk),
       grid=(L // bq, B, H),
@@ -258,9 +288,11 @@ def flash_backward(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_posi
                 pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
                 pl.BlockSpec((_SQ, S, _SQ, D), lambda i, b, h: (b, 0, h // G, 0)),
                 pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
-                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0))],
+                pl.BlockSpec((_SQ, S), lambda i, b, h: (b, 0)),
+                pl.BlockSpec((_SQ, _SQ, 2), lambda i, b, h: (b, i, 0))],
       out_specs=pl.BlockSpec((_SQ, bq, _SQ, D), lambda i, b, h: (b, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, L, H, D), f32),
-      interpret=interpret, name='loomax_flash_dq', head_dim=D)(
-          q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos)
+      out_shape=jax.ShapeDtypeStruct((B, L, H, D), out_dtype),
+      interpret=interpret, name='loomax_flash_dq', num_warps=_warps(D))(
+          q_BLHD, do_BLHD, lse_BHL, delta_BHL, qseg, qpos, k_BSKD, v_BSKD, kseg, kpos,
+          _ranges(live))
   return dq, dk, dv

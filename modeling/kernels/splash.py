@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from modeling import blockwise
+
 
 @functools.lru_cache(maxsize=32)
 def _kernel(L: int, S: int, H: int, causal: bool, window: int, bq: int, bk: int,
@@ -40,7 +42,6 @@ def splash_attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids, kv_segment_ids, q
                      interpret: bool = False):
   """An `AttendFn` for one device in index order (see the module docstring)."""
   del q_positions, kv_positions  # index order: the mask by index equals the mask by position
-  from modeling import blockwise
   B, L, H, D = q_BLHD.shape
   S = k_BSKD.shape[1]
   bq = blockwise.fit_block(L, block_q, 'attention.block_q')

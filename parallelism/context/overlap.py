@@ -7,7 +7,8 @@ Two structural facts decide it (see the ring and TokenRing docstrings):
     operands; "compute" is a dot/convolution/while/conditional/custom-call, or a fusion or
     call whose computation holds one (the blockwise kernel's loops, a Pallas call).
 On XLA:GPU the same programs show `collective-permute-start` / `-done` pairs with compute
-scheduled between them: `async_collectives` counts them (`scripts/bench_gpu.py` prints it).
+scheduled between them: `async_collectives` counts them and `async_pairs_with_compute` says
+how many pairs have compute scheduled between start and done (`scripts/bench_gpu.py`).
 """
 
 import dataclasses
@@ -166,3 +167,21 @@ class Program:
         if _is_collective(ins.op) and not ins.op.endswith('-done'):
           counts[ins.op] = counts.get(ins.op, 0) + 1
     return counts
+
+  def async_pairs_with_compute(self) -> tuple[int, int]:
+    """(async collective start/done pairs, pairs with compute scheduled between the two): a
+    compiled module prints each computation in its schedule's order."""
+    pairs = overlapped = 0
+    for comp in self.comps.values():
+      names = list(comp)
+      at = {n: i for i, n in enumerate(names)}
+      for ins in comp.values():
+        if not (ins.op.endswith('-done') and _is_collective(ins.op)):
+          continue
+        start = next((o for o in ins.operands if o in comp and comp[o].op.endswith('-start')),
+                     None)
+        if start is None:
+          continue
+        pairs += 1
+        overlapped += any(self.is_compute(comp[n]) for n in names[at[start] + 1:at[ins.name]])
+    return pairs, overlapped

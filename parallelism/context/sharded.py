@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from modeling import axes as ax
-from modeling.attention import MASK_VALUE
+from modeling.masking import MASK_VALUE
 from parallelism import rules as rules_lib
 
 
@@ -42,6 +43,18 @@ class ContextAxis:
     """Every device sends to (index + offset) mod size."""
     return self.send(tree, [(j, j + offset) for j in range(self.size)])
 
+  def send_packed(self, tree, pairs):
+    """`send` of a whole pytree as one buffer: one collective-permute instead of one per leaf
+    (XLA:GPU keeps about one collective in flight, so separate permutes would serialise)."""
+    if self.size == 1:
+      return tree
+    buffer, unpack = pack(tree)
+    return unpack(self.send(buffer, pairs))
+
+  def shift_packed(self, tree, offset: int):
+    """`shift` of a whole pytree as one buffer (see `send_packed`)."""
+    return self.send_packed(tree, [(j, j + offset) for j in range(self.size)])
+
   def all_gather(self, x, axis: int):
     return jax.lax.all_gather(x, self._name(), axis=axis, tiled=True) if self.names else x
 
@@ -51,6 +64,33 @@ class ContextAxis:
     DP's mixed layouts) hides blocks that came around again."""
     del hop
     return kv
+
+
+def pack(tree):
+  """(one flat uint8 buffer holding every leaf's bytes, the function that restores the tree).
+  Bitcasts are free; the concatenation is one copy of bytes a collective moves anyway."""
+  leaves, treedef = jax.tree.flatten(tree)
+  meta = [(x.shape, x.dtype) for x in leaves]
+  as_bytes = lambda x: jax.lax.bitcast_convert_type(
+      x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x, jnp.uint8).reshape(-1)
+  buffer = jnp.concatenate([as_bytes(x) for x in leaves])
+
+  def unpack(buf):
+    out, at = [], 0
+    for shape, dtype in meta:
+      size = dtype.itemsize
+      n = size * (int(np.prod(shape)) if shape else 1)
+      part = buf[at:at + n]
+      at += n
+      if dtype == jnp.bool_:
+        out.append(part.reshape(shape).astype(jnp.bool_))
+      elif size == 1:
+        out.append(jax.lax.bitcast_convert_type(part, dtype).reshape(shape))
+      else:
+        out.append(jax.lax.bitcast_convert_type(part.reshape(*shape, size), dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  return buffer, unpack
 
 
 def merge(o_a, lse_a, o_b, lse_b):

@@ -8,15 +8,17 @@ merges it by log-sum-exp. Queries and results flow in opposite directions, so bo
 directions of a full-duplex link carry traffic (on NVLink/NVSwitch; on a torus the direct
 returns are multi-hop).
 
-Causal, zigzag layout (device i holds chunks i and 2N-1-i, index order = position order
-inside a segment): if the owner's index is above j, both query halves attend to j's front
-K/V half only; otherwise only the owner's back query half attends, to all of j's K/V. So the
-front query half travels (and its result returns) only while it is still needed, and every
-step computes two half x half blocks. This relies on the zigzag layout being in force
-(`parallelism.zigzag`); without it, or when not causal, whole query shards travel. The
-pipeline's padding (segment 0, every token at position 0) breaks the index-order premise:
-padding queries then miss padding keys of later chunks, which changes only padding outputs
-(no targets, and only padding attends to padding), so losses and gradients stay exact.
+Causal, zigzag layout (device i holds chunks i and 2N-1-i, index order = position order inside
+a segment): if the owner's index is above j, both query halves attend to j's front K/V half
+only; otherwise only the owner's back query half attends, to all of j's K/V. Every step
+computes two half x half blocks. The front half rides along in the back half's packed buffer
+even where it is no longer needed (one collective-permute per step and direction; the devices
+past their owner ignore it, and the owner drops a front result by its lse). This relies on the
+zigzag layout being in force (`parallelism.zigzag`); without it, or when not causal, whole
+query shards travel. The pipeline's padding (segment 0, every token at position 0) breaks the
+index-order premise: padding queries then miss padding keys of later chunks, which changes only
+padding outputs (no targets, and only padding attends to padding), so losses and gradients stay
+exact.
 
 Bidirectional in time as well as on the wire: during step s the queries for step s+1 travel
 one way while the results of step s-1 travel the other, and neither transfer depends on step
@@ -30,13 +32,12 @@ accumulate where K/V live, so they never move.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from modeling import blockwise
-from modeling.kernels import BlockKernel
+from modeling.kernels import BlockKernel, lse_vjp
 from parallelism.context.sharded import ContextAxis, halves, masked_lse, merge
 
 
@@ -79,26 +80,22 @@ def _home(n, s):  # device j returns the results of step s to the queries' owner
   return [(j, j + s) for j in range(n)]
 
 
-def _front_home(n, s):  # only devices j < n - s computed a front query half
-  return [(j, j + s) for j in range(n - s)]
-
-
-def _front_next(n, s):  # front halves move one hop back while their owner is still ahead
-  return [(j + 1, j) for j in range(n - s)]
-
-
 class _Travel:
-  """What travels toward step s: all queries (plain), or back and front halves (zigzag)."""
+  """What travels toward step s: all queries (plain), or back and front halves (zigzag).
+
+  One packed buffer per step and direction (`ContextAxis.shift_packed`). Zigzag: the front
+  halves are only needed by devices j < N - s (their owner is still ahead), but they ride in
+  the back halves' buffer to every device: one collective-permute instead of two (XLA:GPU
+  keeps about one in flight), and the devices that do not need them never read them
+  (`_select(ahead, ...)`)."""
 
   def __init__(self, axis: ContextAxis, zigzag: bool):
     self.axis, self.zigzag = axis, zigzag
 
   def next(self, trav, s: int):
     """The travelling tree for step s, sent from the one of step s - 1."""
-    if not self.zigzag:
-      return self.axis.shift(trav, -1)
-    trav_f, trav_b = trav
-    return self.axis.send(trav_f, _front_next(self.axis.size, s)), self.axis.shift(trav_b, -1)
+    del s
+    return self.axis.shift_packed(trav, -1)
 
 
 def _pipeline(n: int, travel: _Travel, first, compute, deliver):
@@ -128,7 +125,7 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
     acc = [o, lse]
 
     def deliver(s, part):
-      acc[:] = merge(*acc, *axis.send(part, _home(n, s)))  # results straight home
+      acc[:] = merge(*acc, *axis.send_packed(part, _home(n, s)))  # results straight home
 
     _pipeline(n, travel, (q, qseg, qpos), lambda s, trav: _fwd_kernel(st, *trav, kv), deliver)
     return tuple(acc)
@@ -146,9 +143,9 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
     return merge(o1, l1, o2, masked_lse(~ahead, l2)), (o2, l2)
 
   def deliver(s, part):
-    back, front = part
-    back = axis.send(back, _home(n, s))
-    front = axis.send(front, _front_home(n, s))
+    # Back and front results in one buffer. Only devices j < N - s computed a real front
+    # half; the owners of the others (me < s) drop theirs by its lse.
+    back, front = axis.send_packed(part, _home(n, s))
     o_f, lse_f, o_b, lse_b = acc
     o_b, lse_b = merge(o_b, lse_b, *back)
     o_f, lse_f = merge(o_f, lse_f, front[0], masked_lse(me >= s, front[1]))
@@ -162,6 +159,7 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, st: Static):
 # ---------------------------------------------------------------- backward
 
 def _backward(res, do, st: Static):
+  """(dq, dk, dv) float32; the forward pass's schedule run backwards in data, not in time."""
   q, k, v, qseg, kseg, qpos, kpos, o, lse = res
   axis, n = st.axis, st.axis.size
   kv = (k, v, kseg, kpos)
@@ -180,7 +178,7 @@ def _backward(res, do, st: Static):
       return dq_s
 
     def deliver(s, dq_s):  # dQ partials go straight to the queries' owner
-      acc[0] = acc[0] + axis.send(dq_s, _home(n, s))
+      acc[0] = acc[0] + axis.send_packed(dq_s, _home(n, s))
 
     _pipeline(n, travel, mine, compute, deliver)
     return tuple(acc)
@@ -202,33 +200,16 @@ def _backward(res, do, st: Static):
     return dq1 + jnp.where(ahead, jnp.zeros_like(dq2), dq2), dq2
 
   def deliver(s, part):
-    back, front = part
-    acc[1] = acc[1] + axis.send(back, _home(n, s))
-    acc[0] = acc[0] + axis.send(front, _front_home(n, s))  # zeros where none was computed
+    back, front = axis.send_packed(part, _home(n, s))  # one buffer, as in the forward pass
+    acc[1] = acc[1] + back
+    acc[0] = acc[0] + jnp.where(me >= s, front, jnp.zeros_like(front))  # only real fronts
 
   _pipeline(n, travel, _split(mine), compute, deliver)
   dq_f, dq_b, dk_f, dk_b, dv_f, dv_b = acc
   return _join(dq_f, dq_b), _join(dk_f, dk_b), _join(dv_f, dv_b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _token_ring(q, k, v, qseg, kseg, qpos, kpos, st: Static):
-  return _forward(q, k, v, qseg, kseg, qpos, kpos, st)[0].astype(q.dtype)
-
-
-def _token_ring_fwd(q, k, v, qseg, kseg, qpos, kpos, st: Static):
-  o, lse = _forward(q, k, v, qseg, kseg, qpos, kpos, st)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, qseg, kseg, qpos, kpos, o, lse)
-
-
-def _token_ring_bwd(st: Static, res, do):
-  dq, dk, dv = _backward(res, do, st)
-  q, k, v = res[:3]
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
-
-
-_token_ring.defvjp(_token_ring_fwd, _token_ring_bwd)
+_token_ring = lse_vjp(_forward, _backward)
 
 
 def make_local(block_q: int, block_kv: int, zigzag: bool, kernel: BlockKernel | None = None):
