@@ -19,7 +19,7 @@ from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
-from training import checkpointing, evals, perf, telemetry, throughput
+from training import checkpointing, curriculum, evals, perf, telemetry, throughput
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
@@ -58,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
            mesh.devices.size, nproc)
 
-  program = build_program(config, mesh)
+  program = curriculum.build(config, mesh)   # one program per data.length_schedule stage
   train_iter = data_lib.make_train_iterator(config, process_index=pid, process_count=nproc)
   hybrid = config.parallelism.hybrid_dp.enabled  # whole documents, planned per batch
   if hybrid:
@@ -93,15 +93,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = hybrid_data.TrainStep(config, mesh, program.setup)
     prepare = lambda documents: documents
 
+  peak = matmul_peak(config, mesh)
   if hybrid:
     # A step is batch_size whole documents of any length: tokens/s counts their tokens, and
     # MFU is not reported (a token's FLOPs depend on its document's length; the planner's
     # modelled and executed figures are hdp/*).
-    timing = throughput.Throughput(None, None, matmul_peak(config, mesh))
+    timing = throughput.Throughput(None, None, peak)
   else:
     timing = throughput.Throughput(config.batch_size * config.seq_len,
                                    perf.train_flops_per_token(config.model, config.seq_len),
-                                   matmul_peak(config, mesh))
+                                   peak)
+  staged = isinstance(program, curriculum.StagedProgram)
+  stage_len, untimed = None, {start + 1}   # untimed: steps that compiled a program
   # Real tokens are counted on this process's rows; every process loads as many.
   real_scale = 1 if hybrid else nproc
   writer = MetricWriter(workdir)
@@ -142,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           f'stopping without saving it; {saver.describe_last_good()} (lower '
                           'optimizer.lr, check the data, enable optimizer.clip_norm, or set '
                           'optimizer.skip_nonfinite=True)')
-    if step > start + 1:  # the first step was compiled and timed alone
+    if step not in untimed:  # a (stage's) first step was compiled and timed alone
       timing.step_done(real_tokens, data_wait_s)
     if step % config.log_every == 0 or step == config.steps:
       perf_row = timing.row()
@@ -150,6 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       row = {'train/loss': loss, 'train/perplexity': math.exp(min(loss, 50.0)),
              'train/lr': float(metrics['lr']), 'train/grad_norm': float(metrics['grad_norm']),
              'train/param_norm': float(metrics['param_norm']), **perf_row}
+      if staged:
+        row['data/seq_len'] = stage_len
       if timing.compile_s is not None and not compile_logged:
         row['perf/compile_s'] = timing.compile_s
         compile_logged.append(True)
@@ -178,11 +183,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         profiling = True
       t0 = time.perf_counter()
       host_batch = next(train_iter)
+      if staged and host_batch['inputs'].shape[1] != stage_len:   # a new length stage
+        if pending is not None:
+          finish_step(*pending)
+          pending = None
+        stage_len, timing = curriculum.stage_throughput(config, host_batch, nproc, peak)
+        untimed.add(step)
+        log.info('step %d: length schedule stage of seq_len %d', step, stage_len)
       tele.observe(host_batch)
       batch = prepare(host_batch)
       data_wait_s = time.perf_counter() - t0
       real = throughput.real_tokens(host_batch) * real_scale
-      if step == start + 1:
+      if step in untimed:
         state, metrics = timing.first_step(train_step, state, batch)
       else:
         state, metrics = train_step(state, batch)
