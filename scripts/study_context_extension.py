@@ -98,12 +98,17 @@ def _below(pos_loss: dict, hi_max: int) -> float:
 
 
 def _stage_perf(workdir):
+  """({seq_len: mean tokens/s}, {seq_len: mean MFU}, train rows) of a staged run."""
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  out: dict[str, list] = {}
+  tps: dict[str, list] = {}
+  mfu: dict[str, list] = {}
   for r in rows:
     if 'perf/tokens_per_sec' in r and 'data/seq_len' in r:
-      out.setdefault(str(r['data/seq_len']), []).append(r['perf/tokens_per_sec'])
-  return {L: sum(v) / len(v) for L, v in out.items()}, [r for r in rows if 'train/loss' in r]
+      L = str(int(r['data/seq_len']))
+      tps.setdefault(L, []).append(r['perf/tokens_per_sec'])
+      mfu.setdefault(L, []).append(r['perf/mfu'])
+  mean = lambda d: {L: sum(v) / len(v) for L, v in d.items()}   # noqa: E731
+  return mean(tps), mean(mfu), [r for r in rows if 'train/loss' in r]
 
 
 def markdown(results: dict, command: str) -> str:
@@ -125,17 +130,19 @@ def markdown(results: dict, command: str) -> str:
       'variable tracking.', '',
       '| scaling | zero-shot loss, positions < 256 | zero-shot loss, 256-2,047 | extended '
       'loss, < 256 | extended loss, 256-2,047 | extended loss, 1,024-2,047 | passkey @2K | '
-      'NIAH single @2K | VT @2K | train tokens/s (1K / 2K stage) |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+      'NIAH single @2K | VT @2K | train tokens/s (1K / 2K stage) | MFU (1K / 2K) |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for kind, r in results['types'].items():
     z, e = r['zero_shot'], r['extended']
     tps = r['tokens_per_sec_by_stage']
+    mfu = r.get('mfu_by_stage', {})
     ru = e.get('ruler_2048', {})
     lines.append(f'| {kind} | {f(z["loss_below_256"])} | {f(z["loss_beyond_256"])} | '
                  f'{f(e["loss_below_256"])} | {f(e["loss_beyond_256"])} | '
                  f'{f(e["loss_1024_2048"])} | {pct(e["passkey_2048"])} | '
                  f'{pct(ru.get("niah_single"))} | {pct(ru.get("vt"))} | '
-                 f'{tps.get("1024", 0):,.0f} / {tps.get("2048", 0):,.0f} |')
+                 f'{tps.get("1024", 0):,.0f} / {tps.get("2048", 0):,.0f} | '
+                 f'{100 * mfu.get("1024", 0):.1f}% / {100 * mfu.get("2048", 0):.1f}% |')
   lines += ['', 'Loss by position bucket after extension (nats/token):', '',
             '| scaling | ' + ' | '.join(
                 f'[{lo},{hi})' for lo, hi in
@@ -193,9 +200,9 @@ def main(argv=None):
     print(f'--- {kind}: evaluation after extension', flush=True)
     tuned = evaluate(work, None, args,
                      ruler_tasks=('niah_single',) if args.smoke else ('niah_single', 'vt'))
-    perf, train_rows = _stage_perf(work)
+    perf, mfu, train_rows = _stage_perf(work)
     results['types'][kind] = {'scaling': scaling, 'zero_shot': zero, 'extended': tuned,
-                              'tokens_per_sec_by_stage': perf,
+                              'tokens_per_sec_by_stage': perf, 'mfu_by_stage': mfu,
                               'final_train_loss': train_rows[-1]['train/loss']}
   results['wall_s'] = time.time() - t_start
   results['cpu_s'] = time.process_time() - cpu0
