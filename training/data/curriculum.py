@@ -13,7 +13,9 @@ completely emitted document is read again. The documents in flight at the bounda
 their pieces were emitted, the rest sat in the packing bins or the piece-shuffle window) are
 read again whole at the new length: their emitted pieces are seen twice. Their number is
 bounded by data.num_packing_bins plus data.shuffle_window and counted in the iterator state
-('repeated'). Task sources (passkey, mqar, synthetic) have no buffers: exact, nothing repeated.
+('repeated'); with documents much longer than a stage, that can be most of the stage's tokens.
+Piece-exact carry-over would need the position tracker to record which pieces were emitted.
+Task sources (passkey, mqar, synthetic) have no buffers: exact, nothing repeated.
 
 The iterator state (what checkpoints store) records the stage, the step count and where the
 stage's stream began, so a resume lands in the right stage with the exact batches.
