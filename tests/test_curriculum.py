@@ -62,7 +62,7 @@ def test_batches_take_each_stage_shape_and_task_rows_continue_exactly():
       np.testing.assert_array_equal(row, src[index]['inputs'])
       index += 1
   st = it.get_state()['curriculum']
-  assert st['stage'] == 2 and st['step'] == 9 and st['repeated'] == 0
+  assert st['stage'] == 2 and st['step'] == 9 and st['carried'] == 0
   assert [b['start'] for b in st['boundaries']] == [96, 96 + 48]
 
 
@@ -79,9 +79,47 @@ def test_document_stream_resumes_exactly_mid_stage():
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert first[0]['inputs'].shape == (32, 32) and rest[-1]['inputs'].shape == (8, 128)
-  st = again.get_state()['curriculum']
-  # Documents in flight at a boundary are bounded by the packing bins (shuffle window off).
-  assert all(b['repeated'] <= c.data.num_packing_bins for b in st['boundaries'])
+  assert again.get_state()['curriculum']['carried'] > 0   # documents were split by a boundary
+
+
+def _marked_corpus(path, num_docs=80, seed=0):
+  """Documents whose every 9-byte unit says (document, unit): any piece of 18+ bytes tells
+  which document and offset it is. 25 + 32k units: 9 * units - 1 targets, a multiple of 32,
+  so no piece is shorter than 32 tokens."""
+  rng = np.random.default_rng(seed)
+  docs = [''.join(f'{i:03d}.{k:04d}|' for k in range(25 + 32 * int(rng.integers(0, 3))))
+          for i in range(num_docs)]
+  with open(path, 'w') as f:
+    for d in docs:
+      f.write(json.dumps({'text': d}) + '\n')
+  return docs
+
+
+def test_stage_boundaries_carry_every_target_exactly_once(tmp_path):
+  """Pieces shuffled, documents split across both boundaries: every target token of every
+  document is trained at most once, and every document below the watermark completely."""
+  import re
+  docs = _marked_corpus(tmp_path / 'docs.jsonl')
+  c = config(**{'data.source': 'jsonl', 'data.paths': str(tmp_path / 'docs.jsonl'),
+                'data.eval_fraction': 0.0, 'data.shuffle_window': 64})
+  it = pipeline.make_train_iterator(c)
+  seen = {i: np.zeros(len(d), int) for i, d in enumerate(docs)}   # times each target trained
+  for _ in range(10):
+    b = next(it)
+    for row_in, row_t, seg in zip(b['inputs'], b['targets'], b['segment_ids']):
+      for sid in set(seg.tolist()) - {0}:
+        m = seg == sid
+        text = bytes(row_in[m].astype(np.uint8)).decode()
+        unit = re.search(r'(\d{3})\.(\d{4})\|', text)
+        doc, offset = int(unit[1]), int(unit[2]) * 9 - unit.start()
+        assert docs[doc][offset:offset + len(text)] == text
+        seen[doc][offset + 1:offset + 1 + int((row_t[m] >= 0).sum())] += 1
+  st = it.get_state()
+  assert max(s.max() for s in seen.values()) == 1              # nothing trained twice
+  assert st['curriculum']['carried'] > 0                        # boundaries split documents
+  complete = sum(bool(s[1:].all()) for s in seen.values())
+  G = st['position']['start'] + st['position']['watermark']    # global: one process
+  assert complete >= G > 0                                      # nothing below it skipped
 
 
 def _losses(workdir):

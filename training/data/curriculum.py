@@ -6,27 +6,26 @@ long-context recipes do (Llama 3's staged extension; YaRN's fine-tuning; ProLong
 Stage i covers the steps after `start_i` steps are done, up to `start_{i+1}`. A stage without
 a batch size keeps the run's tokens per step (batch_size x seq_len of the config) constant.
 
-The data stream carries over at a stage boundary: the next stage's pipeline (re-packed at its
-length) begins at the previous stage's watermark (training/data/position.py) and reads as
-empty every document the previous stage emitted completely, so no document is skipped and no
-completely emitted document is read again. The documents in flight at the boundary (some of
-their pieces were emitted, the rest sat in the packing bins or the piece-shuffle window) are
-read again whole at the new length: their emitted pieces are seen twice. Their number is
-bounded by data.num_packing_bins plus data.shuffle_window and counted in the iterator state
-('repeated'); with documents much longer than a stage, that can be most of the stage's tokens.
-Piece-exact carry-over would need the position tracker to record which pieces were emitted.
-Task sources (passkey, mqar, synthetic) have no buffers: exact, nothing repeated.
+The data stream carries over exactly at a stage boundary: the next stage's pipeline (re-packed
+at its length) begins at the previous stage's watermark (training/data/position.py), reads as
+empty every document the previous stage emitted completely, and reads each document in flight
+(some of its pieces emitted, the rest in the packing bins or the piece-shuffle window) only in
+the token ranges of its pieces not emitted yet (the tracker records which were), cut at the
+new length. So no target token is skipped or trained twice; pieces of a carried document
+start where the previous stage's pieces ended. The count of carried documents is in the
+iterator state ('carried'). Task sources (passkey, mqar, synthetic) have no buffers.
 
 The iterator state (what checkpoints store) records the stage, the step count and where the
 stage's stream began, so a resume lands in the right stage with the exact batches.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 import ml_collections
 
-from training.data import pipeline, position
+from training.data import packing, pipeline, position
 
 KEY = 'data.length_schedule'
 
@@ -95,16 +94,17 @@ class CurriculumIterator:
     self.stages = parse(config)
     self._config = _plain(config)
     self._where = dict(process_index=process_index, process_count=process_count)
-    st = _state or {'step': 0, 'stage': 0, 'start': start, 'skip': [], 'repeated': 0,
-                    'boundaries': []}
-    self._state = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
+    st = _state or {'step': 0, 'stage': 0, 'start': start, 'skip': [], 'trim': {},
+                    'carried': 0, 'boundaries': []}
+    self._state = json.loads(json.dumps(st))   # a private copy
     self._it = self._open()
 
   def _open(self):
     st = self._state
     c = stage_config(self._config, self.stages[st['stage']])
     return pipeline.make_train_iterator(c, **self._where, start=st['start'],
-                                        skip=frozenset(st['skip']))
+                                        skip=frozenset(st['skip']),
+                                        trim={int(j): r for j, r in st['trim'].items()})
 
   @property
   def stage(self) -> Stage:
@@ -122,17 +122,39 @@ class CurriculumIterator:
     return batch
 
   def _switch(self, i: int) -> None:
-    """Re-pack from the current stage's watermark at stage i's length."""
+    """Re-pack from the current stage's watermark at stage i's length, without what the
+    current stage emitted."""
     inner = self._it.get_state()
-    pos, pending = inner['position'], inner['pending']
+    pos, pending, emitted = inner['position'], inner['pending'], inner.get('emitted', {})
     w, n = pos['watermark'], pos['process_count']
-    done = [int(j) - w for j, (emitted, total) in pending.items() if emitted >= total]
-    partial = sum(1 for emitted, total in pending.values() if 0 < emitted < total)
-    skip = sorted({j - w for j in self._state['skip'] if j >= w} | set(done))
     st = self._state
+    old_trim = {int(j): r for j, r in st['trim'].items()}
+    skip = {j - w for j in st['skip'] if j >= w}
+    trim = {j - w: r for j, r in old_trim.items() if j >= w and str(j) not in pending}
+    length, carried = None, 0
+    for key, (done, total) in pending.items():
+      j = int(key)
+      if done >= total:
+        skip.add(j - w)
+        continue
+      if length is None:
+        length = pipeline.document_length(self._config, **self._where, start=pos['start'])
+      sent = set(emitted.get(key, []))
+      spans = packing.piece_spans(length(j), self.stage.seq_len, old_trim.get(j))
+      ranges: list[list[int]] = []
+      for k, (s, e) in enumerate(spans):
+        if k in sent:
+          continue
+        if ranges and ranges[-1][1] - 1 == s:   # the next piece: extend the range
+          ranges[-1][1] = e
+        else:
+          ranges.append([s, e])
+      trim[j - w] = ranges
+      carried += bool(sent)
     st['boundaries'].append({'step': st['step'], 'stage': i, 'start': pos['start'] + n * w,
-                             'repeated': partial})
-    st.update(stage=i, start=pos['start'] + n * w, skip=skip, repeated=st['repeated'] + partial)
+                             'carried': carried})
+    st.update(stage=i, start=pos['start'] + n * w, skip=sorted(skip),
+              trim={str(j): r for j, r in sorted(trim.items())}, carried=st['carried'] + carried)
     self._it = self._open()
 
   def position(self) -> dict[str, int]:
@@ -140,14 +162,11 @@ class CurriculumIterator:
 
   def get_state(self) -> dict[str, Any]:
     inner = self._it.get_state()
-    return {'curriculum': {k: (list(v) if isinstance(v, list) else v)
-                           for k, v in self._state.items()},
+    return {'curriculum': json.loads(json.dumps(self._state)),
             'position': inner['position'], 'inner': inner}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._state = dict(state['curriculum'])
-    self._state['skip'] = list(self._state['skip'])
-    self._state['boundaries'] = list(self._state['boundaries'])
+    self._state = json.loads(json.dumps(state['curriculum']))
     self._it = self._open()
     self._it.set_state(state['inner'])
 
@@ -168,7 +187,7 @@ def resume(config, saved: dict[int, dict], *, process_index: int = 0,
   G = position.resume_point(saved)
   it = CurriculumIterator(config, process_index=process_index, process_count=process_count,
                           _state={'step': step, 'stage': stage_index(stages, step), 'start': G,
-                                  'skip': [], 'repeated': 0, 'boundaries': []})
+                                  'skip': [], 'trim': {}, 'carried': 0, 'boundaries': []})
   return it, f'remapped to global position {G} in stage {it._state["stage"]}'
 
 
