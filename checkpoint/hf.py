@@ -8,8 +8,11 @@ The two compute the same function, so the mapping is a renaming plus reshapes:
   * grouped-query attention: K/V heads map to num_key_value_heads, query head h uses K/V head
     h // (H/K) in both;
   * SwiGLU: down(silu(gate(x)) * up(x)); attention scale head_dim^-0.5; no biases.
-Whatever does not map (a sliding window, NoPE, cross-layer K/V sharing, RoPE scaling, biases,
-another activation, another family) is refused with an error naming the key.
+  * RoPE scaling: `model.rope_scaling` (modeling/rope.py) <-> HF `rope_scaling` /
+    `rope_parameters` for linear, yarn, llama3 and longrope (same formulas; see `hf_rope_scaling`).
+Whatever does not map (a sliding window, NoPE, cross-layer K/V sharing, static NTK or HF's
+length-dependent `dynamic` RoPE, biases, another activation, another family) is refused with
+an error naming the key.
 
 Tensors here are numpy arrays keyed by loomax parameter paths without the 'params/' prefix, in
 the unrolled layout ('blocks/3/attn/wq'), or by HF names ('model.layers.3.self_attn.q_proj.weight').
@@ -41,6 +44,7 @@ def check_exportable(model: dict[str, Any]) -> None:
     refuse('sliding_window', 'sliding-window attention')
   if not model.get('rope_theta', 0):
     refuse('rope_theta', 'no rotary embeddings (NoPE)')
+  hf_rope_scaling(model)   # refuses scaling HF cannot express
   routing = model.get('kv_routing', {})
   if routing.get('cache_every', 1) != 1 or routing.get('cache_layers', ''):
     raise NotMappable('model.kv_routing.cache_every / cache_layers: layers that share another '
@@ -52,6 +56,7 @@ def llama_config(model: dict[str, Any], *, max_positions: int, dtype: str = 'flo
   """config.json of the Llama model equal to loomax `model` (a model config as a dict)."""
   check_exportable(model)
   theta = float(model['rope_theta'])
+  scaling, max_positions = hf_rope_scaling(model, max_positions)
   return {
       'architectures': [HF_ARCHITECTURE], 'model_type': 'llama',
       'vocab_size': int(model['vocab_size']), 'hidden_size': int(model['d_model']),
@@ -59,12 +64,14 @@ def llama_config(model: dict[str, Any], *, max_positions: int, dtype: str = 'flo
       'num_attention_heads': int(model['num_heads']),
       'num_key_value_heads': int(model['num_kv_heads']), 'head_dim': int(model['head_dim']),
       'hidden_act': 'silu', 'max_position_embeddings': int(max_positions),
-      'rms_norm_eps': float(model['norm_eps']), 'rope_theta': theta, 'rope_scaling': None,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': theta},
+      'rms_norm_eps': float(model['norm_eps']), 'rope_theta': theta, 'rope_scaling': scaling,
+      'rope_parameters': {**(scaling or {'rope_type': 'default'}), 'rope_theta': theta},
       'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
       'tie_word_embeddings': bool(model['tie_embeddings']),
       'initializer_range': float(model.get('init_std', 0.02)), 'pretraining_tp': 1,
       'use_cache': True, 'torch_dtype': dtype, 'dtype': dtype,
+      **({'original_max_position_embeddings': scaling['original_max_position_embeddings']}
+         if scaling and scaling['rope_type'] == 'longrope' else {}),   # HF reads it here
       **(special or {}),
   }
 
@@ -105,11 +112,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   for key in ('attention_bias', 'mlp_bias'):
     if hf.get(key):
       refuse(key, 'loomax projections have no bias')
-  if hf.get('rope_scaling'):
-    refuse('rope_scaling', 'loomax has plain RoPE only')
   rope = hf.get('rope_parameters') or {}
-  if rope.get('rope_type', 'default') != 'default':
-    refuse('rope_parameters', 'loomax has plain RoPE only')
+  scaling = rope_scaling_from_hf(hf)
   if int(hf.get('pretraining_tp', 1) or 1) != 1:
     refuse('pretraining_tp', 'sliced projections')
   D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
@@ -122,8 +126,105 @@ def model_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
       'rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
       'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
       'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
-      'sliding_window': 0,
+      'sliding_window': 0, 'rope_scaling': scaling,
   }
+
+
+# RoPE scaling: loomax `model.rope_scaling` keys <-> HF keys (modeling/rope.py has the formulas).
+_ROPE_KEYS = {
+    'linear': ('factor',),
+    'yarn': ('factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow',
+             'attention_factor', 'truncate'),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+    'longrope': ('factor', 'original_max_position_embeddings', 'attention_factor', 'long_factor'),
+}
+_LOOMAX_ROPE_DEFAULTS = {'type': 'none', 'factor': 1.0, 'original_max_position_embeddings': 0,
+                         'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'beta_fast': 32.0,
+                         'beta_slow': 1.0, 'truncate': True, 'attention_factor': 0.0,
+                         'long_factor': ''}
+
+
+def hf_rope_scaling(model: dict[str, Any], max_positions: int = 0):
+  """(HF rope_scaling dict or None, max_position_embeddings) for loomax `model`.
+
+  HF's yarn and longrope take their factor as max_position_embeddings /
+  original_max_position_embeddings when the latter is given, so those write
+  max_position_embeddings = factor x L0 (factor x L0 must be a whole number).
+  """
+  sc = dict(model.get('rope_scaling') or {})
+  kind = sc.get('type', 'none')
+  if kind == 'none':
+    return None, max_positions
+  if kind not in _ROPE_KEYS:
+    raise NotMappable(f'model.rope_scaling.type={kind!r}: HF has no static NTK rope (its '
+                      "'dynamic' type changes the frequencies with the sequence length); Llama "
+                      'cannot express it, so the export would not compute the same function.')
+  out: dict[str, Any] = {'rope_type': kind}
+  for key in _ROPE_KEYS[kind]:
+    value = sc.get(key, _LOOMAX_ROPE_DEFAULTS[key])
+    if key == 'attention_factor' and not value:
+      continue   # 0 = the paper's default, which HF computes the same way
+    if key == 'long_factor':
+      value = [float(v) for v in str(value).split(',') if v.strip()] if isinstance(
+          value, str) else [float(v) for v in value]
+      out['short_factor'] = value   # loomax applies long_factor at every length
+    out[key] = value
+  if kind in ('yarn', 'longrope'):
+    L0 = int(out['original_max_position_embeddings'])
+    max_positions = out['factor'] * L0
+    if max_positions != int(max_positions):
+      raise NotMappable(f'model.rope_scaling.factor={out["factor"]!r}: HF {kind} derives the '
+                        'factor as max_position_embeddings / original_max_position_embeddings, '
+                        f'so factor x {L0} must be a whole number.')
+    max_positions = int(max_positions)
+  return out, max_positions
+
+
+def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """loomax model.rope_scaling values for an HF config (`rope_scaling` or v5
+  `rope_parameters`); raises NotMappable naming the HF key."""
+  params = hf.get('rope_parameters') or {}
+  src = hf.get('rope_scaling') or params
+  field = 'rope_scaling' if hf.get('rope_scaling') else 'rope_parameters'
+  kind = src.get('rope_type', src.get('type', 'default')) if src else 'default'
+  if kind == 'default':
+    return dict(_LOOMAX_ROPE_DEFAULTS)
+
+  def refuse(key, why):
+    raise NotMappable(f'config.json {field}.{key}={src.get(key)!r}: {why}; loomax\'s dense '
+                      'transformer cannot compute the same function.')
+  if kind not in _ROPE_KEYS:
+    refuse('rope_type', f'supported: default, {", ".join(_ROPE_KEYS)} (dynamic NTK changes the '
+           'frequencies with the sequence length, which a decode cache cannot follow)')
+  out = dict(_LOOMAX_ROPE_DEFAULTS, type=kind)
+  max_pos = hf.get('max_position_embeddings')
+  if kind == 'yarn':
+    if src.get('mscale') or src.get('mscale_all_dim'):
+      refuse('mscale', 'DeepSeek-style yarn attention scaling is not implemented')
+    L0 = src.get('original_max_position_embeddings')
+    factor = float(src['factor'])
+    if L0:   # HF: the factor is then max_position_embeddings / L0
+      factor = float(max_pos) / float(L0)
+    out.update(factor=factor, original_max_position_embeddings=int(L0 or max_pos),
+               beta_fast=float(src.get('beta_fast') or 32), beta_slow=float(src.get('beta_slow')
+                                                                          or 1),
+               attention_factor=float(src.get('attention_factor') or 0.0),
+               truncate=bool(src.get('truncate', True)))
+  elif kind == 'linear':
+    out.update(factor=float(src['factor']))
+  elif kind == 'llama3':
+    out.update({k: float(src[k]) for k in ('factor', 'low_freq_factor', 'high_freq_factor')},
+               original_max_position_embeddings=int(src['original_max_position_embeddings']))
+  elif kind == 'longrope':
+    if list(src.get('short_factor') or []) != list(src.get('long_factor') or []):
+      refuse('short_factor', 'loomax applies long_factor at every length (HF switches to '
+             'short_factor for sequences up to original_max_position_embeddings)')
+    L0 = src.get('original_max_position_embeddings') or hf.get('original_max_position_embeddings')
+    factor = float(max_pos) / float(L0) if L0 else float(src.get('factor') or 1.0)
+    out.update(factor=factor, original_max_position_embeddings=int(L0 or max_pos),
+               attention_factor=float(src.get('attention_factor') or 0.0),
+               long_factor=','.join(repr(float(v)) for v in src['long_factor']))
+  return out
 
 
 _DERIVED = ('rotary_emb.inv_freq',)  # recomputed from rope_theta, not weights

@@ -22,12 +22,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batches = 8                 # batches per held-out eval (0 = eval off)
   # Long-context evals run at every eval (training/evals.py); the loop's eval/loss always runs.
   c.eval = ml_collections.ConfigDict()
-  c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar
+  c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar, ruler
   c.eval.lengths = ''                # comma-separated context lengths; '' = seq_len
   c.eval.tokens = 16384              # position_loss: held-out tokens per length
   c.eval.passkey_samples = 4         # passkey: examples per (length, needle depth)
   c.eval.mqar_pairs = '4,16,64'      # mqar: key-value pair counts (those that fit the length)
   c.eval.mqar_samples = 8            # mqar: examples per (length, pairs)
+  c.eval.ruler_tasks = 'all'         # ruler (training/ruler.py): comma-separated task names or all
+  c.eval.ruler_samples = 4           # ruler: examples per (task, length); NIAH: per depth too
   # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
   # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
   # checkpoints directory to continue from (into an empty workdir).
@@ -51,6 +53,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mlp_dim = 768                    # SwiGLU hidden width
   m.vocab_size = 256                 # byte-level default
   m.rope_theta = 10_000.0            # 0 disables rotary embeddings (NoPE)
+  # RoPE scaling for context extension (modeling/rope.py; HF transformers' formulas).
+  m.rope_scaling = ml_collections.ConfigDict()
+  m.rope_scaling.type = 'none'       # none | linear | ntk | yarn | llama3 | longrope
+  m.rope_scaling.factor = 1.0        # context growth ratio s (new length / original length)
+  m.rope_scaling.original_max_position_embeddings = 0  # L0: trained length (yarn/llama3/longrope)
+  m.rope_scaling.low_freq_factor = 1.0   # llama3: wavelengths above L0/low are divided by factor
+  m.rope_scaling.high_freq_factor = 4.0  # llama3: wavelengths below L0/high are kept
+  m.rope_scaling.beta_fast = 32.0    # yarn: rotations per L0 above which a frequency extrapolates
+  m.rope_scaling.beta_slow = 1.0     # yarn: rotations per L0 below which it interpolates
+  m.rope_scaling.truncate = True     # yarn: round the correction range to whole dimensions
+  m.rope_scaling.attention_factor = 0.0  # yarn/longrope cos/sin multiplier; 0 = paper default
+  m.rope_scaling.long_factor = ''    # longrope: head_dim/2 comma-separated rescale factors
   m.tie_embeddings = True            # share the token embedding with the output head
   m.norm_eps = 1e-6
   m.init_std = 0.02                  # std of embeddings and projections
@@ -135,6 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.worker_count = 0                 # grain worker processes (0 = in-process)
   d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len)
   d.mqar_num_pairs = 16              # mqar: key-value pairs per example
+  # Length curriculum (training/data/curriculum.py): 'start:seq_len[:batch_size],...', e.g.
+  # '0:128,200:256,400:512'; batch_size defaults to constant tokens per step. '' = seq_len always.
+  d.length_schedule = ''
 
   # --- optimizer (training/optimizer.py) ---
   o = c.optimizer = ml_collections.ConfigDict()

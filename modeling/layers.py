@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modeling import axes as ax
+from modeling import rope as rope_lib
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, flatten_tokens: bool = True) -> jax.Array:
@@ -57,16 +58,21 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def rotary(x_BLHD: jax.Array, positions_BL: jax.Array, rope: 'rope_lib.Rope | float') -> jax.Array:
   """Rotary position embedding (Su et al., 2021), half-split convention.
 
   Rotation angles come from each token's position within its own document, so packed
-  documents each start at position 0.
+  documents each start at position 0. `rope` is a `modeling.rope.Rope` (base frequency plus
+  any RoPE scaling, whose attention factor multiplies cos and sin) or a bare base `theta`.
   """
+  if not isinstance(rope, rope_lib.Rope):
+    rope = rope_lib.Rope(theta=float(rope))
   d = x_BLHD.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  inv_freq = jnp.asarray(rope.inv_freq(d))
   angle_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq
   sin, cos = jnp.sin(angle_BLF)[:, :, None, :], jnp.cos(angle_BLF)[:, :, None, :]
+  if (scale := rope.scale()) != 1.0:
+    sin, cos = sin * scale, cos * scale
   x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BLHD.dtype)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modeling import axes as ax
-from modeling import layers, shared_kv, ssm
+from modeling import layers, rope, shared_kv, ssm
 from modeling.runtime import Runtime
 from modeling.transformer import Attention, dtype_of, remat_policy
 
@@ -76,6 +76,7 @@ class CrossAttention(nnx.Module):
     self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED),
                            pdt)
     self.rope_theta = rope_theta
+    self.rope = rope.from_model(cfg, rope_theta)  # theta + model.rope_scaling; None: NoPE
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
 
@@ -84,7 +85,7 @@ class CrossAttention(nnx.Module):
     """`attend` (default: the runtime's) reads (K, V) in the form `SharedKV.gather` gave."""
     q_BLHD = jnp.einsum('bld,dhk->blhk', x_BLD.astype(self.dtype), self.wq[...].astype(self.dtype))
     if self.rope_theta:   # the cached keys were rotated by the full-attention layer
-      q_BLHD = layers.rotary(q_BLHD, q_positions, self.rope_theta)
+      q_BLHD = layers.rotary(q_BLHD, q_positions, self.rope)
     q_BLHD = self.runtime.constrain(q_BLHD, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
     k_BSKD, v_BSKD = kv
     o_BLHD = (attend or self.runtime.attend)(

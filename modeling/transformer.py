@@ -12,7 +12,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import kv_routing, layers, scopes
+from modeling import kv_routing, layers, rope, scopes
 from modeling.runtime import Runtime, self_attention_kwargs
 
 REMAT_POLICIES = {
@@ -50,12 +50,13 @@ class Attention(nnx.Module):
     self.wo = layers.param(rngs, layers.normal(out_std), (H, Dh, D), (ax.HEADS, None, ax.EMBED),
                            pdt)
     self.rope_theta = cfg.rope_theta if use_rope in (None, True) else 0.0
+    self.rope = rope.from_model(cfg, self.rope_theta)  # theta + model.rope_scaling; None: NoPE
     self.causal, self.window = causal, window
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
 
   def _rope(self, x_BLHD, positions_BL):
-    return layers.rotary(x_BLHD, positions_BL, self.rope_theta) if self.rope_theta else x_BLHD
+    return layers.rotary(x_BLHD, positions_BL, self.rope) if self.rope else x_BLHD
 
   def _project(self, x, w, n_in=1):
     return layers.dense(x, w.astype(self.dtype), n_in, self.runtime.flatten_tokens)

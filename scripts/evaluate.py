@@ -1,14 +1,17 @@
-"""Evaluate a checkpoint on long-context tasks: loss, loss by position, passkey, MQAR.
+"""Evaluate a checkpoint on long-context tasks: loss, loss by position, passkey, MQAR, RULER.
 
     python scripts/evaluate.py --checkpoint runs/tiny --tasks loss,position_loss,passkey,mqar \
         --lengths 256,1024 --out /tmp/ev
     python scripts/evaluate.py --checkpoint runs/tiny --lengths 16384,65536 --context 8 --out ev
+    python scripts/evaluate.py --checkpoint runs/tiny --tasks ruler --lengths 256,1024 --out ev
 
 Loads the checkpoint's parameters onto the local devices (any count: universal restore), data
 parallel over them, or with --context N ring attention over N of them (zigzag); lengths above
 --blockwise_above use the blockwise kernel. Writes OUT/results.json (every number), one PNG per
 task and the same scalars into TensorBoard under OUT/tb. See training/evals.py for the tasks
-and how they are scored (the model's own arg-max over the answer, given the true prefix).
+and how they are scored (the model's own arg-max over the answer, given the true prefix);
+ruler (training/ruler.py) generates greedily through the decode cache instead and also writes
+OUT/ruler.md (task x length table) and OUT/ruler_niah_depth.png.
 """
 
 import argparse
@@ -32,6 +35,9 @@ def parse_args(argv=None):
   p.add_argument('--passkey_samples', type=int, default=4, help='examples per length x depth')
   p.add_argument('--mqar_pairs', default='4,16,64')
   p.add_argument('--mqar_samples', type=int, default=8, help='examples per length x pairs')
+  p.add_argument('--ruler_tasks', default='all', help='ruler: comma-separated subset or all')
+  p.add_argument('--ruler_samples', type=int, default=4,
+                 help='ruler: examples per task x length (NIAH single: per depth)')
   p.add_argument('--rows_per_batch', type=int, default=8)
   p.add_argument('--blockwise_above', type=int, default=2048)
   p.add_argument('--seed', type=int, default=1234)
@@ -43,12 +49,13 @@ def main(argv=None):
   import jax
   import tqdm
 
-  from training import eval_report, evals, serving
+  from training import eval_report, evals, ruler, serving
 
   settings = evals.EvalSettings(
       tasks=evals.parse_list(args.tasks, str), lengths=evals.parse_list(args.lengths, int),
       eval_tokens=args.eval_tokens, passkey_samples=args.passkey_samples,
       mqar_pairs=evals.parse_list(args.mqar_pairs, int), mqar_samples=args.mqar_samples,
+      ruler_tasks=ruler.parse_tasks(args.ruler_tasks), ruler_samples=args.ruler_samples,
       rows_per_batch=args.rows_per_batch, blockwise_above=args.blockwise_above, seed=args.seed)
   run = serving.load(args.checkpoint, args.step, context=args.context)
   ev = evals.Evaluator(run.config, run.mesh, run.setup.shardings.params, settings)
@@ -68,6 +75,8 @@ def main(argv=None):
   if jax.process_index() == 0:
     files = eval_report.write(results, args.out, run.step)
     print(json.dumps({k: results[k] for k in ('loss', 'skipped') if k in results}))
+    if 'ruler' in results:
+      print(ruler.table(results['ruler']))
     print('wrote ' + ', '.join(files))
 
 
@@ -83,6 +92,8 @@ def _num_units(settings, config) -> int:
   if 'mqar' in settings.tasks:
     n += sum(evals.mqar_fits(L, p, config.model.vocab_size) is None
              for L in lengths for p in settings.mqar_pairs)
+  if 'ruler' in settings.tasks:
+    n += len(lengths) * len(settings.ruler_tasks)
   return n
 
 

@@ -14,18 +14,21 @@ def rotate_half(x):
   return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def llama_logits(config: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
-  """Logits [T, V] of one sequence `tokens` [T] (positions 0..T-1, causal)."""
+def llama_logits(config: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray,
+                 inv_freq=None, attention_factor: float = 1.0) -> np.ndarray:
+  """Logits [T, V] of one sequence `tokens` [T] (positions 0..T-1, causal); `inv_freq` and
+  `attention_factor` substitute RoPE-scaled frequencies (HF's rope_init_fn outputs)."""
   w = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
   H, K = config['num_attention_heads'], config['num_key_value_heads']
   D = config['hidden_size']
   Dh = config.get('head_dim') or D // H
   eps, theta = config['rms_norm_eps'], config['rope_theta']
   T = len(tokens)
-  inv_freq = 1.0 / theta ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+  if inv_freq is None:
+    inv_freq = 1.0 / theta ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
   freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None]
   emb = np.concatenate([freqs, freqs], axis=-1)
-  cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]   # [T, 1, Dh]
+  cos, sin = (np.cos(emb) * attention_factor)[:, None, :], (np.sin(emb) * attention_factor)[:, None, :]
   causal = np.tril(np.ones((T, T), bool))
   x = w['model.embed_tokens.weight'][tokens]
   for i in range(config['num_hidden_layers']):

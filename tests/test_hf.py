@@ -118,9 +118,9 @@ def test_refusals_name_the_key(tmp_path):
   with pytest.raises(hf.NotMappable, match='cache_every'):
     hf.check_exportable({**model, 'kv_routing': {'cache_every': 2}})
   good = hf.llama_config(model, max_positions=32)
-  for key, value in (('rope_scaling', {'rope_type': 'yarn', 'factor': 4.0}),
+  for key, value in (('rope_scaling', {'rope_type': 'dynamic', 'factor': 4.0}),
                      ('attention_bias', True), ('hidden_act', 'gelu'), ('model_type', 'gemma')):
-    with pytest.raises(hf.NotMappable, match=f'config.json {key}='):
+    with pytest.raises(hf.NotMappable, match=f'config.json {key}[.=]'):
       hf.model_config_from_hf({**good, key: value})
   m = hf.model_config_from_hf(good)
   assert {k: m[k] for k in ('num_kv_heads', 'head_dim', 'norm_eps', 'tie_embeddings')} == \
@@ -168,3 +168,107 @@ def test_cli_help(script):
   out = subprocess.run([sys.executable, f'scripts/{script}', '--help'], capture_output=True,
                        text=True, check=True).stdout
   assert '--out' in out
+
+
+# --- RoPE scaling (model.rope_scaling <-> HF rope_scaling / rope_parameters) ---
+
+LLAMA3 = {'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+          'original_max_position_embeddings': 16}
+
+
+def _logits(model_cfg: dict, flat: dict, tokens) -> np.ndarray:
+  """Logits of a dense model built from a model config dict and unrolled 'a/0/b' parameters."""
+  import ml_collections
+
+  from modeling import registry
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: registry.build_model(
+      ml_collections.ConfigDict(model_cfg), rngs=nnx.Rngs(0))))
+  nested: dict = {}
+  for path, x in flat.items():
+    node, *keys = nested, *[int(k) if k.isdigit() else k for k in path.split('/')]
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = np.asarray(x)
+  model = nnx.merge(graphdef, nested)
+  T = len(tokens)
+  h = model(tokens[None], segment_ids=np.ones((1, T), np.int32),
+            positions=np.arange(T, dtype=np.int32)[None])
+  return np.asarray(model.logits(h)[0])
+
+
+def test_llama3_scaled_export_reimport_same_logits(tmp_path):
+  """A tiny Llama with llama3 scaling (positions past L0=16 inside the sequence): the export
+  equals the numpy Llama with HF's llama3 frequencies, and re-importing it gives the same
+  config and the same logits."""
+  from tests.test_rope_scaling import hf_llama3
+  tokens = np.tile(TOKENS, 3)   # 36 positions > L0
+  config, _ = perturbed_checkpoint(tmp_path / 'ckpt', **{f'model.rope_scaling.{k}': v
+                                                         for k, v in LLAMA3.items()})
+  assert export_hf.main(['--checkpoint', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'hf')]) == 0
+  hf_config = json.load(open(tmp_path / 'hf' / 'config.json'))
+  assert hf_config['rope_theta'] == 500.0
+  assert hf_config['rope_scaling'] == {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                                       'high_freq_factor': 4.0,
+                                       'original_max_position_embeddings': 16}
+  assert hf_config['rope_parameters']['rope_type'] == 'llama3'
+  assert import_hf.main(['--hf', str(tmp_path / 'hf'), '--out', str(tmp_path / 'back')]) == 0
+  back, meta = read_all(str(tmp_path / 'back'))
+  model_cfg = meta['config']['model']
+  assert {k: model_cfg['rope_scaling'][k] for k in LLAMA3} == LLAMA3
+  orig, _, _ = export_hf.consolidated_params(str(tmp_path / 'ckpt'), None)
+  ours = _logits(config.model.to_dict(), orig, tokens)
+  again = _logits(model_cfg, {k[len('params/'):]: v for k, v in back.items()
+                              if k.startswith('params/')}, tokens)
+  np.testing.assert_array_equal(again, ours)
+  inv, att = hf_llama3(500.0, 16, 8.0, 1.0, 4.0, 16)
+  tensors = hf.read_safetensors(str(tmp_path / 'hf' / 'model.safetensors'))
+  ref = llama_logits(hf_config, tensors, tokens, inv_freq=inv, attention_factor=att)
+  assert np.abs(ref - ours).max() <= 1e-4, np.abs(ref - ours).max()
+  plain = llama_logits(hf_config, tensors, tokens)
+  assert np.abs(plain - ours).max() > 1e-2   # the scaling matters on this sequence
+  transformers = pytest.importorskip('transformers', reason='the [hf] extra is not installed')
+  import torch
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'),
+                                                            torch_dtype=torch.float32)
+  with torch.no_grad():
+    out = model(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+  assert np.abs(out - ours).max() <= 1e-4
+
+
+@pytest.mark.parametrize('scaling', [
+    {'type': 'linear', 'factor': 4.0},
+    {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 256, 'beta_fast': 16.0,
+     'beta_slow': 2.0},
+    {'type': 'longrope', 'factor': 4.0, 'original_max_position_embeddings': 256,
+     'long_factor': ','.join(str(1.0 + i) for i in range(8))},
+    dict(LLAMA3)])
+def test_rope_scaling_config_round_trip(scaling):
+  model = tiny_config(**{f'model.rope_scaling.{k}': v for k, v in scaling.items()}).model.to_dict()
+  back = hf.model_config_from_hf(hf.llama_config(model, max_positions=1024))['rope_scaling']
+  for key, value in scaling.items():
+    assert back[key] == (value if key != 'long_factor' else
+                         ','.join(repr(float(v)) for v in value.split(','))), key
+
+
+def test_rope_scaling_import_follows_hf_rules():
+  good = hf.llama_config(tiny_config().model.to_dict(), max_positions=32)
+  # Llama 3.1's published values, theta 500000.
+  m = hf.model_config_from_hf({**good, 'rope_theta': 500000.0, 'rope_parameters': None,
+                               'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0,
+                                                'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                                'original_max_position_embeddings': 8192}})
+  assert m['rope_theta'] == 500000.0 and m['rope_scaling']['type'] == 'llama3'
+  # HF yarn with original_max_position_embeddings takes factor = max_positions / L0.
+  y = hf.model_config_from_hf({**good, 'max_position_embeddings': 131072, 'rope_scaling': {
+      'type': 'yarn', 'factor': 3.0, 'original_max_position_embeddings': 32768}})['rope_scaling']
+  assert y['factor'] == 4.0 and y['original_max_position_embeddings'] == 32768
+  # transformers v5 puts everything in rope_parameters.
+  v5 = hf.model_config_from_hf({**good, 'rope_scaling': None, 'rope_parameters': {
+      'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e6}})
+  assert v5['rope_scaling']['type'] == 'linear' and v5['rope_theta'] == 1e6
+  with pytest.raises(hf.NotMappable, match=r'rope_scaling\.mscale='):
+    hf.model_config_from_hf({**good, 'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0,
+                                                      'mscale': 0.7, 'mscale_all_dim': 0.7}})
+  with pytest.raises(hf.NotMappable, match=r'model\.rope_scaling\.type=.ntk.*dynamic'):
+    hf.check_exportable({**tiny_config().model.to_dict(),
+                         'rope_scaling': {'type': 'ntk', 'factor': 2.0}})

@@ -1,4 +1,5 @@
-"""Where evaluation results go: OUT/results.json, one PNG per task, TensorBoard under OUT/tb."""
+"""Where evaluation results go: OUT/results.json, one PNG per task, TensorBoard under OUT/tb
+(and for RULER, OUT/ruler.md: the task x length table)."""
 
 import json
 import os
@@ -15,6 +16,11 @@ def write(results: dict, out_dir: str, step: int) -> list[str]:
   with open(files[0], 'w') as f:
     json.dump(results, f, indent=1)
   files += plot(results, out_dir)
+  if 'ruler' in results:
+    from training import ruler
+    files.append(os.path.join(out_dir, 'ruler.md'))
+    with open(files[-1], 'w') as f:
+      f.write(ruler.table(results['ruler']) + '\n')
   from tensorboardX import SummaryWriter
   tb = SummaryWriter(os.path.join(out_dir, 'tb'))
   for tag, value in evals.scalars(results).items():
@@ -82,4 +88,32 @@ def plot(results: dict, out_dir: str) -> list[str]:
     ax.set(xlabel='context length (tokens)', ylabel='recall accuracy', title=f'MQAR | {title}')
     ax.legend()
     save(fig, 'mqar.png')
+  ru = results.get('ruler')
+  if ru:
+    fig, ax = plt.subplots(figsize=(1.2 * len(ru['lengths']) + 3, 0.45 * len(ru['tasks']) + 2))
+    _heatmap(fig, ax, [*ru['score'], ru['average']], [str(L) for L in ru['lengths']],
+             [*ru['tasks'], 'average'])
+    ax.set(xlabel='context length', title=f'RULER-style score | {title}')
+    save(fig, 'ruler.png')
+  nd = (ru or {}).get('niah_depth')
+  if nd and nd['lengths']:
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(nd['depths']) + 2))
+    grid = np.array(nd['score'], dtype=float).T          # depth x length
+    _heatmap(fig, ax, grid.tolist(), [str(L) for L in nd['lengths']],
+             [f'{d:.0%}' for d in nd['depths']])
+    ax.set(xlabel='context length', ylabel='needle depth',
+           title=f'NIAH (single) accuracy | {title}')
+    save(fig, 'ruler_niah_depth.png')
   return files
+
+
+def _heatmap(fig, ax, rows, xlabels, ylabels):
+  grid = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+  im = ax.imshow(grid, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto')
+  ax.set_xticks(range(len(xlabels)), xlabels)
+  ax.set_yticks(range(len(ylabels)), ylabels)
+  for i in range(grid.shape[0]):
+    for j in range(grid.shape[1]):
+      ax.text(j, i, '-' if np.isnan(grid[i, j]) else f'{grid[i, j]:.2f}', ha='center',
+              va='center', fontsize=8)
+  fig.colorbar(im, ax=ax)

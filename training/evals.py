@@ -6,6 +6,8 @@
     passkey        retrieval accuracy, context length x needle depth (Mohtashami & Jaggi, 2023)
     mqar           multi-query associative recall accuracy by length and number of key-value
                    pairs (Arora et al., 2023)
+    ruler          RULER-style suite (training/ruler.py): NIAH variants, variable tracking,
+                   common/frequent words, scored on greedy generation through the decode cache
 
 Tasks are scored by the model's own next-token predictions: arg-max at every scored position
 given the true prefix. A passkey counts as retrieved when all its digits are predicted (the
@@ -31,11 +33,12 @@ from jax.sharding import Mesh
 from modeling import registry
 from parallelism.context import layout as context_layout
 from training import data as data_lib
+from training import ruler
 from training.composition import make_runtime
 from training.data import tasks
 from training.program import batch_sharding
 
-TASKS = ('loss', 'position_loss', 'passkey', 'mqar')
+TASKS = ('loss', 'position_loss', 'passkey', 'mqar', 'ruler')
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -48,6 +51,8 @@ class EvalSettings:
   passkey_depths: tuple[float, ...] = PASSKEY_DEPTHS
   mqar_pairs: tuple[int, ...] = (4, 16, 64)
   mqar_samples: int = 8                  # examples per (length, pairs) cell
+  ruler_tasks: tuple[str, ...] = ruler.TASKS
+  ruler_samples: int = 4                 # examples per (task, length); NIAH single: per depth
   rows_per_batch: int = 8                # rows per forward call (rounded up to the data axes)
   blockwise_above: int = 2048            # lengths above this use attention.impl=blockwise
   seed: int = 1234
@@ -63,6 +68,7 @@ class EvalSettings:
     return cls(tasks=parse_list(e.tasks, str), lengths=parse_list(e.lengths, int),
                eval_tokens=e.tokens, passkey_samples=e.passkey_samples,
                mqar_pairs=parse_list(e.mqar_pairs, int), mqar_samples=e.mqar_samples,
+               ruler_tasks=ruler.parse_tasks(e.ruler_tasks), ruler_samples=e.ruler_samples,
                seed=config.seed + 1)
 
 
@@ -296,6 +302,10 @@ def run_tasks(ev: Evaluator, params, progress: Callable[[str], Any] | None = Non
         row.append(mqar(ev, params, L, n))
       table['accuracy'].append(row)
     out['mqar'] = table
+  if 'ruler' in s.tasks:
+    out['ruler'] = ruler.evaluate(ev.config, params, lengths, ruler.Settings(
+        tasks=s.ruler_tasks, samples=s.ruler_samples, rows=ev.rows_per_call(), seed=s.seed), tick)
+    out['skipped'] += out['ruler']['skipped']
   return out
 
 
@@ -323,6 +333,8 @@ def scalars(results: dict, prefix: str = 'eval') -> dict[str, float]:
       for n, a in zip(mq['pairs'], accs):
         if a is not None:
           out[f'{prefix}/mqar/len_{L}/pairs_{n}'] = a
+  if 'ruler' in results:
+    out.update(ruler.scalars(results['ruler'], prefix))
   return out
 
 

@@ -87,6 +87,11 @@ class HybridProgram:
   def prepare(self, documents):
     return documents   # the step plans them
 
+  def new_program(self, documents) -> bool:
+    # A new layout compiles inside the step; its time stays in the window (hdp/programs).
+    del documents
+    return False
+
   def throughput(self, peak: float) -> throughput.Throughput:
     return throughput.Throughput(None, None, peak)
 

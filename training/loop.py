@@ -26,7 +26,7 @@ from training.eval_hook import eval_enabled, evaluate  # noqa: F401 - re-exporte
 from training.metrics_log import Dispatched, MetricsLog
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.profile_hook import ProfileHook
-from training.program import build_program
+from training.curriculum import build_program   # staged when data.length_schedule is set
 from training.save_hook import SaveHook
 from training.state import count_params
 from training.throughput import matmul_peak
@@ -115,19 +115,26 @@ def train_steps(program, state, train_iter, *, start: int, steps: int, timing, t
   are fetched one step late (dispatch stays asynchronous); the first step is compiled and
   timed alone; `periodic` hooks (save, eval) run outside the throughput window on a step
   known to be finite."""
+  batch = None
   for step in range(start + 1, steps + 1):
     profiler.before_step(step)
     t0 = time.perf_counter()
     host_batch = next(train_iter)
+    # The run's first step, and the first of each new program (a length stage), compile: timed
+    # alone, after the previous step is finished in its own window.
+    compiles = program.new_program(host_batch) or step == start + 1
+    if compiles:
+      rows.flush(state, batch)
     telemetry.observe(host_batch)
     batch = program.prepare(host_batch)
     data_wait_s = time.perf_counter() - t0
     real = program.real_tokens(host_batch)
-    if step == start + 1:
+    if compiles:
       state, metrics = timing.first_step(program.train_step, state, batch)
     else:
       state, metrics = program.train_step(state, batch)
-    rows.dispatched(Dispatched(step, metrics, real, data_wait_s), state, batch)
+    rows.dispatched(Dispatched(step, metrics, real, data_wait_s, timed=not compiles), state,
+                    batch)
     profiler.after_step(step, metrics)
     stopping = stop.stop_requested()
     due = [hook for hook in periodic if hook.due(step)]

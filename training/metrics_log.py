@@ -27,6 +27,7 @@ class Dispatched:
   metrics: dict[str, jax.Array]
   real_tokens: int         # non-padding tokens of the global batch
   data_wait_s: float       # next() on the iterator plus the host-to-device transfer
+  timed: bool = True       # False: it compiled its program (timed alone, not in a window)
 
 
 class MetricsLog:
@@ -64,7 +65,7 @@ class MetricsLog:
     loss = float(metrics['loss'])
     self._check(step, loss, {k: float(metrics[k]) for k in
                              ('loss', 'grad_norm', 'param_norm', 'skipped') if k in metrics})
-    if step > self.start + 1:  # the first step was compiled and timed alone
+    if d.timed:  # a step that compiled was timed alone
       self.timing.step_done(d.real_tokens, d.data_wait_s)
     if not (step % c.log_every == 0 or step == c.steps):
       self.progress.update(step)

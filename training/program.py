@@ -55,6 +55,11 @@ class Program(Protocol):
   def prepare(self, host_batch) -> Any:
     ...
 
+  def new_program(self, host_batch) -> bool:
+    """Whether this batch is the first of a compiled program not run before (a new length
+    stage): the loop times that step alone, as it does a run's first step."""
+    ...
+
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     ...
 
@@ -100,6 +105,10 @@ class TrainProgram:
   def prepare(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A host batch from `train_iterator` -> the train step's device batch."""
     return self.global_batch(host_batch)
+
+  def new_program(self, host_batch) -> bool:
+    del host_batch
+    return False   # one program for every batch
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host-local rows -> one global array per key (each process passes only its rows),

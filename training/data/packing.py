@@ -11,7 +11,9 @@ import numpy as np
 
 # Sets no real limit: the iterator-level flat map keeps only one document's pieces in memory.
 _MAX_PIECES_PER_DOCUMENT = 2**31
-TRACKING_KEYS = ('doc', 'pieces')  # per-token position tags of tracked documents (padding -1)
+# Per-token position tags of tracked documents (padding -1): the document's stream position, its
+# piece count and the piece's index.
+TRACKING_KEYS = ('doc', 'pieces', 'piece')
 
 
 def num_pieces(num_tokens: int, seq_len: int) -> int:
@@ -19,12 +21,28 @@ def num_pieces(num_tokens: int, seq_len: int) -> int:
   return -(-max(num_tokens - 1, 0) // seq_len)
 
 
+def piece_spans(num_tokens: int, seq_len: int,
+                ranges: list | None = None) -> list[tuple[int, int]]:
+  """Token spans [s, e) of the pieces SplitDocument cuts (inputs t[s:e-1], targets t[s+1:e]).
+
+  `ranges` ([start, end) token ranges) restricts the document to those ranges, each cut on its
+  own: what is left of a document when some of its pieces were already trained (a length
+  curriculum's stage boundary, training/data/curriculum.py).
+  """
+  out = []
+  for a, b in (ranges or [(0, num_tokens)]):
+    n = min(b, num_tokens) - a - 1
+    out += [(a + i, a + min(i + seq_len, n) + 1) for i in range(0, max(n, 0), seq_len)]
+  return out
+
+
 class SplitDocument(grain.experimental.FlatMapTransform):
   """Tokens t[0..n] -> pieces {inputs: t[i:j], targets: t[i+1:j+1]} with j - i <= seq_len.
 
   A tracked document ({'tokens', 'doc'}: its stream position) also tags every token of its
-  pieces with `doc` and the document's piece count `pieces`, so the consumer can tell when a
-  document has been emitted completely (training/data/position.py).
+  pieces with `doc`, the document's piece count `pieces` and the piece's index `piece`, so the
+  consumer can tell when a document has been emitted completely and which pieces of it were
+  (training/data/position.py). Its optional 'ranges' restrict it (see `piece_spans`).
   """
 
   max_fan_out = _MAX_PIECES_PER_DOCUMENT
@@ -35,14 +53,14 @@ class SplitDocument(grain.experimental.FlatMapTransform):
   def flat_map(self, element) -> list[dict[str, np.ndarray]]:
     tracked = isinstance(element, dict)
     tokens = np.asarray(element['tokens'] if tracked else element, np.int32)
-    n = len(tokens) - 1  # a document of one token (or none) has nothing to predict
-    pieces = [{'inputs': tokens[i:min(i + self._seq_len, n)],
-               'targets': tokens[i + 1:min(i + self._seq_len, n) + 1]}
-              for i in range(0, max(n, 0), self._seq_len)]
+    # A document of one token (or none) has nothing to predict: no spans.
+    spans = piece_spans(len(tokens), self._seq_len, element.get('ranges') if tracked else None)
+    pieces = [{'inputs': tokens[s:e - 1], 'targets': tokens[s + 1:e]} for s, e in spans]
     if tracked:
-      for p in pieces:
+      for k, p in enumerate(pieces):
         p['doc'] = np.full(len(p['inputs']), element['doc'], np.int32)
         p['pieces'] = np.full(len(p['inputs']), len(pieces), np.int32)
+        p['piece'] = np.full(len(p['inputs']), k, np.int32)
     return pieces
 
 

@@ -38,14 +38,43 @@ def _check_source(config) -> None:
                      "(set data.tokenizer='bytes').")
 
 
+def _local_documents(config, split: str, process_index: int, process_count: int, *,
+                     shuffle: bool, start: int = 0) -> grain.MapDataset:
+  """One process's documents of `split` by local index (see `_rows`)."""
+  docs = grain.MapDataset.source(sources.make_document_source(config, split))
+  if len(docs) == 0:
+    raise ValueError(f'data.source={config.data.source!r} has no {split} documents '
+                     f'(data.paths={config.data.paths!r}, '
+                     f'data.eval_fraction={config.data.eval_fraction}).')
+  if shuffle:
+    # Shuffle globally, then shard: the order is the same for any process count. grain adds
+    # the epoch to the seed under repeat(): a new order each epoch.
+    docs = docs.shuffle(seed=config.seed)
+  return docs.repeat()[start + process_index::process_count]
+
+
+def document_length(config, *, process_index: int = 0, process_count: int = 1,
+                    start: int = 0) -> Callable[[int], int]:
+  """Token count of local training document j (reads it)."""
+  local = _local_documents(config, 'train', process_index, process_count,
+                           shuffle=config.data.shuffle, start=start)
+  return lambda j: len(local[j])
+
+
 def _rows(config, split: str, process_index: int, process_count: int, *,
-          shuffle: bool, start: int = 0) -> tuple[grain.IterDataset, Callable[[int], int]]:
+          shuffle: bool, start: int = 0, skip: frozenset[int] = frozenset(),
+          trim: dict[int, list] | None = None
+          ) -> tuple[grain.IterDataset, Callable[[int], int]]:
   """Unbatched, endless rows of one process's share of `split`, tagged with stream positions.
 
   The stream is global (its order does not depend on the process count): process p takes
   global positions start + p + n*j (see training/data/position.py). Returns the rows and a
-  function giving the piece count of local document j (for the position tracker).
+  function giving the piece count of local document j (for the position tracker). At a length
+  curriculum's stage boundary (training/data/curriculum.py), local documents in `skip` are read
+  as empty (the previous stage emitted them completely) and those in `trim` only in the token
+  ranges it gives (what the previous stage left of them).
   """
+  trim = trim or {}
   _check_source(config)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
@@ -56,26 +85,21 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
     # Generation is CPU-bound Python: reader threads only fight over the GIL (measured 8x slower
     # with grain's default 16 threads).
     return rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), lambda j: 1
-  docs = grain.MapDataset.source(sources.make_document_source(config, split))
-  if len(docs) == 0:
-    raise ValueError(f'data.source={config.data.source!r} has no {split} documents '
-                     f'(data.paths={config.data.paths!r}, '
-                     f'data.eval_fraction={config.data.eval_fraction}).')
-  if shuffle:
-    # Shuffle globally, then shard: the order is the same for any process count. grain adds
-    # the epoch to the seed under repeat(): a new order each epoch.
-    docs = docs.shuffle(seed=config.seed)
-  local = docs.repeat()[start + process_index::process_count]
+  local = _local_documents(config, split, process_index, process_count, shuffle=shuffle,
+                          start=start)
   # A few reader threads hide file latency; grain's default (16 threads, 500 docs) is too much here.
   read = grain.ReadOptions(num_threads=config.data.get('read_threads', 2),
                            prefetch_buffer_size=config.data.get('read_prefetch', 32))
+  tag = (functools.partial(_tag_document, frozenset(skip), dict(trim)) if skip or trim
+         else _tag_document)
   rows = packing.pack_documents(
-      local.map_with_index(_tag_document).to_iter_dataset(read), seq_len=config.seq_len,
+      local.map_with_index(tag).to_iter_dataset(read), seq_len=config.seq_len,
       num_packing_bins=config.data.num_packing_bins,
       seed=(config.seed + _PACKING_SEED_SALT) % 2**32,
       shuffle_window=config.data.shuffle_window if shuffle else 0, tracked=True)
   return (rows.map(_byte_counter(config)),
-          lambda j: packing.num_pieces(len(local[j]), config.seq_len))
+          lambda j: 0 if j in skip else len(packing.piece_spans(len(local[j]), config.seq_len,
+                                                                trim.get(j))))
 
 
 def _byte_counter(config) -> Callable[[dict], dict]:
@@ -89,8 +113,16 @@ def _add_target_bytes(table: np.ndarray, row: dict) -> dict:
   return {**row, 'target_bytes': tokenizer.target_bytes(table, row['targets'])}
 
 
-def _tag_document(index: int, tokens) -> dict:
-  return {'tokens': tokens, 'doc': index}
+def _tag_document(*args) -> dict:
+  """(index, tokens) or (skip, trim, index, tokens) -> a tracked document: empty when skipped,
+  restricted to its ranges when trimmed."""
+  *cuts, index, tokens = args
+  out = {'tokens': tokens, 'doc': index}
+  if cuts and index in cuts[0]:
+    out['tokens'] = np.zeros(0, np.int32)
+  elif cuts and index in cuts[1]:
+    out['ranges'] = cuts[1][index]
+  return out
 
 
 def _tag_row(index: int, row: dict) -> dict:
@@ -124,13 +156,15 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
 
 
 def make_train_dataset(config, *, process_index: int = 0, process_count: int = 1,
-                       start: int = 0) -> grain.IterDataset:
+                       start: int = 0, skip: frozenset[int] = frozenset(),
+                       trim: dict[int, list] | None = None) -> grain.IterDataset:
   """The training pipeline as a grain IterDataset (iterate it for batches).
 
-  `start`: the global stream position this run begins at (0, or a resume point).
+  `start`: the global stream position this run begins at (0, or a resume point); `skip` and
+  `trim`: local documents to read as empty or in part (see `_rows`).
   """
   ds, count_pieces = _rows(config, 'train', process_index, process_count,
-                           shuffle=config.data.shuffle, start=start)
+                           shuffle=config.data.shuffle, start=start, skip=skip, trim=trim)
   ds = ds.batch(local_batch_size(config, process_count), drop_remainder=True)
   if config.data.worker_count > 0:
     # grain's workers read absl flags; a caller that never parsed flags (a script, a notebook)
@@ -143,16 +177,23 @@ def make_train_dataset(config, *, process_index: int = 0, process_count: int = 1
 
 
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                        start: int = 0) -> grain.DatasetIterator:
+                        start: int = 0, skip: frozenset[int] = frozenset(),
+                        trim: dict[int, list] | None = None) -> grain.DatasetIterator:
   """Infinite iterator of host-local batches.
 
   Each batch is a dict of int32 arrays [batch_size // process_count, seq_len]: inputs, targets
   (-1 = no loss), segment_ids (0 = padding) and positions. The iterator has get_state/set_state
   and works with grain.checkpoint.CheckpointSave/CheckpointRestore; `position()` gives its
-  place in the global stream (training/data/position.py).
+  place in the global stream (training/data/position.py). With `data.length_schedule` it is a
+  `curriculum.CurriculumIterator`: each stage's batches in that stage's shape.
   """
+  if config.data.get('length_schedule', ''):
+    from training.data import curriculum
+    return curriculum.CurriculumIterator(config, process_index=process_index,
+                                         process_count=process_count, start=start)
   return iter(make_train_dataset(config, process_index=process_index,
-                                 process_count=process_count, start=start))
+                                 process_count=process_count, start=start, skip=skip,
+                                 trim=trim))
 
 
 def resume_train_iterator(config, saved: dict[int, dict], *, process_index: int = 0,
@@ -163,6 +204,10 @@ def resume_train_iterator(config, saved: dict[int, dict], *, process_index: int 
   stream restarts at the saved resume point with empty buffers ('remapped'); what that
   guarantees is stated in training/data/position.py.
   """
+  if config.data.get('length_schedule', ''):
+    from training.data import curriculum
+    return curriculum.resume(config, saved, process_index=process_index,
+                             process_count=process_count)
   mine = saved.get(process_index)
   if mine is not None and mine['position']['process_count'] == process_count:
     it = make_train_iterator(config, process_index=process_index, process_count=process_count,

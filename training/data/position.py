@@ -67,6 +67,7 @@ class _TrackerIterator(grain.DatasetIterator):
     self._count_pieces = count_pieces
     self._watermark = 0
     self._pending: dict[int, list[int]] = {}  # local index -> [pieces emitted, pieces in all]
+    self._emitted: dict[int, list[int]] = {}  # local index -> indices of its pieces emitted
 
   def __next__(self):
     batch = next(self._parent)
@@ -76,6 +77,9 @@ class _TrackerIterator(grain.DatasetIterator):
     else:  # packed rows: a piece starts where its positions restart inside a segment
       first = (batch['segment_ids'] > 0) & (batch['positions'] == 0)
       starts_doc, starts_pieces = doc[first], pieces[first]
+      if 'piece' in batch:
+        for j, k in zip(starts_doc.tolist(), batch['piece'][first].tolist()):
+          self._emitted.setdefault(j, []).append(k)
     ids, counts = np.unique(starts_doc, return_counts=True)
     total = dict(zip(starts_doc.tolist(), starts_pieces.tolist()))
     for j, c in zip(ids.tolist(), counts.tolist()):
@@ -98,6 +102,7 @@ class _TrackerIterator(grain.DatasetIterator):
         return
       else:
         del self._pending[self._watermark]
+        self._emitted.pop(self._watermark, None)
       self._watermark += 1
 
   def position(self) -> dict[str, int]:
@@ -108,7 +113,8 @@ class _TrackerIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     pos = self.position()
     return {'parent': self._parent.get_state(), 'position': pos,
-            'pending': {str(j): e for j, e in self._pending.items()}}
+            'pending': {str(j): e for j, e in self._pending.items()},
+            'emitted': {str(j): list(k) for j, k in self._emitted.items()}}
 
   def set_state(self, state: dict[str, Any]) -> None:
     saved = {k: v for k, v in state['position'].items() if k != 'watermark'}
@@ -118,6 +124,7 @@ class _TrackerIterator(grain.DatasetIterator):
     self._parent.set_state(state['parent'])
     self._watermark = int(state['position']['watermark'])
     self._pending = {int(j): list(e) for j, e in state['pending'].items()}
+    self._emitted = {int(j): list(k) for j, k in state.get('emitted', {}).items()}
 
 
 def resume_point(saved: dict[int, dict[str, Any]]) -> int:
