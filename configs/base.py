@@ -78,7 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.cart.eval_loops = 0              # R when the model is called with rng=None (eval); 0 = loops
   m.cart.max_loops = 16              # rows of the sinusoidal loop-index table: the largest R
   m.cart.loop_embed_dim = 32         # width of the sinusoidal loop-index code
-  m.cart.kv_latent_dim = 0           # low-rank K/V latent width; 0 = d_model // 4
+  m.cart.kv_latent_dim = 0           # low-rank K/V latent width (anchor and MLA); 0 = d_model // 4
+  m.cart.prelude_attention = 'mla'   # prelude self-attention: mla (the paper's) | gqa
+  m.cart.coda_attention = 'mla'      # coda self-attention: mla (the paper's) | gqa
+  m.cart.mla_rope_dim = 0            # MLA decoupled RoPE width per head, of head_dim; 0 = head_dim // 2
   m.cart.hyper_connections = True    # softmax blend of the last hyper_slots states; False = newest
   m.cart.hyper_slots = 3
   m.cart.lti_gate = True             # h = sigmoid(a) * hh + block(hh); False: h = block(hh)
