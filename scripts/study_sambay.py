@@ -59,10 +59,11 @@ class YocoNoGmu(sb.SambaY):
 
   def __init__(self, cfg, *, rngs, runtime=sb._SINGLE_DEVICE, scan_fn=None):
     super().__init__(cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
-    scan_fn = scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk)
+    recurrence = runtime.recurrence or ssm.LocalRecurrence(
+        scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk))
     self.roles = tuple(sb.CROSS if r == sb.GMU_ROLE else r for r in self.roles)
     self.layers = nnx.List([
-        sb.Layer(sb.CROSS, cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
+        sb.Layer(sb.CROSS, cfg, rngs=rngs, runtime=runtime, recurrence=recurrence)
         if layer.role == sb.GMU_ROLE else layer for layer in self.layers])
 
 
@@ -78,7 +79,7 @@ def study_config(args, name: str):
   c.progress = False
   m = c.model
   if args.smoke:
-    m.update(num_layers=4, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+    m.update(num_layers=8, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
     m.sambay.window = 16
   if name == 'transformer':
     m.name, m.rope_theta = 'transformer', 10_000.0
