@@ -182,6 +182,11 @@ class Cart(nnx.Module):
     return self.final_norm(h_BLD)
 
   @staticmethod
+  def parameter_counts(cfg: Any) -> tuple[int, int]:
+    """(stored, effective) parameters, for reports (training/study.py)."""
+    return parameter_counts(cfg)
+
+  @staticmethod
   def describe(cfg: Any) -> str:
     """One line for the training log: R, stored and effective parameter counts."""
     c = cfg.cart
