@@ -126,6 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.eval_paths = ''                  # globs of a separate eval corpus: then all of paths trains
+  # Weighted mixture (training/data/mixture.py): ((dict of data.* keys, weight), ...); () = off.
+  d.mixture = ()
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
   d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)
