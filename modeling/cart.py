@@ -251,3 +251,17 @@ def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> f
   self_attn = 4 * self_kv_len * H * Dh * (0.5 if causal and not cfg.sliding_window else 1)
   core_attn = 4 * seq_len * H * Dh * (0.5 if causal else 1)
   return 2.0 * matmul_params + n_self * self_attn + R * core_attn
+
+
+def planner_cost(cfg: Any) -> tuple[float, float]:
+  """Forward FLOPs of one document as (per token, per causal query-key pair), for the planners'
+  cost models (linear x s + pair x s(s+1)/2): the prelude and coda self-attention layers and
+  R = cart.loops core cross-attentions each attend causally over the document; everything else
+  is per token. Matches `forward_flops_per_token` (which counts s/2 keys per query) to O(1/s)."""
+  c = cfg.cart
+  n_self = c.prelude_layers + c.coda_layers
+  attn = 4.0 * cfg.num_heads * cfg.head_dim
+  no_attention = forward_flops_per_token(cfg, 0)   # seq_len 0: no query-key pairs
+  if cfg.sliding_window:   # windowed self-attention is per token; the core sees the document
+    return no_attention + n_self * attn * cfg.sliding_window, c.loops * attn
+  return no_attention, (n_self + c.loops) * attn

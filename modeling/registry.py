@@ -23,14 +23,18 @@ class Family:
   uses_recurrence_seam: bool = False
   # The config key of the family's sliding-window attention span (0 or absent = none).
   window_key: str = 'model.sliding_window'
+  # planner_cost(cfg) -> (forward FLOPs per token, per causal query-key pair) of one document:
+  # the planners' cost model is 3 x (linear x s + pair x s(s+1)/2) for forward + backward.
+  planner_cost: Callable[[Any], tuple[float, float]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
-    'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token),
-    'cart': Family(cart.Cart, cart.forward_flops_per_token),
+    'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token,
+                          planner_cost=transformer.planner_cost),
+    'cart': Family(cart.Cart, cart.forward_flops_per_token, planner_cost=cart.planner_cost),
     'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token,
                      order_dependent_layers=('mamba',), uses_recurrence_seam=True,
-                     window_key='model.sambay.window'),
+                     window_key='model.sambay.window', planner_cost=sambay.planner_cost),
 }
 
 
