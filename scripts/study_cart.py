@@ -24,10 +24,11 @@ BUDGET = """Budget: configs/cart_tiny.py at d={m.d_model} ({m.num_heads} heads x
 MLP {m.mlp_dim}, byte vocabulary, MLA prelude P={m.cart.prelude_layers} and coda), seq {c.seq_len},
 batch {c.batch_size}, {c.steps} steps (= {tokens:,} tokens per run), lr {c.optimizer.lr:g} cosine
 with {c.optimizer.warmup_steps} warm-up steps, the same data order per seed in every arm;
-held-out set: {c.eval_batches} batches of the corpus's held-out split, the same for every run.
-Chosen to fit about 30-40 minutes of a 2-core CPU for 4 arms x 3 seeds while training long
-enough for the LTI gate (rho, init 0.9) to move; the dense baseline has the CART models'
-widths and the depth whose stored parameter count is nearest theirs."""
+held-out set: {c.eval_batches} batches of the corpus's held-out split, the same for every run."""
+WHY = """Sized by FLOP count (an estimate; the wall times above are the measurement) for
+about 30-40 minutes of a quiet 2-core CPU for 4 arms x 3 seeds, while training long enough for
+the LTI gate (rho, init 0.9) to move; the dense baseline has the CART models' widths and the
+depth whose stored parameter count is nearest theirs."""
 
 
 def _base(smoke: bool, steps: int):
@@ -88,7 +89,7 @@ def make_study(smoke: bool = False, steps: int | None = None):
   c = base()
   return Study('cart', 'CART vs stored-matched dense, and inference R', base, arms, comparisons,
                budget=BUDGET.format(c=c, m=c.model, tokens=steps * c.batch_size * c.seq_len),
-               check=check, smoke=smoke)
+               why=WHY, check=check, smoke=smoke)
 
 
 if __name__ == '__main__':

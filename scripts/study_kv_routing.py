@@ -26,8 +26,9 @@ BUDGET = """Budget: configs/tiny.py dense model at d={m.d_model} ({m.num_layers}
 {m.num_heads} heads x {m.head_dim}, byte vocabulary), seq {c.seq_len}, batch {c.batch_size},
 {c.steps} steps (= {tokens:,} tokens per run), lr {c.optimizer.lr:g} cosine with
 {c.optimizer.warmup_steps} warm-up steps, routed p = {p}; the same data order per seed in every
-arm; held-out set: {c.eval_batches} batches, the same for every run. Chosen to fit about 30-40
-minutes of a 2-core CPU for 5 arms x 3 seeds (the shallow arms are cheap)."""
+arm; held-out set: {c.eval_batches} batches, the same for every run."""
+WHY = """Sized by FLOP count (an estimate; the wall times above are the measurement) for
+about 30-40 minutes of a quiet 2-core CPU for 5 arms x 3 seeds (the shallow arms are cheap)."""
 
 
 def register_fixed_sharing():
@@ -119,7 +120,7 @@ def make_study(smoke: bool = False, steps: int | None = None):
                arms, comparisons,
                budget=BUDGET.format(c=c, m=c.model, p=P_ROUTED,
                                     tokens=steps * c.batch_size * c.seq_len),
-               check=check, smoke=smoke)
+               why=WHY, check=check, smoke=smoke)
 
 
 if __name__ == '__main__':

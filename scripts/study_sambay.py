@@ -25,8 +25,10 @@ BUDGET = """Budget: configs/sambay_tiny.py at d={m.d_model} ({m.num_layers} laye
 {m.sambay.window}, byte vocabulary, NoPE), seq {c.seq_len}, batch {c.batch_size}, {c.steps} steps
 (= {tokens:,} tokens per run), lr {c.optimizer.lr:g} cosine with {c.optimizer.warmup_steps}
 warm-up steps, the same data order per seed in every arm; held-out set: {c.eval_batches}
-batches, the same for every run. Chosen to fit about 30-40 minutes of a 2-core CPU for 3 arms x
-3 seeds; at 8 layers two of the cross-decoder's layers are GMUs."""
+batches, the same for every run."""
+WHY = """Sized by FLOP count (an estimate; the wall times above are the measurement) for
+about 30-40 minutes of a quiet 2-core CPU for 3 arms x 3 seeds; at 8 layers two of the
+cross-decoder's layers are GMUs."""
 
 
 def register_yoco():
@@ -114,7 +116,7 @@ def make_study(smoke: bool = False, steps: int | None = None):
   c = base()
   return Study('sambay', 'SambaY vs YOCO-style (no GMU) vs dense', base, arms, comparisons,
                budget=BUDGET.format(c=c, m=c.model, tokens=steps * c.batch_size * c.seq_len),
-               check=check, smoke=smoke)
+               why=WHY, check=check, smoke=smoke)
 
 
 if __name__ == '__main__':

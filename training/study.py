@@ -57,7 +57,8 @@ class Study:
   arms: list[Arm]
   comparisons: list[Comparison]
   seeds: tuple[int, ...] = (0, 1, 2)
-  budget: str = ''                 # what was chosen and why (the report's first paragraph)
+  budget: str = ''                 # what each run trains on (the report's first paragraph)
+  why: str = ''                    # why this budget (left out of smoke reports)
   # check(arm, config, model) before training: asserts that the studied mechanism is active.
   check: Callable[[Arm, Any, Any], None] | None = None
   smoke: bool = False
@@ -291,7 +292,8 @@ def summarize(study: Study, results: list[dict], command: str) -> dict[str, Any]
                  for c in study.comparisons]
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   return {'study': study.name, 'title': study.title, 'smoke': study.smoke,
-          'budget': study.budget, 'seeds': list(study.seeds), 'command': command,
+          'budget': study.budget if study.smoke else f'{study.budget} {study.why}'.strip(),
+          'seeds': list(study.seeds), 'command': command,
           'machine': machine(), 'date': stamp, 'arms': arms, 'comparisons': comparisons,
           'runs': results}
 
