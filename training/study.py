@@ -116,6 +116,9 @@ def arm_config(study: Study, arm: Arm, seed: int):
   c.seed = seed
   c.eval_every = -1                # the harness evaluates each trained model itself
   c.progress = False
+  if not c.checkpoint.every:       # a run cut short resumes from its latest quarter
+    c.checkpoint.every = max(1, c.steps // 4)
+  c.checkpoint.keep = 1
   return c
 
 
