@@ -99,15 +99,15 @@ def compare(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
 # --- running ---
 
 def apply_overrides(config, overrides: dict[str, Any]):
+  """Sets dotted keys ('model.cart.loops') on `config`; an unknown key is an error naming it."""
   for key, value in overrides.items():
-    node, *path = key.split('.')
-    target = config
-    for part in [node, *path][:-1]:
-      target = target[part]
-    leaf = key.split('.')[-1]
-    if leaf not in target:
+    *path, leaf = key.split('.')
+    node = config
+    for part in path:
+      node = node[part]
+    if leaf not in node:
       raise KeyError(f'study override {key}={value!r}: no such config key')
-    target[leaf] = value
+    node[leaf] = value
   return config
 
 
@@ -154,6 +154,7 @@ def evaluate(workdir: str, arm: Arm, batches) -> dict[str, Any]:
   """Held-out loss (nats/token) and bits/byte of the trained model, and of each variant."""
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from training import data as data_lib
   from training import loss as loss_lib
@@ -161,7 +162,6 @@ def evaluate(workdir: str, arm: Arm, batches) -> dict[str, Any]:
 
   run = serving.load(workdir)
   model = run.model()
-  from flax import nnx
   graphdef, params = nnx.split(model)
   per_byte = data_lib.tokens_per_byte(batches)
 
