@@ -36,6 +36,10 @@ def parser(name: str | None = None) -> argparse.ArgumentParser:
   p.add_argument('--root', default=None,
                  help='run workdirs (default runs/studies; smoke: a temp folder)')
   p.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
+  p.add_argument('--lambada_file', default='', help='score every trained model on this jsonl '
+                 '(training/downstream.py), likewise:')
+  p.add_argument('--choice_file', default='', help='multiple-choice jsonl (HellaSwag/PIQA/ARC)')
+  p.add_argument('--text_file', default='', help='perplexity over a text file')
   return p
 
 
@@ -49,9 +53,11 @@ def main(argv=None, name: str | None = None) -> int:
   root = args.root or (os.path.join(tmp, 'runs') if tmp else os.path.join('runs', 'studies'))
   out = args.out or (tmp or RESULTS)
 
+  from training import downstream
   from training import study as study_lib
   study = importlib.import_module(STUDIES[name]).make_study(smoke=args.smoke, steps=args.steps)
   study.seeds = seeds
+  study.downstream = downstream.Files(args.lambada_file, args.choice_file, args.text_file)
   report = study_lib.run_study(study, root, out,
                                command=' '.join(['python'] + [os.path.relpath(sys.argv[0])]
                                                 + sys.argv[1:]))

@@ -45,7 +45,7 @@ def _base():
   return c
 
 
-def _study(seeds=(0, 1)):
+def _study(seeds=(0, 1), downstream=None):
   arms = [study_lib.Arm('one', {}, 'one layer'),
           study_lib.Arm('two', {'model.num_layers': 2}, 'two layers',
                         evals={'shared': {'kv_plan': _plan()}})]
@@ -54,7 +54,8 @@ def _study(seeds=(0, 1)):
                           [study_lib.Comparison('two', 'one', 'depth helps'),
                            study_lib.Comparison('two@shared', 'two', 'sharing is free')],
                           seeds=seeds, budget='Budget: 2 steps.',
-                          check=lambda arm, c, m: checked.append(arm.name), smoke=True)
+                          check=lambda arm, c, m: checked.append(arm.name), smoke=True,
+                          downstream=downstream)
   return study, checked
 
 
@@ -77,7 +78,10 @@ def test_unknown_metric_is_refused(tmp_path):
 
 
 def test_runs_resumably_and_writes_the_report(tmp_path, monkeypatch):
-  study, checked = _study()
+  from training.downstream import Files
+  text = tmp_path / 'text.txt'
+  text.write_text('abcd ' * 30)
+  study, checked = _study(downstream=Files(text=str(text)))
   runs, out = str(tmp_path / 'runs'), str(tmp_path / 'out')
   report = study_lib.run_study(study, runs, out, command='python toy')
   assert checked == ['one', 'two']
@@ -89,6 +93,9 @@ def test_runs_resumably_and_writes_the_report(tmp_path, monkeypatch):
   assert two['stored_params'] > one['stored_params'] and one['tokens'] == 2 * 8 * 32
   assert one['loss']['low'] <= one['loss']['mean'] <= one['loss']['high']
   assert 'shared' in two['variants']
+  # Downstream tasks scored on every trained model, with an interval over seeds.
+  ppl = one['diagnostics']['perplexity/perplexity']
+  assert ppl['low'] <= ppl['mean'] <= ppl['high'] and 50 < ppl['mean'] < 1000
   assert {c['verdict'] for c in report['comparisons']} <= {
       study_lib.SUPPORTED, study_lib.CONTRADICTED, study_lib.INCONCLUSIVE}
   # Different seeds train differently (seeded params and data order).

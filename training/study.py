@@ -62,6 +62,9 @@ class Study:
   # check(arm, config, model) before training: asserts that the studied mechanism is active.
   check: Callable[[Arm, Any, Any], None] | None = None
   smoke: bool = False
+  # training.downstream.Files: lambada / multiple_choice / perplexity files scored after
+  # training (reported beside the diagnostics, mean and interval over seeds); None = none.
+  downstream: Any = None
 
 
 # --- statistics ---
@@ -150,7 +153,7 @@ def held_out(config, seed: int = 0):
   return data_lib.make_eval_batches(c, num_batches=c.eval_batches)
 
 
-def evaluate(workdir: str, arm: Arm, batches) -> dict[str, Any]:
+def evaluate(workdir: str, arm: Arm, batches, files=None) -> dict[str, Any]:
   """Held-out loss (nats/token) and bits/byte of the trained model, and of each variant."""
   import jax
   import jax.numpy as jnp
@@ -184,8 +187,26 @@ def evaluate(workdir: str, arm: Arm, batches) -> dict[str, Any]:
   out = {**row(score({})), 'step': run.step,
          'variants': {name: row(score(kw)) for name, kw in arm.evals.items()}}
   diag = getattr(model, 'diagnostics', None)
-  if diag is not None:
-    out['diagnostics'] = {k: float(v) for k, v in diag().items()}
+  out['diagnostics'] = {k: float(v) for k, v in diag().items()} if diag is not None else {}
+  out['diagnostics'].update(_downstream(run, files))
+  return out
+
+
+def _downstream(run, files) -> dict[str, float]:
+  """{'<task>/<metric>': value} of the downstream tasks whose file `files` names."""
+  if files is None:
+    return {}
+  from training import downstream, evals
+  named = {'lambada': files.lambada, 'multiple_choice': files.choice, 'perplexity': files.text}
+  if not any(named.values()):
+    return {}
+  ev = evals.Evaluator(run.config, run.mesh, run.setup.shardings.params, evals.EvalSettings())
+  out = {}
+  for task, path in named.items():
+    if path:
+      for key, value in downstream.run(task, ev, run.params, files).items():
+        if isinstance(value, float) and key != 'chance':
+          out[f'{task}/{key}'] = value
   return out
 
 
@@ -207,7 +228,8 @@ def run_one(study: Study, arm: Arm, seed: int, root: str, batches) -> dict[str, 
   result = {'arm': arm.name, 'seed': seed, 'stored_params': stored,
             'effective_params': effective,
             'tokens': config.steps * config.batch_size * config.seq_len,
-            'steps': config.steps, 'wall_s': wall, **evaluate(workdir, arm, batches)}
+            'steps': config.steps, 'wall_s': wall,
+            **evaluate(workdir, arm, batches, study.downstream)}
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   return result
@@ -331,7 +353,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f'| {a["label"]} | {v} | {_ci(d)} |' for a, v, d in variants]
   diags = [(a, k, d) for a in report['arms'] for k, d in a['diagnostics'].items()]
   if diags:
-    lines += ['', '| arm | diagnostic | value |', '|---|---|---|']
+    lines += ['', '| arm | diagnostic / downstream task | value |', '|---|---|---|']
     lines += [f'| {a["label"]} | {k} | {_ci(d)} |' for a, k, d in diags]
   lines += ['', '## Comparisons', '',
             'Difference a - b of held-out loss (nats/token), paired by seed, with its 95% '
