@@ -76,7 +76,7 @@ def documents(config, split: str) -> grain.MapDataset:
     return grain.MapDataset.source(sources.make_document_source(config, split))
   mixed = []
   for i, (c, _) in enumerate(parts):
-    docs = sources.make_document_source(c, split)   # its own split and tokenizer checks
+    docs = _component_source(c, split, i)   # its own split and tokenizer checks
     if len(docs) == 0:
       raise ValueError(f'data.mixture[{i}] ({c.data.source}, paths={c.data.paths!r}) has no '
                        f'{split} documents')
@@ -123,7 +123,15 @@ def eval_documents(config):
   parts = components(config)
   if not parts:
     return sources.make_document_source(config, 'eval')
-  return ConcatSource(sources.make_document_source(c, 'eval') for c, _ in parts)
+  return ConcatSource(_component_source(c, 'eval', i) for i, (c, _) in enumerate(parts))
+
+
+def _component_source(c, split: str, i: int):
+  try:
+    return sources.make_document_source(c, split)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f'data.mixture[{i}] ({c.data.source}, paths={c.data.paths!r}): {e}') \
+        from None
 
 
 def component_of(config, index: int) -> int:
