@@ -92,7 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.cart.eval_loops = 0              # R when the model is called with rng=None (eval); 0 = loops
   m.cart.max_loops = 16              # rows of the sinusoidal loop-index table: the largest R
   m.cart.loop_embed_dim = 32         # width of the sinusoidal loop-index code
-  m.cart.kv_latent_dim = 0           # low-rank K/V latent width; 0 = d_model // 4
+  m.cart.kv_latent_dim = 0           # low-rank K/V latent width (anchor and MLA); 0 = d_model // 4
+  m.cart.prelude_attention = 'mla'   # prelude self-attention: mla (the paper's) | gqa
+  m.cart.coda_attention = 'mla'      # coda self-attention: mla (the paper's) | gqa
+  m.cart.mla_rope_dim = 0            # MLA decoupled RoPE width per head, of head_dim; 0 = head_dim // 2
   m.cart.hyper_connections = True    # softmax blend of the last hyper_slots states; False = newest
   m.cart.hyper_slots = 3
   m.cart.lti_gate = True             # h = sigmoid(a) * hh + block(hh); False: h = block(hh)
@@ -141,6 +144,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
   d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
   d.eval_paths = ''                  # globs of a separate eval corpus: then all of paths trains
+  # Weighted mixture (training/data/mixture.py): ((dict of data.* keys, weight), ...); () = off.
+  d.mixture = ()
   d.num_packing_bins = 16            # first-fit packing bins kept open
   d.shuffle = True                   # seeded per-epoch shuffle of documents
   d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)

@@ -15,9 +15,10 @@ How many times the core runs: `loops=` when given; else `cart.loops` when the mo
 training rng and `cart.eval_loops` (0 = `cart.loops`) when rng is None. Any R up to
 `cart.max_loops` (the loop-index table) works on the same parameters.
 
-Differences from the reference, on purpose: the prelude and coda reuse loomax's GQA `Block`
-(full-rank K/V) instead of MLA self-attention, so counts differ from the paper's; their
-output projections are re-drawn N(0, init_std) to match the reference's flat init.
+The prelude and coda are MLA self-attention layers (modeling/mla.py, DeepSeek-V2's form with a
+decoupled RoPE key) as in the paper, or loomax's GQA `Block` (full-rank K/V) with
+model.cart.prelude_attention / coda_attention = 'gqa'; either way every linear map is drawn
+N(0, init_std), the reference's flat init.
 """
 
 from typing import Any
@@ -28,7 +29,7 @@ import ml_collections
 from flax import nnx
 
 from modeling import axes as ax
-from modeling import layers
+from modeling import layers, mla
 from modeling.cart_core import AnchorKV, CoreBlock, LoopGlue, kv_latent_dim, loop_index_table
 from modeling.runtime import Runtime
 from modeling.transformer import (
@@ -38,6 +39,10 @@ from modeling.transformer import (
   dtype_of,
   remat_policy,
 )
+
+
+# model.cart.{prelude,coda}_attention -> the self-attention layer kind.
+SELF_ATTENTION = ('mla', 'gqa')
 
 
 def _validate(cfg: Any) -> None:
@@ -57,6 +62,11 @@ def _validate(cfg: Any) -> None:
     raise ValueError(f'model.cart.lti_init={c.lti_init} must lie in (0, 1)')
   if c.loop_embed_dim % 2:
     raise ValueError(f'model.cart.loop_embed_dim={c.loop_embed_dim} must be even (sin, cos)')
+  for key in ('prelude_attention', 'coda_attention'):
+    if c[key] not in SELF_ATTENTION:
+      raise ValueError(f'model.cart.{key}={c[key]!r}; valid: {sorted(SELF_ATTENTION)}')
+    if c[key] == 'mla':
+      mla.validate(cfg)
   if c.remat_loop not in REMAT_POLICIES:
     raise ValueError(f'model.cart.remat_loop={c.remat_loop!r}; valid: {sorted(REMAT_POLICIES)}')
 
@@ -71,20 +81,24 @@ class Cart(nnx.Module):
     self.cfg, self.runtime = cfg, runtime
     self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
                                   rngs=rngs, param_dtype=pdt)
-    self.prelude = nnx.List([self._block(cfg, rngs, runtime) for _ in range(c.prelude_layers)])
+    self.prelude = nnx.List([self._block(cfg, rngs, runtime, c.prelude_attention)
+                            for _ in range(c.prelude_layers)])
     self.kv_proj = AnchorKV(cfg, rngs=rngs, runtime=runtime)
     if c.shared_core:
       self.core = CoreBlock(cfg, rngs=rngs, runtime=runtime)
     else:
       self.core = nnx.List([CoreBlock(cfg, rngs=rngs, runtime=runtime) for _ in range(c.loops)])
     self.glue = LoopGlue(cfg, rngs=rngs)
-    self.coda = nnx.List([self._block(cfg, rngs, runtime) for _ in range(c.coda_layers)])
+    self.coda = nnx.List([self._block(cfg, rngs, runtime, c.coda_attention)
+                         for _ in range(c.coda_layers)])
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
 
   @staticmethod
-  def _block(cfg, rngs, runtime) -> Block:
-    """A dense pre-norm layer whose depth-scaled output projections are re-drawn N(0, std):
-    the reference initialises every Linear alike."""
+  def _block(cfg, rngs, runtime, kind: str = 'gqa') -> Block:
+    """A pre-norm self-attention layer, MLA or GQA; a GQA Block's depth-scaled output
+    projections are re-drawn N(0, std): the reference initialises every Linear alike."""
+    if kind == 'mla':
+      return mla.MLABlock(cfg, rngs=rngs, runtime=runtime)
     block = Block(cfg, rngs=rngs, runtime=runtime)
     init = layers.normal(cfg.init_std)
     for w in (block.attn.wo, block.mlp.w_down):
@@ -171,6 +185,11 @@ class Cart(nnx.Module):
     return self.final_norm(h_BLD)
 
   @staticmethod
+  def parameter_counts(cfg: Any) -> tuple[int, int]:
+    """(stored, effective) parameters, for reports (training/study.py)."""
+    return parameter_counts(cfg)
+
+  @staticmethod
   def describe(cfg: Any) -> str:
     """One line for the training log: R, stored and effective parameter counts."""
     c = cfg.cart
@@ -246,13 +265,31 @@ def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> f
   D, H, K, Dh, F, R = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, \
       c.loops
   C = kv_latent_dim(cfg)
-  self_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
+  gqa_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
+  mla_layer = mla.parameter_count(cfg) - mla.latent_dim(cfg) + 3 * D * F   # less the norm
+  layer = {'gqa': gqa_layer, 'mla': mla_layer}
   core = 2 * D * H * Dh + 3 * D * F
   kv = D * C + 2 * C * K * Dh
   n_self = c.prelude_layers + c.coda_layers
-  matmul_params = (n_self * self_layer + R * core + (R if c.recompute_kv else 1) * kv
+  self_params = (c.prelude_layers * layer[c.prelude_attention]
+                 + c.coda_layers * layer[c.coda_attention])
+  matmul_params = (self_params + R * core + (R if c.recompute_kv else 1) * kv
                    + D * cfg.vocab_size)
   self_kv_len = min(cfg.sliding_window, seq_len) if cfg.sliding_window else seq_len
   self_attn = 4 * self_kv_len * H * Dh * (0.5 if causal and not cfg.sliding_window else 1)
   core_attn = 4 * seq_len * H * Dh * (0.5 if causal else 1)
   return 2.0 * matmul_params + n_self * self_attn + R * core_attn
+
+
+def planner_cost(cfg: Any) -> tuple[float, float]:
+  """Forward FLOPs of one document as (per token, per causal query-key pair), for the planners'
+  cost models (linear x s + pair x s(s+1)/2): the prelude and coda self-attention layers and
+  R = cart.loops core cross-attentions each attend causally over the document; everything else
+  is per token. Matches `forward_flops_per_token` (which counts s/2 keys per query) to O(1/s)."""
+  c = cfg.cart
+  n_self = c.prelude_layers + c.coda_layers
+  attn = 4.0 * cfg.num_heads * cfg.head_dim
+  no_attention = forward_flops_per_token(cfg, 0)   # seq_len 0: no query-key pairs
+  if cfg.sliding_window:   # windowed self-attention is per token; the core sees the document
+    return no_attention + n_self * attn * cfg.sliding_window, c.loops * attn
+  return no_attention, (n_self + c.loops) * attn

@@ -2,11 +2,12 @@
 
 "CART: Context-Anchored Recurrent Transformer" (Capps, 2026). What a decoding step keeps:
 
-    prelude layer p   its own K/V [B, S, K, Dh] (causal RoPE self-attention)
+    prelude layer p   its own K/V [B, S, K, Dh] (GQA), or its latent c [B, S, C] and rotary
+                      key k_R [B, S, R] (MLA, modeling/mla.py)
     anchor            K/V of e = Prelude(Emb(tokens)) through the d/4 latent [B, S, K, Dh]
     looped core       nothing: the state of token t after loop r depends only on e[t] and the
                       anchor K/V of positions <= t, so every loop of a new token reads the cache
-    coda layer c      its own K/V [B, S, K, Dh]
+    coda layer c      its own cache, as a prelude layer
 
 so the cache does not grow with R, and R (`loops`) may be chosen at inference, as in the
 forward pass (any R up to model.cart.max_loops). Sequences are unpacked: position t of every
@@ -18,13 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from modeling import cart as cart_lib
-from modeling import decode
+from modeling import decode, mla
 from modeling.cart_core import loop_index_table
 from modeling.transformer import dtype_of
 
 
 class CartCache(flax.struct.PyTreeNode):
-  prelude: tuple[tuple[jax.Array, jax.Array], ...]   # (k, v) per prelude layer
+  prelude: tuple[tuple[jax.Array, jax.Array], ...]   # (k, v) or MLA (c, k_R) per layer
   anchor: tuple[jax.Array, jax.Array]                # (k, v) of the anchor
   coda: tuple[tuple[jax.Array, jax.Array], ...]
   length: jax.Array                                  # int32 scalar: tokens written so far
@@ -42,8 +43,24 @@ def init_cache(model: cart_lib.Cart, batch: int, max_len: int) -> CartCache:
   dt = dtype_of(cfg.dtype)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   pair = lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-  return CartCache(prelude=tuple(pair() for _ in model.prelude), anchor=pair(),
-                   coda=tuple(pair() for _ in model.coda), length=jnp.zeros((), jnp.int32))
+  return CartCache(prelude=tuple(_layer_cache(b, cfg, pair, batch, max_len) for b in model.prelude),
+                   anchor=pair(),
+                   coda=tuple(_layer_cache(b, cfg, pair, batch, max_len) for b in model.coda),
+                   length=jnp.zeros((), jnp.int32))
+
+
+# --- MLA or GQA self-attention layers (model.cart.prelude_attention / coda_attention) ---
+
+def _layer_cache(block, cfg, pair, batch: int, max_len: int):
+  if isinstance(block, mla.MLABlock):
+    return mla.init_cache(cfg, batch, max_len)
+  return pair()
+
+
+def _extend_layer(block, x_BTD, cache, start, kw):
+  if isinstance(block, mla.MLABlock):
+    return mla.extend_block(block, x_BTD, cache, start, kw)
+  return decode.extend_block(block, x_BTD, cache, start, kw)
 
 
 def cache_bytes(cache: CartCache) -> int:
@@ -69,7 +86,7 @@ def _extend(model: cart_lib.Cart, tokens_BT, cache: CartCache, loops: int | None
   x_BTD = model.embed(tokens_BT, dtype_of(model.cfg.dtype))
   prelude = []
   for block, kv in zip(model.prelude, cache.prelude):
-    x_BTD, kv = decode.extend_block(block, x_BTD, kv, start, kw)
+    x_BTD, kv = _extend_layer(block, x_BTD, kv, start, kw)
     prelude.append(kv)
   e_BTD = x_BTD
   k_new, v_new = model.kv_proj(e_BTD)
@@ -88,7 +105,7 @@ def _extend(model: cart_lib.Cart, tokens_BT, cache: CartCache, loops: int | None
   x_BTD = buf[0]
   coda = []
   for block, kv in zip(model.coda, cache.coda):
-    x_BTD, kv = decode.extend_block(block, x_BTD, kv, start, kw)
+    x_BTD, kv = _extend_layer(block, x_BTD, kv, start, kw)
     coda.append(kv)
   logits_BTV = model.logits(model.final_norm(x_BTD))
   return logits_BTV, CartCache(prelude=tuple(prelude), anchor=(k_anchor, v_anchor),

@@ -64,17 +64,22 @@ class Family:
   def uses_recurrence_seam(self) -> bool:
     return self.recurrence_scan is not None
 
+  # planner_cost(cfg) -> (forward FLOPs per token, per causal query-key pair) of one document:
+  # the planners' cost model is 3 x (linear x s + pair x s(s+1)/2) for forward + backward.
+  planner_cost: Callable[[Any], tuple[float, float]] | None = None
+
 
 FAMILIES: dict[str, Family] = {
     'transformer': Family(transformer.Transformer, transformer.forward_flops_per_token,
-                          decoder=decode.decoder),
+                          decoder=decode.decoder, planner_cost=transformer.planner_cost),
     'cart': Family(cart.Cart, cart.forward_flops_per_token, decoder=cart_decode.decoder,
-                   batch_diagnostics=cart.loop_state_rms, describe=cart.Cart.describe),
+                   batch_diagnostics=cart.loop_state_rms, describe=cart.Cart.describe,
+                   planner_cost=cart.planner_cost),
     # Its attention-balance telemetry counts full causal prefixes (window 0).
     'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token,
                      decoder=sambay_decode.decoder, order_dependent_layers=('mamba',),
                      recurrence_scan=_sambay_scan, window_key='model.sambay.window',
-                     balance_window=_no_window),
+                     balance_window=_no_window, planner_cost=sambay.planner_cost),
 }
 
 

@@ -245,3 +245,18 @@ def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> f
   per_role[MEMORY] = per_role[MAMBA]
   total = sum(per_role[r] + 2.0 * 3 * D * F for r in layer_roles(cfg.num_layers))
   return total + 2.0 * D * cfg.vocab_size
+
+
+def planner_cost(cfg: Any) -> tuple[float, float]:
+  """Forward FLOPs of one document as (per token, per causal query-key pair), by layer kind:
+  Mamba/memory, GMU and MLPs per token; sliding-window attention per token at its full window
+  (exact once the document is longer than the window); the full-attention layer and every
+  cross-attention layer per causal pair over the document."""
+  H, Dh = cfg.num_heads, cfg.head_dim
+  roles = layer_roles(cfg.num_layers)
+  pair_layers = sum(r in (FULL, CROSS) for r in roles)
+  swa_layers = sum(r == SWA for r in roles)
+  attn = 4.0 * H * Dh
+  # At seq_len 1 every window and full attention sees one key (half a pair when causal).
+  no_attention = forward_flops_per_token(cfg, 1) - attn * (swa_layers + 0.5 * pair_layers)
+  return no_attention + swa_layers * attn * cfg.sambay.window, pair_layers * attn

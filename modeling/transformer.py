@@ -223,3 +223,13 @@ def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> f
   kv_len = min(cfg.sliding_window, seq_len) if cfg.sliding_window else seq_len
   attn = 4 * kv_len * H * Dh * cfg.num_layers * (0.5 if causal and not cfg.sliding_window else 1)
   return 2.0 * matmul_params + attn
+
+
+def planner_cost(cfg: Any) -> tuple[float, float]:
+  """Forward FLOPs of one document as (per token, per causal query-key pair) for the planners'
+  cost models (linear x s + pair x s(s+1)/2); a sliding window makes attention per token."""
+  attn = 4.0 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  no_attention = forward_flops_per_token(cfg, 0)
+  if cfg.sliding_window:
+    return no_attention + attn * cfg.sliding_window, 0.0
+  return no_attention, attn

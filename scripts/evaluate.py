@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint on long-context tasks: loss, loss by position, passkey, MQAR, RULER.
+"""Evaluate a checkpoint on long-context tasks: loss, loss by position, passkey, MQAR, RULER;
+and on downstream tasks from local files: lambada, multiple_choice, perplexity
+(training/downstream.py).
 
     python scripts/evaluate.py --checkpoint runs/tiny --tasks loss,position_loss,passkey,mqar \
         --lengths 256,1024 --out /tmp/ev
@@ -41,6 +43,10 @@ def parse_args(argv=None):
   p.add_argument('--rows_per_batch', type=int, default=8)
   p.add_argument('--blockwise_above', type=int, default=2048)
   p.add_argument('--seed', type=int, default=1234)
+  p.add_argument('--lambada_file', default='', help='lambada: jsonl of {"text": ...}')
+  p.add_argument('--choice_file', default='',
+                 help='multiple_choice: jsonl, HellaSwag / PIQA / ARC / context-choices-label')
+  p.add_argument('--text_file', default='', help='perplexity: a UTF-8 text file')
   return p.parse_args(argv)
 
 
@@ -49,14 +55,15 @@ def main(argv=None):
   import jax
   import tqdm
 
-  from training import eval_report, evals, ruler, serving
+  from training import downstream, eval_report, evals, ruler, serving
 
   settings = evals.EvalSettings(
       tasks=evals.parse_list(args.tasks, str), lengths=evals.parse_list(args.lengths, int),
       eval_tokens=args.eval_tokens, passkey_samples=args.passkey_samples,
       mqar_pairs=evals.parse_list(args.mqar_pairs, int), mqar_samples=args.mqar_samples,
       ruler_tasks=ruler.parse_tasks(args.ruler_tasks), ruler_samples=args.ruler_samples,
-      rows_per_batch=args.rows_per_batch, blockwise_above=args.blockwise_above, seed=args.seed)
+      rows_per_batch=args.rows_per_batch, blockwise_above=args.blockwise_above, seed=args.seed,
+      files=downstream.Files(args.lambada_file, args.choice_file, args.text_file))
   run = serving.load(args.checkpoint, args.step, context=args.context)
   ev = evals.Evaluator(run.config, run.mesh, run.setup.shardings.params, settings)
   bar = tqdm.tqdm(total=_num_units(settings, run.config), unit='eval', dynamic_ncols=True,
@@ -82,7 +89,7 @@ def main(argv=None):
 
 def _num_units(settings, config) -> int:
   """Progress-bar length: one unit per (task, length[, pairs]) evaluated."""
-  from training import evals
+  from training import downstream, evals
   lengths = settings.lengths or (config.seq_len,)
   n = 0
   if {'loss', 'position_loss'} & set(settings.tasks):
@@ -94,7 +101,7 @@ def _num_units(settings, config) -> int:
              for L in lengths for p in settings.mqar_pairs)
   if 'ruler' in settings.tasks:
     n += len(lengths) * len(settings.ruler_tasks)
-  return n
+  return n + sum(t in downstream.TASKS for t in settings.tasks)
 
 
 if __name__ == '__main__':

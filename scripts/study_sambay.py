@@ -1,165 +1,124 @@
-"""Study: SambaY vs a YOCO-style model without GMU vs a dense transformer, matched parameters.
+"""Study: SambaY vs a YOCO-style model without GMU vs a dense transformer at matched parameters,
+seeded.
 
-    python scripts/study_sambay.py                  # the recorded run (docs/results/sambay.md)
-    python scripts/study_sambay.py --smoke          # seconds, untrained, to a temp folder
+    python scripts/study_sambay.py                  # 3 seeds -> docs/results/sambay.md
+    python scripts/study_sambay.py --smoke          # 2 seeds, 3 steps, to a temp folder
 
 "Decoder-Hybrid-Decoder Architecture for Efficient Reasoning with Long Generation" (Ren et al.,
-2025) reports lower loss for SambaY than for YOCO (the same decoder-decoder with the GMU layers
-replaced by cross-attention) at matched compute, and a KV cache that does not grow with depth.
-All three models here are trained on the same tokens (same data seed and steps) from
-configs/sambay_tiny.py's widths; the YOCO model is SambaY with every GMU layer swapped for a
-cross-attention layer (fewer parameters: a GMU is 2 x d x 2d, a cross-attention 2 x d x H x Dh);
-the dense depth is the one whose parameter count is closest to SambaY's.
-
-The claim holds here when SambaY's held-out loss is at most YOCO's + TOLERANCE nats (the GMU
-does not hurt and should help) and SambaY's cache for a 64K-token sequence is smaller than the
-dense model's. The script exits 1 otherwise.
+2025) reports lower loss for SambaY than for YOCO (the same decoder-decoder with every GMU layer
+replaced by cross-attention). The SambaY model has 8 layers, the smallest depth with every role
+(Mamba/SWA self-decoder, memory Mamba, shared-KV full attention, GMU and cross-attention), so it
+holds GMU layers; the YOCO model swaps each for a cross-attention layer (a GMU is 2 x d x 2d, a
+cross-attention 2 x d x H x Dh); the dense depth is the one whose count is nearest SambaY's.
+Claims tested (training/study.py): SambaY < YOCO without GMU; SambaY < dense.
 """
 
-import argparse
+import dataclasses
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+STEPS = 600
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--steps', type=int, default=150)
-  p.add_argument('--batch_size', type=int, default=8)
-  p.add_argument('--seq_len', type=int, default=128)
-  p.add_argument('--eval_batches', type=int, default=8)
-  p.add_argument('--smoke', action='store_true',
-                 help='seconds: tiny shapes, no training steps (init, eval, report)')
-  p.add_argument('--out', default=None,
-                 help='report folder (default docs/results; smoke: a temp folder)')
-  return p.parse_args(argv)
+BUDGET = """Budget: configs/sambay_tiny.py at d={m.d_model} ({m.num_layers} layers, window
+{m.sambay.window}, byte vocabulary, NoPE), seq {c.seq_len}, batch {c.batch_size}, {c.steps} steps
+(= {tokens:,} tokens per run), lr {c.optimizer.lr:g} cosine with {c.optimizer.warmup_steps}
+warm-up steps, the same data order per seed in every arm; held-out set: {c.eval_batches}
+batches, the same for every run."""
+WHY = """Sized by FLOP count (an estimate; the wall times above are the measurement) for
+about 30-40 minutes of a quiet 2-core CPU for 3 arms x 3 seeds; at 8 layers two of the
+cross-decoder's layers are GMUs."""
 
 
-if __name__ == '__main__':
-  parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
+def register_yoco():
+  """Registers model.name='sambay_yoco': SambaY with every GMU layer a cross-attention layer."""
+  from flax import nnx
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
+  from modeling import registry, sambay as sb, ssm
 
-from configs import sambay_tiny  # noqa: E402
-from modeling import registry, sambay as sb, sambay_decode, ssm  # noqa: E402
-from parallelism import mesh as mesh_lib  # noqa: E402
-from scripts import study_report  # noqa: E402
-from training.state import count_params  # noqa: E402
+  if 'sambay_yoco' in registry.FAMILIES:
+    return
 
-TOLERANCE = 0.02       # nats: SambaY may trail YOCO by at most this much for the claim to hold
-LONG_CONTEXT = 65536
+  class YocoNoGmu(sb.SambaY):
+    """SambaY's layout with every GMU layer replaced by a cross-attention layer over the shared
+    KV cache: the YOCO cross-decoder the paper compares against."""
 
+    def __init__(self, cfg, *, rngs, runtime=sb._SINGLE_DEVICE, scan_fn=None):
+      super().__init__(cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
+      recurrence = runtime.recurrence or ssm.LocalRecurrence(
+          scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk))
+      self.roles = tuple(sb.CROSS if r == sb.GMU_ROLE else r for r in self.roles)
+      self.layers = nnx.List([
+          sb.Layer(sb.CROSS, cfg, rngs=rngs, runtime=runtime, recurrence=recurrence)
+          if layer.role == sb.GMU_ROLE else layer for layer in self.layers])
 
-class YocoNoGmu(sb.SambaY):
-  """SambaY's layout with every GMU layer replaced by a cross-attention layer over the shared
-  KV cache: the YOCO cross-decoder the paper compares against."""
-
-  def __init__(self, cfg, *, rngs, runtime=sb._SINGLE_DEVICE, scan_fn=None):
-    super().__init__(cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
-    scan_fn = scan_fn or ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk)
-    self.roles = tuple(sb.CROSS if r == sb.GMU_ROLE else r for r in self.roles)
-    self.layers = nnx.List([
-        sb.Layer(sb.CROSS, cfg, rngs=rngs, runtime=runtime, scan_fn=scan_fn)
-        if layer.role == sb.GMU_ROLE else layer for layer in self.layers])
+  # SambaY's entry (FLOPs, order-dependent layers, hooks) with this builder.
+  registry.FAMILIES['sambay_yoco'] = dataclasses.replace(registry.FAMILIES['sambay'],
+                                                         build=YocoNoGmu)
 
 
-registry.FAMILIES.setdefault('sambay_yoco', registry.Family(YocoNoGmu,
-                                                            sb.forward_flops_per_token))
+def _base(smoke: bool, steps: int):
+  from configs import sambay_tiny
+
+  def base():
+    c = sambay_tiny.get_config()
+    c.steps, c.batch_size, c.seq_len, c.eval_batches = steps, 8, 128, 8
+    c.optimizer.warmup_steps = max(1, steps // 10)
+    c.log_every = max(1, steps // 10)
+    c.perf.peak_trials = 1            # studies report no MFU: one start-up matmul timing
+    if smoke:
+      c.seq_len, c.eval_batches = 32, 1
+      c.model.update(num_layers=8, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                     mlp_dim=64)
+      c.model.sambay.window = 16
+    return c
+  return base
 
 
-def study_config(args, name: str):
-  c = sambay_tiny.get_config()
-  c.steps, c.batch_size, c.seq_len = args.steps, args.batch_size, args.seq_len
-  c.optimizer.warmup_steps = max(1, args.steps // 10)
-  c.mesh.data = 1
-  c.progress = False
-  m = c.model
-  if args.smoke:
-    m.update(num_layers=4, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
-    m.sambay.window = 16
-  if name == 'transformer':
-    m.name, m.rope_theta = 'transformer', 10_000.0
-    target = _params(study_config(args, 'sambay'))
-    best = None
-    for layers in range(1, 17):
-      m.num_layers = layers
-      n = _params(c)
-      if best is None or abs(n - target) < abs(best[1] - target):
-        best = (layers, n)
-    m.num_layers = best[0]
-  else:
-    m.name = name
-  return c
+def dense_layers(base) -> int:
+  from training import study as study_lib
+  target = study_lib.parameter_counts(base().model)[0]
+  best = None
+  for layers in range(1, 17):
+    c = base()
+    c.model.update(name='transformer', num_layers=layers, rope_theta=10_000.0)
+    n = study_lib.parameter_counts(c.model)[0]
+    if best is None or abs(n - target) < abs(best[1] - target):
+      best = (layers, n)
+  return best[0]
 
 
-def _params(c) -> int:
-  model = nnx.eval_shape(lambda: registry.build_model(c.model, rngs=nnx.Rngs(0)))
-  return count_params(nnx.state(model, nnx.Param))
+def check(arm, config, model):
+  """The mechanism is on: SambaY holds GMU layers; YOCO holds cross-attention in their place."""
+  from modeling import sambay as sb
+  if arm.name == 'sambay':
+    assert sum(r == sb.GMU_ROLE for r in model.roles) >= 1, f'{arm.name}: no GMU layer'
+    assert sum(layer.role == sb.GMU_ROLE for layer in model.layers) >= 1
+  elif arm.name == 'yoco':
+    gmus = sum(r == sb.GMU_ROLE for r in sb.layer_roles(config.model.num_layers))
+    assert gmus >= 1 and not any(layer.role == sb.GMU_ROLE for layer in model.layers)
+    assert sum(layer.role == sb.CROSS for layer in model.layers) == 2 * gmus
 
 
-def cache_bytes(c, context: int) -> int:
-  """One sequence's decoding cache at `context` positions (shapes only)."""
-  model = nnx.eval_shape(lambda: registry.build_model(c.model, rngs=nnx.Rngs(0)))
-  if c.model.name == 'transformer':
-    m = c.model
-    return sambay_decode.dense_cache_bytes(m.num_layers, m.num_kv_heads, m.head_dim, context, 4)
-  cache = jax.eval_shape(lambda: sambay_decode.init_cache(model, 1, context))
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim))
-
-
-def main(argv=None):
-  args = parse_args(argv)
-  if args.smoke:
-    args.steps, args.batch_size, args.seq_len, args.eval_batches = 0, 2, 32, 1
-  out = args.out or (tempfile.mkdtemp() if args.smoke else study_report.RESULTS)
-  mesh = mesh_lib.make_mesh(study_config(args, 'sambay').mesh, jax.devices()[:1])
-  batches = study_report.held_out(study_config(args, 'sambay'), args.eval_batches)
-
-  rows = {}
-  for name in ('sambay', 'sambay_yoco', 'transformer'):
-    c = study_config(args, name)
-    params, graphdef, seconds = study_report.train(c, mesh)
-    rows[name] = {'params': count_params(params), 'seconds': seconds,
-                  'loss': study_report.mean_loss(graphdef, params, batches),
-                  'cache': cache_bytes(c, LONG_CONTEXT), 'layers': c.model.num_layers}
-    print(f'  {name}: {rows[name]}', flush=True)
-
-  labels = {'sambay': 'SambaY (GMU)', 'sambay_yoco': 'YOCO-style (no GMU)',
-            'transformer': 'dense transformer'}
-  table = ['| model | layers | params | s/step (wall) | held-out loss | cache @64K (MiB) |',
-           '|---|---|---|---|---|---|']
-  for name, r in rows.items():
-    table.append(f'| {labels[name]} | {r["layers"]} | {r["params"]:,} | {r["seconds"]:.3f} | '
-                 f'{r["loss"]:.4f} | {r["cache"] / 2**20:.1f} |')
-  s, y, d = rows['sambay'], rows['sambay_yoco'], rows['transformer']
-  holds = s['loss'] <= y['loss'] + TOLERANCE and s['cache'] < d['cache']
-  verdict = (f'SambaY {s["loss"]:.4f} vs YOCO-style {y["loss"]:.4f} nats '
-             f'(delta {s["loss"] - y["loss"]:+.4f}; threshold: SambaY <= YOCO + {TOLERANCE}); '
-             f'dense {d["loss"]:.4f}. Cache for one 64K-token sequence: SambaY '
-             f'{s["cache"] / 2**20:.1f} MiB vs dense {d["cache"] / 2**20:.1f} MiB.')
-  c = study_config(args, 'sambay')
-  body = (f'{args.steps} steps x {args.batch_size} x {args.seq_len} tokens per model, the same '
-          f'batches for all; d_model {c.model.d_model}, byte-level local_text data; held-out '
-          f'loss = mean next-byte NLL over {args.eval_batches} eval batches.\n\n'
-          + '\n'.join(table))
-
-  def figure(path):
-    def draw(ax):
-      names = list(rows)
-      ax.bar([labels[n] for n in names], [rows[n]['loss'] for n in names],
-             color=['tab:green', 'tab:orange', 'tab:blue'])
-      lo = min(r['loss'] for r in rows.values())
-      ax.set_ylim(lo - 0.1, max(r['loss'] for r in rows.values()) + 0.05)
-      ax.set_ylabel('held-out loss (nats/byte)')
-      ax.set_title(f'SambaY study: {args.steps} steps, matched params')
-    study_report.plot(path, draw)
-
-  return study_report.finish('sambay', 'SambaY vs YOCO-style (no GMU) vs dense',
-                             body, verdict, holds, figure, out, table, args.smoke)
+def make_study(smoke: bool = False, steps: int | None = None):
+  from training.study import Arm, Comparison, Study
+  register_yoco()
+  steps = steps or (3 if smoke else STEPS)
+  base = _base(smoke, steps)
+  layers = dense_layers(base)
+  arms = [Arm('sambay', {}, 'SambaY (GMU)'),
+          Arm('yoco', {'model.name': 'sambay_yoco'}, 'YOCO-style (no GMU)'),
+          Arm('dense', {'model.name': 'transformer', 'model.num_layers': layers,
+                        'model.rope_theta': 10_000.0}, f'dense {layers} layers')]
+  comparisons = [Comparison('sambay', 'yoco', 'SambaY beats YOCO without GMU'),
+                 Comparison('sambay', 'dense', 'SambaY beats parameter-matched dense')]
+  c = base()
+  return Study('sambay', 'SambaY vs YOCO-style (no GMU) vs dense', base, arms, comparisons,
+               budget=BUDGET.format(c=c, m=c.model, tokens=steps * c.batch_size * c.seq_len),
+               why=WHY, check=check, smoke=smoke)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from scripts import study
+  sys.exit(study.main(name='sambay'))

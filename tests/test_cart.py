@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from modeling import cart, registry
+from modeling import cart, mla, registry
 from modeling.attention import xla_attention
 from modeling.runtime import Runtime
 
@@ -150,7 +150,7 @@ def test_flops_count_every_core_application():
   model = build(m)
   count = lambda mod: sum(x.size for x in jax.tree.leaves(nnx.state(mod, nnx.Param)))
   D, P, C = m.d_model, m.cart.prelude_layers, m.cart.coda_layers
-  norms = (2 * P + 2 + 2 * C + 1) * D
+  norms = (2 * P + 2 + 2 * C + 1) * D + (P + C) * mla.latent_dim(m)   # + MLA's latent norms
   matmul_one = count(model) - norms - count(model.glue)   # the tied table is the head
   attn = 4 * L * m.num_heads * m.head_dim * 0.5                      # causal, per layer
   core = count(model.core) - 2 * D

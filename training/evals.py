@@ -33,12 +33,12 @@ from jax.sharding import Mesh
 from modeling import registry
 from parallelism.context import layout as context_layout
 from training import data as data_lib
-from training import ruler
+from training import downstream, ruler
 from training.composition import make_runtime
 from training.data import tasks
 from training.program import batch_sharding
 
-TASKS = ('loss', 'position_loss', 'passkey', 'mqar', 'ruler')
+TASKS = ('loss', 'position_loss', 'passkey', 'mqar', 'ruler') + downstream.TASKS
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -56,6 +56,7 @@ class EvalSettings:
   rows_per_batch: int = 8                # rows per forward call (rounded up to the data axes)
   blockwise_above: int = 2048            # lengths above this use attention.impl=blockwise
   seed: int = 1234
+  files: downstream.Files = downstream.Files()   # lambada, multiple_choice, perplexity inputs
 
   def __post_init__(self):
     bad = [t for t in self.tasks if t not in TASKS]
@@ -306,6 +307,9 @@ def run_tasks(ev: Evaluator, params, progress: Callable[[str], Any] | None = Non
     out['ruler'] = ruler.evaluate(ev.config, params, lengths, ruler.Settings(
         tasks=s.ruler_tasks, samples=s.ruler_samples, rows=ev.rows_per_call(), seed=s.seed), tick)
     out['skipped'] += out['ruler']['skipped']
+  for name in (t for t in s.tasks if t in downstream.TASKS):   # training/downstream.py
+    tick(name)
+    out[name] = downstream.run(name, ev, params, s.files)
   return out
 
 
@@ -327,6 +331,7 @@ def scalars(results: dict, prefix: str = 'eval') -> dict[str, float]:
           out[f'{prefix}/passkey/len_{L}/depth_{d:.2f}'] = a
       if scored:
         out[f'{prefix}/passkey/len_{L}/mean'] = float(np.mean(scored))
+  out.update(downstream.scalars(results, prefix))
   mq = results.get('mqar')
   if mq:
     for L, accs in zip(mq['lengths'], mq['accuracy']):

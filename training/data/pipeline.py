@@ -13,7 +13,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from training.data import packing, position, sources, tasks, tokenizer
+from training.data import mixture, packing, position, sources, tasks, tokenizer
 
 SOURCES = sources.DOCUMENT_SOURCES + tasks.TASK_SOURCES
 _EVAL_OVERSAMPLE = 64  # windows read per window used: a wide sample, bounded reads
@@ -41,12 +41,12 @@ def _check_source(config) -> None:
 def _local_documents(config, split: str, process_index: int, process_count: int, *,
                      shuffle: bool, start: int = 0) -> grain.MapDataset:
   """One process's documents of `split` by local index (see `_rows`)."""
-  docs = grain.MapDataset.source(sources.make_document_source(config, split))
+  docs = mixture.documents(config, split)   # one source, or data.mixture's weighted mix
   if len(docs) == 0:
     raise ValueError(f'data.source={config.data.source!r} has no {split} documents '
                      f'(data.paths={config.data.paths!r}, '
                      f'data.eval_fraction={config.data.eval_fraction}).')
-  if shuffle:
+  if shuffle and not mixture.shuffled_inside(config):
     # Shuffle globally, then shard: the order is the same for any process count. grain adds
     # the epoch to the seed under repeat(): a new order each epoch.
     docs = docs.shuffle(seed=config.seed)
@@ -135,7 +135,7 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
   Taking the first documents in order would measure a handful of files; instead every
   document is cut into windows and a fixed-seed sample of all windows is kept.
   """
-  docs = sources.make_document_source(config, 'eval')
+  docs = mixture.eval_documents(config)
   order = np.random.default_rng(config.seed).permutation(len(docs))[process_index::process_count]
   if len(order) == 0:
     raise ValueError(f'data.source={config.data.source!r} has no eval documents for process '
