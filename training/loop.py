@@ -6,7 +6,6 @@ Each arrow of the data flow in docs/architecture.md is one call below.
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
 from training import data as data_lib, hybrid_data
 from training import checkpointing, evals, perf, telemetry, throughput
+from training import config_checks, run_files, stop, workdir_lock  # H3: issue 27
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.monitor import MetricWriter, Progress, setup_logging
 from training.program import build_program
@@ -36,24 +36,25 @@ def evaluate(eval_step, params, batches) -> float:
   return total / max(count, 1.0)
 
 
-def write_config(config, workdir):
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_json(config))
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`; returns the last logged metrics row."""
+  """Trains `config` in `workdir`; returns the last logged metrics row. Raises UserError for
+  bad input (before any compile), NonFiniteLoss, or stop.Stopped after a signal (train.py
+  turns each into its exit status, training/errors.py)."""
+  config_checks.validate(config)  # H3: ranges, one line, before anything starts
   distributed.initialize(config.distributed)
   setup_logging()
+  config_checks.validate_on_devices(config, jax.device_count(), jax.process_count())  # H3
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.get('dry_run', False):
     return dry_run(config, build_program(config, mesh))
+  with workdir_lock.acquire(workdir):  # H3: one writer per workdir, before anything is written
+    return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   ckpt = checkpointing.open_checkpointer(config, workdir)
   start_plan = checkpointing.plan_start(config, ckpt)
   config = checkpointing.resolve_config(config, start_plan)
-  write_config(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
            mesh.devices.size, nproc)
@@ -72,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
                                                                 workdir, train_iter)
+  run_files.write_config(config, workdir)  # H3: atomic, only after validation and the restore
   saver = checkpointing.Saver(ckpt, ckpt_metadata.describe(
       config, ckpt_metadata.state_arrays(program.setup), mesh, nproc))
   start = int(state.step)
@@ -170,14 +172,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       progress.update(step)
 
   stopping = False
-  stop_requested, restore_signals = _install_signal_handlers()
+  stopper = stop.StopControl(nproc)  # H3: signals, agreed stop, interruptible data waits
   try:
     for step in range(start + 1, config.steps + 1):
       if config.profile_steps and step == config.profile_start and pid == 0:
         jax.profiler.start_trace(os.path.join(workdir, 'tb'))
         profiling = True
       t0 = time.perf_counter()
-      host_batch = next(train_iter)
+      host_batch = stopper.next_batch(train_iter, step)  # H3: a signal ends a blocked wait
       tele.observe(host_batch)
       batch = prepare(host_batch)
       data_wait_s = time.perf_counter() - t0
@@ -193,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         profiling = False
-      stopping = stop_requested()
+      stopping = stopper.agreed()  # H3: the same step on every process
       save_due = config.checkpoint.every and step % config.checkpoint.every == 0
       eval_due = (eval_on and config.eval_every > 0 and step % config.eval_every == 0
                   and step != config.steps)
@@ -225,12 +227,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         log.info('final eval at step %d: loss %.4f', final_step, eval_loss)
         last_row.update(eval_metrics)
   finally:
-    restore_signals()  # a notebook or test process gets its Ctrl-C and SIGTERM back
+    stopper.restore()  # a notebook or test process gets its Ctrl-C and SIGTERM back
     if profiling:
       jax.profiler.stop_trace()
     progress.close()
     ckpt.close()
     writer.close()
+  if stopping:  # H3: after the finally, so the save is complete; train.py exits 128 + signal
+    raise stop.Stopped(stopper.signum, final_step, saved=saver.last_good == final_step)
   return last_row
 
 
@@ -265,29 +269,3 @@ def dry_run(config, program) -> dict[str, Any]:
     print(f'train step compiled memory per device: {memory / 2**20:,.1f} MiB '
           '(temp + arguments + outputs - aliased)')
   return {'step': 0, 'params': n_params, 'perf/compiled_memory_bytes': memory}
-
-
-def _install_signal_handlers():
-  """SIGTERM/SIGINT ask the loop to stop after the current step and save. Returns
-  (stop_requested, restore): restore puts the previous handlers back."""
-  flag = {'stop': False}
-  previous = {}
-
-  def handler(signum, frame):
-    del frame
-    if flag['stop']:
-      raise KeyboardInterrupt
-    flag['stop'] = True
-    log.warning('received signal %d', signum)
-
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    try:
-      previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread (e.g. under some test runners)
-      pass
-
-  def restore():
-    for sig, old in previous.items():
-      signal.signal(sig, old)
-
-  return lambda: flag['stop'], restore
