@@ -87,4 +87,5 @@ def _num_units(settings, config) -> int:
 
 
 if __name__ == '__main__':
-  main()
+  from training.errors import run_cli
+  run_cli(main)

@@ -113,4 +113,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from training.errors import run_cli
+  run_cli(main)

@@ -93,12 +93,12 @@ def main(argv=None) -> int:
   try:
     (train_sentencepiece if args.kind == 'sentencepiece' else train_hf)(
         documents(args), args.vocab_size, out)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # input: one line, status 2
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   except RuntimeError as e:  # SentencePiece reports a too-small vocabulary this way
     print(f'error: --vocab_size {args.vocab_size}: {e}', file=sys.stderr)
-    return 1
+    return 2
   spec = f'{args.kind}:{out}'
   tok = tokenizer.load(spec)
   print(f'trained {args.kind} tokenizer, {tok.vocab_size} ids, in '
@@ -108,4 +108,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from training.errors import run_cli
+  run_cli(main)

@@ -15,7 +15,7 @@ from modeling.transformer import Runtime
 from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
 from training import evals
-from training.loop import write_config
+from training.run_files import write_config
 from training.state import setup_model
 
 FAMILIES = {

@@ -50,10 +50,12 @@ def run_cli(main: Callable[[], object], prog: str | None = None) -> None:
   while '--debug' in sys.argv:
     sys.argv.remove('--debug')
   try:
-    main()
+    result = main()
   except UserError as e:
     if debug:
       raise
     for line in user_error_lines(prog, e):
       print(line, file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+  if isinstance(result, int):
+    sys.exit(result)
