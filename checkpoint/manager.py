@@ -92,15 +92,23 @@ class Checkpointer:
     self._meta: dict[int, dict] = {}
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'{self.directory}: no such checkpoint directory')
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     handlers = {'params': ocp.PyTreeCheckpointHandler(),
                 'opt_state': ocp.PyTreeCheckpointHandler(),
                 'train': ocp.PyTreeCheckpointHandler(),
                 'data': DataStatesHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    absl_log = logging.getLogger('absl')  # Orbax warns that read-only is read-only: noise
+    level = absl_log.level
+    if read_only:
+      absl_log.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None if read_only else keep, keep_period=keep_every or None,
+          enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_handlers=handlers)
+    finally:
+      absl_log.setLevel(level)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
