@@ -139,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- optimizer (training/optimizer.py) ---
   o = c.optimizer = ml_collections.ConfigDict()
-  o.lr = 3e-3                        # peak learning rate [> 0]
+  o.lr = 3e-3                        # peak learning rate [>= 0]
   o.schedule = 'cosine'              # cosine | wsd | constant
   # The learning-rate curve depends on optimizer.* keys only, never on `steps` alone:
   o.warmup_steps = 100               # linear warm-up steps (not capped by `steps`) [>= 0]

@@ -169,7 +169,7 @@ def test_exit_status_of_finished_nonfinite_and_invalid_runs(tmp_path):
     ({'seq_len': 0}, r'^seq_len=0 is out of range'),  # not data.task_length
     ({'model.num_heads': 3}, r'model.num_kv_heads=2 must divide model.num_heads=3'),
     ({'batch_size': 6}, r'batch_size=6 is not divisible by mesh data x fsdp = 8'),
-    ({'optimizer.lr': 0.0}, r'optimizer.lr=0.0 is out of range: must be > 0'),
+    ({'optimizer.lr': -1.0}, r'optimizer.lr=-1.0 is out of range: must be >= 0'),
     ({'checkpoint.keep': 0}, r'checkpoint.keep=0 is out of range'),
     ({'data.eval_fraction': 1.0}, r'data.eval_fraction=1.0 is out of range: must be in \[0, 1\)'),
     ({'data.source': 'text', 'data.paths': '/nonexistent/*.txt'},

@@ -48,7 +48,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ('data.read_prefetch', lambda v: v >= 0, '>= 0'),
     ('data.worker_count', lambda v: v >= 0, '>= 0 (0 = in-process)'),
     ('data.task_length', lambda v: v >= 0, '>= 0 (0 = seq_len)'),
-    ('optimizer.lr', lambda v: v > 0, '> 0'),
+    ('optimizer.lr', lambda v: v >= 0, '>= 0'),
     ('optimizer.warmup_steps', lambda v: v >= 0, '>= 0'),
     ('optimizer.decay_steps', lambda v: v >= 0, '>= 0 (0 = steps)'),
     ('optimizer.min_lr_ratio', lambda v: 0 <= v <= 1, 'in [0, 1]'),
