@@ -1,9 +1,10 @@
 """A trained run's parameters on the local devices, for evaluation and sampling.
 
 Reads the config the chosen step was saved with (its metadata; a WARNING names any key where
-the workdir's config.json, the latest run's, differs), replaces its mesh and parallel strategy by the local one (any
-device count: parameters are restored universally, checkpoint/universal.py), and reads only the
-parameters (no optimizer state), so a `--params-only` checkpoint serves as well.
+the workdir's config.json, the latest run's, differs), replaces its mesh and parallel strategy
+by the local one (any device count: parameters are restored universally,
+checkpoint/universal.py), and reads only the parameters (no optimizer state), so a
+`--params-only` checkpoint serves as well.
 """
 
 import dataclasses
