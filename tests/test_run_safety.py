@@ -127,7 +127,24 @@ def test_sigterm_interrupts_a_blocked_data_wait(tmp_path, monkeypatch):
   threading.Thread(target=terminate, daemon=True).start()
   with pytest.raises(stop.Stopped, match='during a data wait, not saved') as e:
     loop.run(tiny_config(**FAST), str(tmp_path))
-  assert time.time() - sent[0] < 10 and e.value.exit_status == 143
+  assert time.time() - sent[0] < 10 and e.value.exit_status == 143  # grace_s is 3 s
+
+
+def test_a_signal_during_an_ordinary_data_wait_still_ends_in_a_saved_stop():
+  """Only a wait still blocked grace_s after the request is interrupted: a signal landing in a
+  wait of milliseconds lets the step finish (and be saved)."""
+  class Slow:
+    def __next__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)
+      return 'batch'
+
+  control = stop.StopControl(1, grace_s=2.0)
+  try:
+    assert control.next_batch(Slow(), 5) == 'batch'
+    assert control.agreed() and control.signum == signal.SIGTERM
+  finally:
+    control.restore()
 
 
 def test_empty_corpus_is_a_one_line_error_naming_the_paths(tmp_path):

@@ -5,14 +5,16 @@ never hung on a data wait; the run then ends with `Stopped` (exit status 128 + s
     multi-process run each process contributes its flag to a tiny all-reduce (a max over one
     int per device) dispatched at step s and read at step s+1, so every process stops at the
     same step (the collective save cannot hang) and the host never waits on the reduction.
-  * While the loop waits for data (`next_batch`), a signal in a one-process run interrupts the
-    wait at once: an empty or stalled input cannot swallow SIGTERM. (In a multi-process run
-    the wait is left to end and the stop is agreed; a second signal interrupts it.)
+  * A data wait (`next_batch`) that is still blocked `grace_s` seconds after a stop request
+    (3 s with one process, 30 s with several, where the agreed stop needs every process to
+    finish its step) is interrupted: an empty or stalled input cannot swallow SIGTERM, and an
+    ordinary wait of milliseconds still ends in a saved step.
   * A second signal ends the run at once, unsaved.
 """
 
 import logging
 import signal
+import threading
 from typing import Any, Iterator
 
 log = logging.getLogger('loomax')
@@ -58,11 +60,14 @@ class _Interrupt(BaseException):
 class StopControl:
   """The run's signal handlers and its stop decision (see the module docstring)."""
 
-  def __init__(self, process_count: int = 1):
+  def __init__(self, process_count: int = 1, grace_s: float | None = None):
     self.process_count = process_count
+    self.grace_s = grace_s if grace_s is not None else (3.0 if process_count == 1 else 30.0)
     self.signum: int | None = None
-    self.step_reached = 0
     self._waiting = False
+    self._wait_id = 0
+    self._firing = False  # the timer re-signals the main thread to end a blocked wait
+    self._timer: threading.Timer | None = None
     self._previous: dict[int, Any] = {}
     self._reduction = None  # the all-reduce dispatched last step (multi-process)
     self._reduce_fn = None
@@ -74,16 +79,36 @@ class StopControl:
 
   def _handler(self, signum, frame):
     del frame
+    if self._firing:
+      self._firing = False
+      log.warning('still waiting for data %.0f s after the stop request: stopping now',
+                  self.grace_s)
+      raise _Interrupt(self.signum or signum)
     if self.signum is not None:
       log.warning('second signal %d: stopping now, without saving', signum)
       raise _Interrupt(signum)
     self.signum = signum
     log.warning('received signal %d: stopping after the current step, with a save', signum)
-    if self._waiting and self.process_count == 1:
-      raise _Interrupt(signum)
+    if self._waiting:
+      self._arm()
+
+  def _arm(self) -> None:
+    """Interrupts the current data wait if it is still blocked after grace_s."""
+    wait_id = self._wait_id
+
+    def fire():
+      if self._waiting and self._wait_id == wait_id:
+        self._firing = True
+        signal.pthread_kill(threading.main_thread().ident, self.signum or signal.SIGTERM)
+
+    self._timer = threading.Timer(self.grace_s, fire)
+    self._timer.daemon = True
+    self._timer.start()
 
   def restore(self) -> None:
     """Puts the previous handlers back (a notebook or test process gets its signals back)."""
+    if self._timer is not None:
+      self._timer.cancel()
     for sig, old in self._previous.items():
       signal.signal(sig, old)
     self._previous = {}
@@ -94,7 +119,10 @@ class StopControl:
 
   def next_batch(self, iterator: Iterator, step: int):
     """next(iterator), interruptible by a signal (see the module docstring)."""
+    self._wait_id += 1
     self._waiting = True
+    if self.requested:  # stop agreed a step late (multi-process): do not hang meanwhile
+      self._arm()
     try:
       return next(iterator)
     except _Interrupt:
@@ -102,6 +130,9 @@ class StopControl:
                     during='a data wait') from None
     finally:
       self._waiting = False
+      if self._timer is not None:
+        self._timer.cancel()
+        self._timer = None
 
   def agreed(self) -> bool:
     """Whether to stop after this step: the local flag, or in a multi-process run the max of
