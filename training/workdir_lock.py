@@ -39,6 +39,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
+  if not holder.get('host'):
+    return 'an unreadable or half-written lock file'
   return (f"pid {holder.get('pid')} on host {holder.get('host')!r} since "
           f"{holder.get('started')}")
 
