@@ -1,5 +1,12 @@
-"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VAL ...]"""
+"""Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VAL ...]
 
+Exit status (training/errors.py): 0 finished; 2 a user error (one line, plus a hint); 3 stopped
+on non-finite values; 128+N stopped by signal N after saving (SIGTERM 143, SIGINT 130), with
+the final line "stopped at step N, saved; resume with the same command"; 1 a bug (traceback).
+--debug (or LOOMAX_DEBUG=1) shows the traceback of a user error too.
+"""
+
+import logging
 import sys
 
 from absl import app, flags
@@ -8,6 +15,7 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where metrics, TensorBoard events and checkpoints go.')
+flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors too (or LOOMAX_DEBUG=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -15,7 +23,7 @@ def parse_flags(argv):
   """absl's parser, with a one-line error (and a suggestion) for an unknown config key."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (KeyError, AttributeError) as e:  # how ml_collections reports an unknown key
+  except (KeyError, AttributeError, ValueError) as e:  # ml_collections: unknown key, bad value
     from training import overrides
     message = overrides.unknown_key_error(argv) or str(e).strip('\'"').splitlines()[0]
     print(f'train.py: error: {message}', file=sys.stderr)
@@ -29,10 +37,28 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   from parallelism import xla_flags  # before any backend starts: XLA reads them once
   xla_flags.apply(flags.FLAGS.config)
-  from training import loop  # after flag parsing, so --help stays fast
-  row = loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
-  loop.log.info('done: %s', {k: round(v, 4) if isinstance(v, float) else v
-                             for k, v in row.items()})
+  from training import errors, stop  # after flag parsing, so --help stays fast
+  log = logging.getLogger('loomax')
+  debug = flags.FLAGS.debug or errors.debug_enabled([])
+  try:
+    from training import loop
+    row = loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except errors.UserError as e:
+    if debug:
+      raise
+    for line in errors.user_error_lines('train.py', e):
+      print(line, file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+  except BaseException as e:  # noqa: BLE001 - a stop or a non-finite run is not a bug
+    status = stop.exit_status(e) or getattr(e, 'exit_status', None)
+    if status is None or isinstance(e, SystemExit):
+      raise
+    if stop.exit_status(e) is not None:
+      log.warning('%s', stop.final_line(e))
+    else:
+      log.error('%s', str(e).splitlines()[0] if str(e) else type(e).__name__)
+    sys.exit(status)
+  log.info('done: %s', {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def cli():

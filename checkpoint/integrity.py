@@ -9,12 +9,14 @@ with i the element's row-major index and all arithmetic modulo 2^32. The sums ar
 so XLA may reduce the shards in any order. This is an integrity check against disk and transfer
 faults, not a cryptographic hash.
 
-Data-state files are small JSON: their checksum is a SHA-256 of the bytes written. In a
+Data-state files are small JSON: their checksum is a SHA-256 of the bytes written. The step
+metadata carries a SHA-256 of its own canonical JSON (meta_checksum). In a
 multi-process run every process checksums its own file and process 0 (which writes the
 metadata) gathers them.
 """
 
 import hashlib
+import json
 from typing import Any
 
 import jax
@@ -93,6 +95,14 @@ def array_checksums(arrays: dict[str, Any]) -> dict[str, str]:
 
 def bytes_checksum(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()[:32]
+
+
+def meta_checksum(meta: dict[str, Any]) -> str:
+  """SHA-256 (32 hex digits) of the step metadata's canonical JSON, without its own
+  'meta_checksum' field: an edited or corrupted metadata file is told apart."""
+  plain = json.loads(json.dumps({k: v for k, v in meta.items() if k != 'meta_checksum'},
+                                default=str))
+  return bytes_checksum(json.dumps(plain, sort_keys=True, separators=(',', ':')).encode())
 
 
 def gather_data_checksums(local: dict[str, str]) -> dict[str, str]:

@@ -12,10 +12,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from checkpoint.errors import UserError
 from checkpoint.metadata import LAYERS, SEP, ArrayInfo
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
   """The checkpoint does not fit the target model (names the parameter)."""
 
 

@@ -13,6 +13,7 @@ arrays are restored is decided by the shardings of the restore target only.
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -21,11 +22,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from checkpoint import integrity, metadata
+from checkpoint.errors import UserError
 from checkpoint.metadata import SEP
 
+log = logging.getLogger('loomax')
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, truncated or corrupted (names the file or array)."""
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint is missing, truncated or corrupted (names the file or array): input, not a
+  bug (a UserError: one line from a CLI); still a RuntimeError for older callers."""
 
 
 class DataStatesHandler(ocp.CheckpointHandler):
@@ -87,15 +92,23 @@ class Checkpointer:
     self._meta: dict[int, dict] = {}
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'{self.directory}: no such checkpoint directory')
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     handlers = {'params': ocp.PyTreeCheckpointHandler(),
                 'opt_state': ocp.PyTreeCheckpointHandler(),
                 'train': ocp.PyTreeCheckpointHandler(),
                 'data': DataStatesHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    absl_log = logging.getLogger('absl')  # Orbax warns that read-only is read-only: noise
+    level = absl_log.level
+    if read_only:
+      absl_log.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None if read_only else keep, keep_period=keep_every or None,
+          enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_handlers=handlers)
+    finally:
+      absl_log.setLevel(level)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -123,6 +136,7 @@ class Checkpointer:
       meta['data_checksums'] = integrity.gather_data_checksums(
           {data_file_name(pid, count): integrity.bytes_checksum(json.dumps(s).encode())
            for pid, s in data_states.items()})
+    meta['meta_checksum'] = integrity.meta_checksum(meta)  # covers every other field
     args['meta'] = ocp.args.JsonSave(meta)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
@@ -146,7 +160,24 @@ class Checkpointer:
       raise CheckpointError(f'{path}: universal_checkpoint_version '
                             f'{meta["universal_checkpoint_version"]} is newer than this loomax '
                             f'reads ({metadata.VERSION})')
+    if self.verify:
+      self._verify_meta(step, path, meta)
     return meta
+
+  def _verify_meta(self, step: int, path: str, meta: dict[str, Any]) -> None:
+    """The metadata's own checksum; a step written before checksums existed is reported as
+    unverified (WARNING), never silently trusted."""
+    recorded = meta.get('meta_checksum')
+    if recorded is not None:
+      got = integrity.meta_checksum(meta)
+      if got != recorded:
+        raise CheckpointError(f'{path}: metadata checksum mismatch (recorded {recorded}, read '
+                              f'{got}): the step\'s metadata was edited or is corrupted')
+    missing = [what for what, key in (('arrays', 'checksums'), ('metadata', 'meta_checksum'))
+               if key not in meta]
+    if missing:
+      log.warning('step %d in %s: no checksums for its %s (written by an older loomax): '
+                  'loading it unverified', step, self.directory, ' or '.join(missing))
 
   def read_arrays(self, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
     """Reads the arrays named in `targets` (current names, see metadata.current_names) into
@@ -201,10 +232,16 @@ class Checkpointer:
 
   def read_data(self, step: int) -> dict[int, dict] | None:
     path = os.path.join(self.step_dir(step), 'data')
+    want = self.read_meta(step).get('data_checksums') or {}
     if not os.path.isdir(path):
+      if want and self.verify:  # the step was saved with a data state: it is damaged
+        raise CheckpointError(f'{path}: missing, but the metadata records the data state of '
+                              f'{len(want)} process(es) (truncated or damaged step)')
+      if want:
+        log.warning('%s: missing (checkpoint.verify=False): the data stream starts afresh',
+                    path)
       return None
     if self.verify:
-      want = self.read_meta(step).get('data_checksums') or {}
       for name, digest in sorted(want.items()):
         file = os.path.join(path, name)
         try:

@@ -3,6 +3,10 @@
 Experiment files (`configs/*.py`) start from `get_config()` here and override keys.
 Command-line overrides: `python train.py --config configs/tiny.py --config.model.num_layers=4`.
 The config is locked, so a misspelt key is an error naming the key.
+
+Every numeric key has a valid range, given in its comment as [>= 1], [> 0], [0, 1) and so on;
+training/config_checks.py refuses a value outside it (one line, exit status 2) before anything
+is compiled or written.
 """
 
 import ml_collections
@@ -13,13 +17,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   # --- run ---
-  c.steps = 1000                     # optimizer steps to train
-  c.batch_size = 16                  # global batch, in packed sequences
-  c.seq_len = 512                    # tokens per packed sequence
+  c.steps = 1000                     # optimizer steps to train [>= 1]
+  c.batch_size = 16                  # global batch, packed sequences [>= 1, a multiple of data x fsdp]
+  c.seq_len = 512                    # tokens per packed sequence [>= 1]
   c.seed = 0                         # seeds params, data order and dropout-like RNG
-  c.log_every = 20                   # metrics row every N steps
-  c.eval_every = 200                 # held-out eval every N steps (0 = only at the end, -1 = off)
-  c.eval_batches = 8                 # batches per held-out eval (0 = eval off)
+  c.log_every = 20                   # metrics row every N steps [>= 1]
+  c.eval_every = 200                 # held-out eval every N steps [>= -1] (0 = at the end, -1 = off)
+  c.eval_batches = 8                 # batches per held-out eval (0 = eval off) [>= 0]
   # Long-context evals run at every eval (training/evals.py); the loop's eval/loss always runs.
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar, ruler
@@ -34,17 +38,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a
   # checkpoints directory to continue from (into an empty workdir).
   c.resume = 'auto'
-  c.resume_step = -1                 # >=0: resume exactly this step (no fallback); -1 = newest
+  c.resume_step = -1                 # [>= -1] resume exactly this step (no fallback); -1 = newest
   c.init_from = ''                   # checkpoint dir: load its parameters only, fresh optimizer
                                      # (used only when the workdir holds no checkpoint yet)
-  c.profile_steps = 0                # >0: capture a jax.profiler trace of N steps into workdir/tb
-  c.profile_start = 5                # first profiled step
+  c.profile_steps = 0                # [>= 0] >0: a jax.profiler trace of N steps into workdir/tb
+  c.profile_start = 5                # first profiled step [>= 0]
   c.progress = True                  # progress bar on process 0 (else, or off a terminal: log lines)
   c.dry_run = False                  # print config, mesh, params, compiled step memory; no training
 
   # --- model ---
   m = c.model = ml_collections.ConfigDict()
   m.name = 'transformer'             # registry key: see modeling/registry.py
+  # num_layers, d_model, num_heads, num_kv_heads, head_dim, mlp_dim, vocab_size: [>= 1]
   m.num_layers = 4
   m.d_model = 256
   m.num_heads = 4                    # query heads
@@ -52,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.head_dim = 64
   m.mlp_dim = 768                    # SwiGLU hidden width
   m.vocab_size = 256                 # byte-level default
-  m.rope_theta = 10_000.0            # 0 disables rotary embeddings (NoPE)
+  m.rope_theta = 10_000.0            # 0 disables rotary embeddings (NoPE) [>= 0]
   # RoPE scaling for context extension (modeling/rope.py; HF transformers' formulas).
   m.rope_scaling = ml_collections.ConfigDict()
   m.rope_scaling.type = 'none'       # none | linear | ntk | yarn | llama3 | longrope
@@ -66,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.rope_scaling.attention_factor = 0.0  # yarn/longrope cos/sin multiplier; 0 = paper default
   m.rope_scaling.long_factor = ''    # longrope: head_dim/2 comma-separated rescale factors
   m.tie_embeddings = True            # share the token embedding with the output head
-  m.norm_eps = 1e-6
-  m.init_std = 0.02                  # std of embeddings and projections
+  m.norm_eps = 1e-6                  # [> 0]
+  m.init_std = 0.02                  # std of embeddings and projections [> 0]
   # Defaults measured on the tiny config, 2 CPU cores, process CPU time per step
   # (docs/performance.md): the Python loop beats the scan (~9% less CPU time, ~20% less compiled
   # memory at 4 layers); use scan_layers=True for deep models, where it bounds compile time.
@@ -77,10 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat = 'none'                   # none | full | dots | dots_no_batch | save_attention_out
   m.dtype = 'float32'                # activation/compute dtype
   m.param_dtype = 'float32'
-  m.sliding_window = 0               # >0: every attention layer sees only the last N tokens
+  m.sliding_window = 0               # >0: every attention layer sees only the last N tokens [>= 0]
   # Stochastic cross-layer KV routing (modeling/kv_routing.py); p=1 is off.
   m.kv_routing = ml_collections.ConfigDict()
-  m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training
+  m.kv_routing.p = 1.0               # probability a layer keeps its own K/V in training (0, 1]
   m.kv_routing.stop_gradient = False # borrowed K/V carry no gradient into their source layer
   m.kv_routing.cache_every = 1       # inference plan: every g-th layer keeps a KV cache
   m.kv_routing.cache_layers = ''     # or an explicit cache set, e.g. '0,2,3' (beats cache_every)
@@ -123,15 +128,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # GPU for one device (causal, windows), else XLA. splash: TPU only.
   # Context-parallel rings run the matching per-block kernel (pallas | blockwise | xla).
   a.impl = 'auto'
-  a.block_q = 512                    # blockwise / pallas: query block
-  a.block_kv = 512                   # blockwise / pallas: key/value block
+  a.block_q = 512                    # blockwise / pallas: query block [>= 1]
+  a.block_kv = 512                   # blockwise / pallas: key/value block [>= 1]
   a.block_q_bwd = 0                  # backward query tile; 0: blockwise as forward, pallas 32
   a.block_kv_bwd = 0                 # backward key/value tile; 0: blockwise as forward, pallas 32
   a.strict = False                   # True: a kernel fallback (other kernel / dense memory) errors
   a.rows_packed = True               # False promises one document per row: cuDNN needs no mask
   # >0: LM head + loss over sequence chunks of N tokens; 0: whole sequence at once;
   # -1 (auto): chunks once the float32 [tokens, vocab] logits pass 1 GiB (training/loss.py)
-  a.loss_chunk = -1
+  a.loss_chunk = -1                  # [>= -1]
 
   # --- data (training/data/) ---
   d = c.data = ml_collections.ConfigDict()
@@ -142,17 +147,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # bytes | sentencepiece:PATH | hf:PATH (tokenizer.json); see training/data/tokenizer.py
   d.tokenizer = 'bytes'
   d.decode_errors = 'strict'         # text that is not UTF-8: strict (error naming the file) | replace
-  d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash)
+  d.eval_fraction = 0.02             # share of documents held out for eval (by stable hash) [0, 1)
   d.eval_paths = ''                  # globs of a separate eval corpus: then all of paths trains
   # Weighted mixture (training/data/mixture.py): ((dict of data.* keys, weight), ...); () = off.
   d.mixture = ()
-  d.num_packing_bins = 16            # first-fit packing bins kept open
+  d.num_packing_bins = 16            # first-fit packing bins kept open [>= 1]
   d.shuffle = True                   # seeded per-epoch shuffle of documents
-  d.shuffle_window = 1024            # also shuffle document pieces within this window (0 = off)
-  d.read_threads = 2                 # file reader threads
-  d.read_prefetch = 32               # documents read ahead
-  d.worker_count = 0                 # grain worker processes (0 = in-process)
-  d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len)
+  d.shuffle_window = 1024            # [>= 0] also shuffle document pieces within this window (0 = off)
+  d.read_threads = 2                 # file reader threads [>= 0]
+  d.read_prefetch = 32               # documents read ahead [>= 0]
+  d.worker_count = 0                 # grain worker processes (0 = in-process) [>= 0]
+  d.task_length = 0                  # passkey/mqar: tokens per example (0 = seq_len) [0, seq_len]
   d.mqar_num_pairs = 16              # mqar: key-value pairs per example
   # Length curriculum (training/data/curriculum.py): 'start:seq_len[:batch_size],...', e.g.
   # '0:128,200:256,400:512'; batch_size defaults to constant tokens per step. '' = seq_len always.
@@ -160,22 +165,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- optimizer (training/optimizer.py) ---
   o = c.optimizer = ml_collections.ConfigDict()
-  o.lr = 3e-3                        # peak learning rate
+  o.lr = 3e-3                        # peak learning rate [>= 0]
   o.schedule = 'cosine'              # cosine | wsd | constant
   # The learning-rate curve depends on optimizer.* keys only, never on `steps` alone:
-  o.warmup_steps = 100               # linear warm-up steps (not capped by `steps`)
-  o.decay_steps = 0                  # schedule length (cosine/wsd end here); 0 = `steps` at the
+  o.warmup_steps = 100               # linear warm-up steps (not capped by `steps`) [>= 0]
+  o.decay_steps = 0                  # [>= 0] schedule length (cosine/wsd end here); 0 = `steps` at the
                                      # run's first start, recorded in the checkpoint and kept
                                      # when a resume changes `steps`
-  o.min_lr_ratio = 0.1               # final lr = min_lr_ratio * lr
-  o.decay_fraction = 0.2             # wsd: share of decay_steps spent decaying at the end
-  o.b1 = 0.9
-  o.b2 = 0.95
-  o.eps = 1e-8
-  o.weight_decay = 0.1
+  o.min_lr_ratio = 0.1               # final lr = min_lr_ratio * lr [0, 1]
+  o.decay_fraction = 0.2             # wsd: share of decay_steps spent decaying at the end [0, 1]
+  o.b1 = 0.9                         # [0, 1)
+  o.b2 = 0.95                        # [0, 1)
+  o.eps = 1e-8                       # [> 0]
+  o.weight_decay = 0.1               # [>= 0]
   o.decay_norms_and_biases = False   # apply weight decay to norm scales and biases too
-  o.clip_norm = 1.0                  # global gradient-norm clip (0 = off)
-  o.grad_accum_steps = 1             # micro-batches per optimizer step (batch_size is per step)
+  o.clip_norm = 1.0                  # global gradient-norm clip (0 = off) [>= 0]
+  o.grad_accum_steps = 1             # micro-batches per optimizer step (batch_size is per step) [>= 1]
   o.skip_nonfinite = False           # a non-finite loss/gradient skips the update (params and
                                      # optimizer state unchanged; counted as train/skipped_steps)
                                      # instead of stopping the run
@@ -242,20 +247,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dist.process_id = -1               # -1 = unset (0, or from the cluster with auto)
   dist.coordinator_port = 0          # auto: coordinator port (0 = JAX's choice, see docs)
   dist.local_device_ids = 'all'      # all (one process per host) | auto (one per device) | 0,1
-  dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long
-  dist.heartbeat_timeout_s = 100     # a silent peer is declared dead (and the run stops) after this
+  dist.init_timeout_s = 120          # give up waiting for peers at start-up after this long [> 0]
+  dist.heartbeat_timeout_s = 100     # [> 0] a silent peer is declared dead (the run stops) after this
 
   # --- checkpoints (checkpoint/) ---
   ck = c.checkpoint = ml_collections.ConfigDict()
-  ck.every = 0                       # save every N steps (0 = only at the end)
-  ck.keep = 3                        # keep the last K checkpoints
-  ck.keep_every = 0                  # also keep every M-th step forever (0 = off)
+  ck.every = 0                       # save every N steps (0 = only at the end) [>= 0]
+  ck.keep = 3                        # keep the last K checkpoints [>= 1]
+  ck.keep_every = 0                  # also keep every M-th step forever (0 = off) [>= 0]
   ck.async_save = True
   ck.verify = True                   # check every array's and data file's checksum on restore;
                                      # a corrupted step falls back to the previous intact one
 
   # --- performance accounting ---
   perf = c.perf = ml_collections.ConfigDict()
-  perf.peak_flops = 0.0              # per-device FLOP/s for MFU; 0 = measure a matmul at start
-  perf.peak_trials = 10              # matmul timings at start; MFU divides by the fastest
+  perf.peak_flops = 0.0              # per-device FLOP/s for MFU; 0 = measure a matmul at start [>= 0]
+  perf.peak_trials = 10              # matmul timings at start; MFU divides by the fastest [>= 1]
   return c

@@ -395,4 +395,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  from training.errors import run_cli
+  run_cli(main)

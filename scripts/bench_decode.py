@@ -160,4 +160,5 @@ def _describe(m) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  from training.errors import run_cli
+  run_cli(main)

@@ -111,4 +111,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from training.errors import run_cli
+  run_cli(lambda: app.run(main))

@@ -260,4 +260,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  from training.errors import run_cli
+  run_cli(main)

@@ -58,11 +58,17 @@ def main(argv=None):
   try:
     convert_lib.convert(lambda c, m: build_program(c, m).setup, req,
                         progress=not args.no_progress)
-  except (ValueError, FileExistsError, RuntimeError) as e:
+  except (ValueError, FileExistsError, RuntimeError) as e:  # input: one line, status 2
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli()

@@ -7,11 +7,10 @@ read their group leader's, g = 1..4 (100/50/33/25% retention).
     python scripts/eval_kv_sharing.py --checkpoint runs/tiny [--step N] [--groups 1,2,3,4]
     python scripts/eval_kv_sharing.py --smoke   # trains a 2-step tiny run first, then evaluates
 
---checkpoint is the run's workdir (holding config.json) or its checkpoints/ folder.
+--checkpoint is the run's workdir or its checkpoints/ folder (the step's own config is used).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -36,7 +35,6 @@ if __name__ == '__main__':
   parse_args()  # --help and bad arguments answer here, before JAX's ~2 s import
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from checkpoint import universal  # noqa: E402
@@ -50,22 +48,18 @@ from training.program import build_program  # noqa: E402
 
 
 def load_run(checkpoint: str, step: int | None = None):
-  """(config, program, params, step) of a run written by training/loop.py."""
-  workdir = os.path.abspath(checkpoint)
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    workdir = os.path.dirname(workdir)  # given workdir/checkpoints
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no config.json in it or its parent')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  program = build_program(config, mesh_lib.make_mesh(config.mesh))
+  """(config, program, params, step) of a run written by training/loop.py, with the config the
+  step was saved with (training/serving.py)."""
+  from training import serving
+  workdir = serving.run_dir(checkpoint)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
-  state, _, _ = universal.restore_state(ckpt, step, config, program.setup, program.mesh)
-  ckpt.close()
+  try:
+    step = serving.pick_step(ckpt, step, checkpoint)
+    config = serving.step_config(ckpt, step, workdir)
+    program = build_program(config, mesh_lib.make_mesh(config.mesh))
+    state, _, _ = universal.restore_state(ckpt, step, config, program.setup, program.mesh)
+  finally:
+    ckpt.close()
   return config, program, state.params, step
 
 
@@ -142,4 +136,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  from training.errors import run_cli
+  run_cli(main)

@@ -104,5 +104,11 @@ def _num_units(settings, config) -> int:
   return n + sum(t in downstream.TASKS for t in settings.tasks)
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  main()
+  cli()

@@ -112,5 +112,11 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli()

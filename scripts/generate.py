@@ -70,5 +70,11 @@ def main(argv=None):
           f'{len(prompt) + args.max_new_tokens} positions')
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  main()
+  cli()

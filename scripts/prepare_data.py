@@ -60,9 +60,9 @@ def main(argv=None) -> int:
 
     summary = prepare.prepare(plan, args.out, workers=args.workers, on_shard=on_shard)
     bar.close()
-  except (ValueError, FileNotFoundError, TypeError) as e:
+  except (ValueError, FileNotFoundError, TypeError) as e:  # input: one line, status 2
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   print(f'{summary["documents"]:,} documents, {summary["tokens"]:,} tokens '
         f'({summary["bytes_per_token"]:.2f} bytes/token) in {len(summary["shards"])} shards; '
         f'this run: {summary["shards_prepared_now"]} shards, '
@@ -71,5 +71,11 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli()

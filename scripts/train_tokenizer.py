@@ -93,12 +93,12 @@ def main(argv=None) -> int:
   try:
     (train_sentencepiece if args.kind == 'sentencepiece' else train_hf)(
         documents(args), args.vocab_size, out)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # input: one line, status 2
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   except RuntimeError as e:  # SentencePiece reports a too-small vocabulary this way
     print(f'error: --vocab_size {args.vocab_size}: {e}', file=sys.stderr)
-    return 1
+    return 2
   spec = f'{args.kind}:{out}'
   tok = tokenizer.load(spec)
   print(f'trained {args.kind} tokenizer, {tok.vocab_size} ids, in '
@@ -107,5 +107,11 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The console script (pyproject.toml): a user error is one line, status 2."""
+  from training.errors import run_cli
+  run_cli(main)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli()

@@ -182,7 +182,7 @@ def test_cli(source, tmp_path):
   again = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', '--src', source,
                           '--dst', str(tmp_path / 'c'), '--dry-run', '--mesh', 'fsdp=3'],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert again.returncode == 1 and 'not divisible by mesh fsdp=3' in again.stderr
+  assert again.returncode == 2 and 'not divisible by mesh fsdp=3' in again.stderr
   # The README's export command on a 1-device host, for a checkpoint written on 8 devices.
   npz = str(tmp_path / 'model.npz')
   export = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', '--src', source,

@@ -15,7 +15,7 @@ from modeling.transformer import Runtime
 from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
 from training import evals
-from training.loop import write_config
+from training.run_files import write_config
 from training.state import setup_model
 
 FAMILIES = {
@@ -116,3 +116,37 @@ def test_cli_help():
     with pytest.raises(SystemExit) as e:
       mod.parse_args(['--help'])
     assert e.value.code == 0
+
+
+def test_an_older_step_loads_with_its_own_config(tmp_path, caplog):
+  """After a resume with another model.rope_theta, config.json is the new run's: a step saved
+  before loads with the config it was trained with, and the difference is named (issue 27)."""
+  import logging
+
+  from training import serving
+  from training.errors import UserError
+  small = {'model.d_model': 32, 'model.head_dim': 8, 'model.mlp_dim': 64}
+  c = tiny_config(**small)
+  workdir = str(tmp_path)
+  write_checkpoint(c, workdir)
+  write_config(tiny_config(**small, **{'model.rope_theta': 500.0}), workdir)
+  with caplog.at_level(logging.WARNING, logger='loomax'):
+    run = serving.load(workdir, 3, devices=jax.devices()[:1])
+  assert run.config.model.rope_theta == c.model.rope_theta
+  assert any("model.rope_theta: 10000.0 in the step, 500.0 in config.json" in r.getMessage()
+             for r in caplog.records)
+  with pytest.raises(UserError, match=r'--step 99: no such checkpoint in .*; steps: 3$'):
+    serving.load(workdir, 99)
+
+
+def test_a_wrong_step_is_one_line_listing_the_steps(runs):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, 'scripts/generate.py', '--checkpoint', runs['transformer'],
+                        '--step', '99', '--prompt', 'x'], cwd=root, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines() == [
+      f'generate.py: error: --step 99: no such checkpoint in {runs["transformer"]}/checkpoints; '
+      'steps: 3']

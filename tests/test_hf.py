@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from checkpoint import hf, metadata, universal
+from checkpoint import hf, integrity, metadata, universal
 from checkpoint.manager import Checkpointer
 from parallelism import mesh as mesh_lib
 from scripts import export_hf, import_hf
@@ -155,6 +155,7 @@ def test_export_refuses_before_reading_arrays(exported, tmp_path, capsys):
   meta_file = os.path.join(str(swa), '3', 'meta', 'metadata')
   meta = json.load(open(meta_file))
   meta['config']['model']['sliding_window'] = 8
+  meta['meta_checksum'] = integrity.meta_checksum(meta)  # a consistent step, not a damaged one
   json.dump(meta, open(meta_file, 'w'))
   assert export_hf.main(['--checkpoint', str(swa), '--out', str(tmp_path / 'out')]) == 1
   assert 'model.sliding_window=8' in capsys.readouterr().err

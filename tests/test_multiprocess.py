@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -80,3 +82,31 @@ def test_dead_peer_stops_the_others(tmp_path):
   assert rc != 0
   log = open(tmp_path / 'process0.log').read()
   assert 'another task died' in log or 'stopped sending heartbeats' in log, log[-2000:]
+
+
+def test_sigterm_to_one_process_stops_all_at_one_agreed_saved_step(tmp_path):
+  """Preemption that reaches one process only: every process stops at the same step (the flag
+  is all-reduced each step), the collective save completes, and both exit 143 (issue 27)."""
+  procs = launch(str(tmp_path), steps=100_000)
+  try:
+    metrics = tmp_path / 'metrics.jsonl'
+    deadline = time.time() + 240
+    while not (metrics.exists() and 'train/loss' in metrics.read_text()) \
+        and time.time() < deadline:
+      assert procs[0].poll() is None, open(tmp_path / 'process0.log').read()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = [open(tmp_path / f'process{i}.log').read() for i in range(2)]
+  assert codes == [143, 143], [log[-2000:] for log in logs]
+  stopped = [re.findall(r'stopped at step (\d+), saved; resume with the same command', log)
+             for log in logs]
+  assert stopped[0] and stopped[0] == stopped[1], stopped
+  step = int(stopped[0][0])
+  from checkpoint.manager import Checkpointer
+  assert Checkpointer(str(tmp_path / 'checkpoints'), read_only=True).latest_step() == step
+  assert not os.path.exists(tmp_path / 'loomax.lock')  # process 0 held it and let it go

@@ -109,12 +109,12 @@ def test_bad_input_files_are_named(tmp_path, capsys):
   for name, why in (('bad.jsonl.gz', 'cannot be read'), ('blob.jsonl', 'not valid UTF-8')):
     assert prepare_data.main(['--source', 'jsonl', '--paths', str(tmp_path / name), '--out',
                               str(tmp_path / f'o_{name}'), '--workers', '1',
-                              '--no-progress']) == 1
+                              '--no-progress']) == 2  # a user error
     err = capsys.readouterr().err
     assert name in err and why in err, err
   (tmp_path / 'x.parquet').write_text('not parquet')
   assert prepare_data.main(['--source', 'parquet', '--paths', str(tmp_path / 'x.parquet'),
-                            '--out', str(tmp_path / 'o3'), '--no-progress']) == 1
+                            '--out', str(tmp_path / 'o3'), '--no-progress']) == 2
   assert 'x.parquet: not a parquet file' in capsys.readouterr().err
 
 

@@ -68,7 +68,7 @@ def test_vocab_check_and_bad_specs(trained, corpus):
   with pytest.raises(ValueError, match='data.tokenizer=.*document sources only'):
     data.make_train_iterator(c)
   assert train_tokenizer.main(['--paths', str(corpus / '*.txt'), '--vocab_size', '10',
-                               '--out', str(corpus / 'small.model')]) == 1
+                               '--out', str(corpus / 'small.model')]) == 2  # a user error
 
 
 def test_bad_files_are_named(tmp_path):

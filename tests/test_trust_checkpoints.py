@@ -258,3 +258,50 @@ def test_a_non_finite_array_on_disk_is_refused(tmp_path):
     Checkpointer(str(tmp_path), read_only=True).read_arrays(1, target)
   got = Checkpointer(str(tmp_path), read_only=True, verify=False).read_arrays(1, target)
   np.testing.assert_array_equal(np.asarray(got['params/w']), w)
+
+
+def test_a_missing_data_state_is_a_damaged_step(base, tmp_path, caplog):
+  """The newest step's data/ folder deleted: WARNING, set aside, resumed from the step before
+  (not a silent restart of the data stream, issue 27)."""
+  workdir = copy_of(base, tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4', 'data'))
+  with caplog.at_level(logging.WARNING, logger='loomax'):
+    row = loop.run(cfg(), workdir)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(f'{workdir}/checkpoints/4/data: missing, but the metadata records the data state'
+             in w for w in warnings), warnings
+  start = [r for r in rows(workdir) if r.get('event') == 'run_start'][-1]
+  assert start['from_step'] == 2 and start['data'] == 'exact' and row['step'] == 4
+  assert os.path.isdir(os.path.join(workdir, checkpointing.SET_ASIDE, '4'))
+  want = {r['step']: r['train/loss'] for r in rows(base) if 'train/loss' in r}
+  got = [r for r in rows(workdir) if 'train/loss' in r][-2:]
+  np.testing.assert_allclose([r['train/loss'] for r in got], [want[3], want[4]], rtol=1e-5)
+
+
+def edit_meta(workdir, step, edit):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'meta', 'metadata')
+  meta = json.load(open(path))
+  edit(meta)
+  json.dump(meta, open(path, 'w'))
+
+
+def test_edited_metadata_is_caught_and_unverified_steps_say_so(base, tmp_path, caplog):
+  workdir = copy_of(base, tmp_path)
+  edit_meta(workdir, 4, lambda m: m['config']['model'].update(rope_theta=500.0))
+  with pytest.raises(CheckpointError, match=r'4/meta: metadata checksum mismatch'):
+    ckpts(workdir).read_meta(4)
+  # A step written before checksums existed loads, with a WARNING that it is unverified.
+  edit_meta(workdir, 2, lambda m: [m.pop('checksums'), m.pop('meta_checksum')])
+  with caplog.at_level(logging.WARNING, logger='loomax'):
+    assert ckpts(workdir).read_meta(2)['step'] == 2
+  assert any('step 2' in r.getMessage() and 'loading it unverified' in r.getMessage()
+             for r in caplog.records)
+
+
+def test_a_refused_resume_leaves_config_json_untouched(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  before = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(layout.CheckpointMismatch):
+    loop.run(cfg(**{'model.d_model': 32}), workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == before
+  assert not [f for f in os.listdir(workdir) if f.startswith('.config.json')]  # no temp left

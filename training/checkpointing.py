@@ -20,7 +20,6 @@ Guarantees (each one is a test in tests/test_trust_checkpoints.py):
 import copy
 import dataclasses
 import datetime
-import json
 import logging
 import math
 import os
@@ -35,7 +34,8 @@ from checkpoint import universal
 from checkpoint.convert import resolve_src
 from checkpoint.layout import CheckpointMismatch
 from checkpoint.manager import Checkpointer, CheckpointError
-from training import data as data_lib, hybrid_data
+from training import data as data_lib, hybrid_data, run_files
+from training.errors import EXIT_NON_FINITE, UserError
 from training.data import position
 
 log = logging.getLogger('loomax')
@@ -48,7 +48,9 @@ _START_KEYS = ('resume', 'resume_step', 'init_from', 'progress')
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """A step's loss, gradient or parameters went non-finite; nothing non-finite is saved.
+  train.py prints the message as one line and exits with `exit_status`."""
+  exit_status = EXIT_NON_FINITE
 
 
 def open_checkpointer(config, workdir: str) -> Checkpointer:
@@ -73,17 +75,17 @@ def plan_start(config, ckpt: Checkpointer) -> Start:
   verify = config.checkpoint.get('verify', True)
   own = ckpt.all_steps()
   if resume == 'none' and own:
-    raise ValueError(f"resume='none' but {ckpt.directory} already holds checkpoints (steps "
-                     f"{own}); a fresh start never overwrites them: pass --config.resume=auto "
-                     'to continue them, or use another --workdir')
+    raise UserError(f"resume='none' but {ckpt.directory} already holds checkpoints (steps "
+                    f"{own}); a fresh start never overwrites them: pass --config.resume=auto "
+                    'to continue them, or use another --workdir')
   if resume not in ('none', 'auto'):
     if own:
-      raise ValueError(f'resume={resume!r} but {ckpt.directory} already holds checkpoints '
-                       f'(steps {own}); pass --config.resume=auto to continue those, or use '
-                       'an empty --workdir')
+      raise UserError(f'resume={resume!r} but {ckpt.directory} already holds checkpoints '
+                      f'(steps {own}); pass --config.resume=auto to continue those, or use '
+                      'an empty --workdir')
     source = Checkpointer(resolve_src(resume), read_only=True, verify=verify)
     if not source.all_steps():
-      raise FileNotFoundError(f'resume={resume!r} holds no checkpoint')
+      raise UserError(f'resume={resume!r} holds no checkpoint')
     return Start('resume', source)
   if resume == 'auto' and own:
     if init_from:
@@ -91,8 +93,8 @@ def plan_start(config, ckpt: Checkpointer) -> Start:
                   init_from, own)
     return Start('resume', ckpt, own=True)
   if config.get('resume_step', -1) >= 0:
-    raise ValueError(f'resume_step={config.resume_step} but there is no checkpoint to resume '
-                     f'({ckpt.directory} is empty and resume={resume!r})')
+    raise UserError(f'resume_step={config.resume_step} but there is no checkpoint to resume '
+                    f'({ckpt.directory} is empty and resume={resume!r})')
   if init_from:
     return Start('init', Checkpointer(resolve_src(init_from), read_only=True, verify=verify))
   if resume == 'auto':
@@ -186,8 +188,10 @@ def restore_or_init(config, program, start: Start, workdir: str, train_iter):
     fresh = ckpt_metadata.flatten(state.params)
     state = state.replace(params=ckpt_metadata.unflatten_like(
         {p: params['params/' + p] for p in fresh}, state.params))
-    log.info('initialised the parameters from %s step %d (fresh optimizer, data from the '
-             'start)', source.directory, step)
+    log.info('initialised the parameters from %s step %d (fresh optimizer)', source.directory,
+             step)
+    log.warning('init_from carries parameters only, no data-iterator state: the data stream '
+                'starts from its beginning')
     return state, train_iter, {'mode': 'init_from', 'from': source.directory,
                                'from_step': step}
 
@@ -216,12 +220,15 @@ def _resume_data(config, data_states, changes, train_iter):
   pid, nproc = jax.process_index(), jax.process_count()
   data_changed = [k for k in changes if k in _DATA_KEYS or k.startswith('data.')]
   if not data_states:
+    log.warning('the checkpoint holds no data-iterator state (written without one, e.g. by '
+                'convert_checkpoint --params-only or an older loomax): the data stream starts '
+                'afresh from its beginning, so documents already trained on are read again')
     return train_iter, 'not saved: starting the data stream afresh'
   if config.parallelism.hybrid_dp.enabled:
     data_changed = hybrid_data.stream_changes(config, changes)
     if data_changed:
-      raise ValueError(f'{", ".join(data_changed)} changed since the checkpoint: the hybrid '
-                       'data parallel document stream can only resume unchanged')
+      raise UserError(f'{", ".join(data_changed)} changed since the checkpoint: the hybrid '
+                      'data parallel document stream can only resume unchanged')
     train_iter.set_state(data_states[pid])  # every process reads it all
     return train_iter, 'exact (hybrid data parallel document stream)'
   if data_changed:
@@ -243,8 +250,7 @@ def mark_run_start(workdir: str, start_step: int, info: dict[str, Any]) -> None:
          'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          **info}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  run_files.append_row(workdir, row)  # repairs a torn last line first
 
 
 def is_finite_step(metrics: dict[str, float]) -> bool:

@@ -4,7 +4,10 @@
 `train_steps` is the step loop. What the strategy does (data, prepare, step, throughput,
 telemetry) is the program's (`training/program.py`); the rest are hooks, each in its module:
 metrics rows (`metrics_log.py`), checkpoints (`save_hook.py`), eval (`eval_hook.py`),
-profiling (`profile_hook.py`), stop signals (`signals.py`), telemetry (`telemetry.py`).
+profiling (`profile_hook.py`), stop signals (`stop.py`: agreed across processes, exit status
+128 + signal via `stop.Stopped`), telemetry (`telemetry.py`). One writer per workdir
+(`workdir_lock.py`); the config is checked before anything starts (`config_checks.py`) and
+written atomically once the restore succeeded (`run_files.py`).
 """
 
 import logging
@@ -20,7 +23,8 @@ from checkpoint import metadata as ckpt_metadata
 from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
-from training import autoplan, checkpointing, eval_hook, perf, signals
+from training import autoplan, checkpointing, config_checks, eval_hook, perf, run_files, stop
+from training import workdir_lock
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
 from training.eval_hook import eval_enabled, evaluate  # noqa: F401 - re-exported
 from training.metrics_log import Dispatched, MetricsLog
@@ -34,26 +38,27 @@ from training.throughput import matmul_peak
 log = logging.getLogger('loomax')
 
 
-def write_config(config, workdir):
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_json(config))
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`; returns the last logged metrics row."""
+  """Trains `config` in `workdir`; returns the last logged metrics row. Raises UserError for
+  bad input (before anything is written), `stop.Stopped` when a signal ended the run (after its
+  save), `NonFiniteLoss` on non-finite values."""
+  config_checks.validate(config)   # ranges, one line, before anything starts
   distributed.initialize(config.distributed)
   setup_logging()
+  config_checks.validate_on_devices(config, jax.device_count(), jax.process_count())
   if config.mesh.auto:   # the planner's choice for these devices (training/autoplan.py)
     config = autoplan.auto_config(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.dry_run:
     return dry_run(config, build_program(config, mesh))
+  with workdir_lock.acquire(workdir):   # one writer per workdir, before anything is written
+    return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   ckpt = checkpointing.open_checkpointer(config, workdir)
   start_plan = checkpointing.plan_start(config, ckpt)
   config = checkpointing.resolve_config(config, start_plan)
-  write_config(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('mesh %s over %d devices, %d process(es)', mesh_lib.describe(mesh),
            mesh.devices.size, nproc)
@@ -63,6 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_batches = eval_hook.held_out_batches(config, program, pid, nproc)
   state, train_iter, start_info = checkpointing.restore_or_init(config, program, start_plan,
                                                                 workdir, train_iter)
+  run_files.write_config(config, workdir)   # atomic, only after validation and the restore
   saver = checkpointing.Saver(ckpt, ckpt_metadata.describe(
       config, ckpt_metadata.state_arrays(program.setup), mesh, nproc))
   start = int(state.step)
@@ -88,29 +94,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     telemetry=telemetry, describe_last_good=saver.describe_last_good)
   save = SaveHook(config, saver, train_iter, rows.is_finite)
   profiler = ProfileHook(config, workdir)
-  stop = signals.StopSignals().install()
+  stopper = stop.StopControl(nproc)   # signals, agreed stop, interruptible data waits
   try:
     state, stopped = train_steps(program, state, train_iter, start=start, steps=config.steps,
                                  timing=timing, telemetry=telemetry, rows=rows,
                                  periodic=(save, evaluator), save=save, profiler=profiler,
-                                 stop=stop)
+                                 stopper=stopper)
     final_step = int(state.step)
     last_row = {**rows.last_row, 'step': final_step, 'params': n_params}
     if not stopped:
       save(final_step, state, force=True)  # before the final eval, which a preemption may cut
       last_row.update(evaluator.final(final_step, state))
   finally:
-    stop.restore()  # a notebook or test process gets its Ctrl-C and SIGTERM back
+    stopper.restore()  # a notebook or test process gets its Ctrl-C and SIGTERM back
     profiler.close()
     progress.close()
     ckpt.close()
     writer.close()
+  if stopped:   # after the finally, so the save is complete; train.py exits 128 + signal
+    raise stop.Stopped(stopper.signum, final_step, saved=saver.last_good == final_step)
   return last_row
 
 
 def train_steps(program, state, train_iter, *, start: int, steps: int, timing, telemetry,
                 rows: MetricsLog, periodic, save: SaveHook, profiler: ProfileHook,
-                stop: signals.StopSignals):
+                stopper: stop.StopControl):
   """Steps start+1..steps; returns (state, whether a stop signal ended them early). Metrics
   are fetched one step late (dispatch stays asynchronous); the first step is compiled and
   timed alone; `periodic` hooks (save, eval) run outside the throughput window on a step
@@ -119,7 +127,7 @@ def train_steps(program, state, train_iter, *, start: int, steps: int, timing, t
   for step in range(start + 1, steps + 1):
     profiler.before_step(step)
     t0 = time.perf_counter()
-    host_batch = next(train_iter)
+    host_batch = stopper.next_batch(train_iter, step)   # a signal ends a blocked wait
     # The run's first step, and the first of each new program (a length stage), compile: timed
     # alone, after the previous step is finished in its own window.
     compiles = program.new_program(host_batch) or step == start + 1
@@ -136,7 +144,7 @@ def train_steps(program, state, train_iter, *, start: int, steps: int, timing, t
     rows.dispatched(Dispatched(step, metrics, real, data_wait_s, timed=not compiles), state,
                     batch)
     profiler.after_step(step, metrics)
-    stopping = stop.stop_requested()
+    stopping = stopper.agreed()   # the same step on every process (a collective)
     due = [hook for hook in periodic if hook.due(step)]
     if stopping or due:
       rows.flush(state, batch)  # a step is saved only once it is known finite

@@ -1,6 +1,5 @@
 """Where metrics go: TensorBoard events, metrics.jsonl and a progress bar (process 0 only)."""
 
-import json
 import logging
 import math
 import os
@@ -9,6 +8,8 @@ from typing import Mapping
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from training import run_files
 
 
 class MetricWriter:
@@ -20,7 +21,7 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.jsonl = run_files.JsonLines(os.path.join(workdir, run_files.METRICS))
 
   def write(self, step: int, row: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -29,8 +30,7 @@ class MetricWriter:
     for tag, value in clean.items():
       if math.isfinite(value):
         self.tb.add_scalar(tag, value, step)
-    self.jsonl.write(json.dumps({'step': step, **clean}) + '\n')
-    self.jsonl.flush()
+    self.jsonl.write({'step': step, **clean})  # one whole line per row (training/run_files.py)
     self.tb.flush()
 
   def close(self) -> None:

@@ -1,12 +1,15 @@
 """A trained run's parameters on the local devices, for evaluation and sampling.
 
-Reads the run's config.json, replaces its mesh and parallel strategy by the local one (any
-device count: parameters are restored universally, checkpoint/universal.py), and reads only the
-parameters (no optimizer state), so a `--params-only` checkpoint serves as well.
+Reads the config the chosen step was saved with (its metadata; a WARNING names any key where
+the workdir's config.json, the latest run's, differs), replaces its mesh and parallel strategy
+by the local one (any device count: parameters are restored universally,
+checkpoint/universal.py), and reads only the parameters (no optimizer state), so a
+`--params-only` checkpoint serves as well.
 """
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -16,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from checkpoint import metadata, universal
+from checkpoint.errors import UserError
 from checkpoint.manager import Checkpointer
 from modeling import registry
 from modeling.transformer import Runtime
@@ -24,6 +28,7 @@ from training.composition import make_runtime
 from training.state import ModelSetup, setup_model
 
 _PARAMS = 'params' + metadata.SEP
+log = logging.getLogger('loomax')
 
 
 @dataclasses.dataclass
@@ -47,16 +52,57 @@ class LoadedRun:
 def run_dir(checkpoint: str) -> str:
   """The run's workdir from --checkpoint (the workdir or its checkpoints/ folder)."""
   workdir = os.path.abspath(checkpoint)
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    workdir = os.path.dirname(workdir)
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r}: no config.json in it or its parent')
-  return workdir
+  for candidate in (workdir, os.path.dirname(workdir)):
+    if os.path.isdir(os.path.join(candidate, 'checkpoints')) or \
+        os.path.exists(os.path.join(candidate, 'config.json')):
+      return candidate
+  raise UserError(f'--checkpoint={checkpoint!r}: no checkpoints/ folder or config.json in it '
+                  'or its parent (give a run workdir)')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   with open(os.path.join(workdir, 'config.json')) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+# Keys that say how a run trains, logs or saves, not what model a step holds.
+_RUN_KEYS = ('steps', 'resume', 'resume_step', 'init_from', 'progress', 'log_every', 'eval_every',
+             'eval_batches', 'eval.', 'checkpoint.', 'profile_', 'perf.', 'distributed.',
+             'dry_run', 'optimizer.decay_steps')
+
+
+def step_config(ckpt: Checkpointer, step: int, workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config step `step` was saved with (its own metadata), with a WARNING naming
+  the keys where the workdir's config.json (the latest run's) says otherwise."""
+  saved = ckpt.read_meta(step)['config']
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        latest = ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError):
+      latest = None
+    if latest is not None:
+      changed = {k: v for k, v in universal.config_changes(saved, latest).items()
+                 if not k.startswith(_RUN_KEYS)}
+      if changed:
+        log.warning('step %d was trained with another config than %s: using the step\'s own '
+                    '(%s)', step, path, '; '.join(f'{k}: {a!r} in the step, {b!r} in '
+                                                  'config.json' for k, (a, b) in changed.items()))
+  return ml_collections.ConfigDict(saved)
+
+
+def pick_step(ckpt: Checkpointer, step: int | None, checkpoint: str) -> int:
+  """`step`, or the newest; a UserError listing the steps that exist otherwise."""
+  steps = sorted(ckpt.all_steps())
+  if not steps:
+    raise UserError(f'--checkpoint={checkpoint!r} holds no checkpoint ({ckpt.directory})')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise UserError(f'--step {step}: no such checkpoint in {ckpt.directory}; steps: '
+                    f'{", ".join(map(str, steps))}')
+  return step
 
 
 def local_config(config: ml_collections.ConfigDict, *, context: int = 1, devices=None,
@@ -66,7 +112,7 @@ def local_config(config: ml_collections.ConfigDict, *, context: int = 1, devices
   c = ml_collections.ConfigDict(config.to_dict())
   n = len(devices) if devices is not None else jax.device_count()
   if context < 1 or n % context:
-    raise ValueError(f'--context={context} must divide the {n} local devices')
+    raise UserError(f'--context={context} must divide the {n} local devices')
   c.mesh.update(data=n // context, fsdp=1, context=context, tensor=1)
   c.parallelism.context_impl = 'ring' if context > 1 else 'none'
   c.parallelism.hybrid_dp.enabled = False
@@ -78,16 +124,15 @@ def local_config(config: ml_collections.ConfigDict, *, context: int = 1, devices
 
 def load(checkpoint: str, step: int | None = None, *, context: int = 1, devices=None,
          attention: str | None = None) -> LoadedRun:
+  """Step `step` (default: the newest) of a run, with the config that step was saved with."""
   workdir = run_dir(checkpoint)
-  config = local_config(read_config(workdir), context=context, devices=devices,
-                        attention=attention)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  setup = setup_model(config, mesh, make_runtime(config, mesh))
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no checkpoint')
+    step = pick_step(ckpt, step, checkpoint)
+    config = local_config(step_config(ckpt, step, workdir), context=context, devices=devices,
+                          attention=attention)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    setup = setup_model(config, mesh, make_runtime(config, mesh))
     arrays, _ = universal.restore_params(ckpt, step, config, setup, mesh)
   finally:
     ckpt.close()

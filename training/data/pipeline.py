@@ -13,6 +13,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from checkpoint.errors import UserError
 from training.data import mixture, packing, position, sources, tasks, tokenizer
 
 SOURCES = sources.DOCUMENT_SOURCES + tasks.TASK_SOURCES
@@ -23,41 +24,42 @@ _PACKING_SEED_SALT = 0x9E3779B9  # packing's bin shuffle must not reuse the docu
 def local_batch_size(config, process_count: int) -> int:
   """Rows each process loads per step: batch_size // process_count."""
   if process_count < 1 or config.batch_size % process_count:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the process count '
-                     f'{process_count}.')
+    raise UserError(f'batch_size={config.batch_size} is not divisible by the process count '
+                    f'{process_count}.')
   return config.batch_size // process_count
 
 
 def _check_source(config) -> None:
   if config.data.source not in SOURCES:
-    raise ValueError(f'data.source={config.data.source!r} is unknown; choose one of {SOURCES}.')
+    raise UserError(f'data.source={config.data.source!r} is unknown; choose one of {SOURCES}.')
   spec = config.data.get('tokenizer', 'bytes')
   if config.data.source in tasks.TASK_SOURCES and spec != 'bytes':
-    raise ValueError(f'data.tokenizer={spec!r} applies to document sources only; '
-                     f'data.source={config.data.source!r} generates its own token ids '
-                     "(set data.tokenizer='bytes').")
+    raise UserError(f'data.tokenizer={spec!r} applies to document sources only; '
+                    f'data.source={config.data.source!r} generates its own token ids '
+                    "(set data.tokenizer='bytes').")
 
 
 def _local_documents(config, split: str, process_index: int, process_count: int, *,
-                     shuffle: bool, start: int = 0) -> grain.MapDataset:
-  """One process's documents of `split` by local index (see `_rows`)."""
+                     shuffle: bool, start: int = 0) -> tuple[grain.MapDataset, int]:
+  """(one process's documents of `split` by local index (see `_rows`), how many documents
+  the split has)."""
   docs = mixture.documents(config, split)   # one source, or data.mixture's weighted mix
   if len(docs) == 0:
-    raise ValueError(f'data.source={config.data.source!r} has no {split} documents '
+    raise UserError(f'data.source={config.data.source!r} has no {split} documents '
                      f'(data.paths={config.data.paths!r}, '
                      f'data.eval_fraction={config.data.eval_fraction}).')
   if shuffle and not mixture.shuffled_inside(config):
     # Shuffle globally, then shard: the order is the same for any process count. grain adds
     # the epoch to the seed under repeat(): a new order each epoch.
     docs = docs.shuffle(seed=config.seed)
-  return docs.repeat()[start + process_index::process_count]
+  return docs.repeat()[start + process_index::process_count], len(docs)
 
 
 def document_length(config, *, process_index: int = 0, process_count: int = 1,
                     start: int = 0) -> Callable[[int], int]:
   """Token count of local training document j (reads it)."""
-  local = _local_documents(config, 'train', process_index, process_count,
-                           shuffle=config.data.shuffle, start=start)
+  local, _ = _local_documents(config, 'train', process_index, process_count,
+                              shuffle=config.data.shuffle, start=start)
   return lambda j: len(local[j])
 
 
@@ -77,7 +79,7 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
   trim = trim or {}
   _check_source(config)
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
+    raise UserError(f'process_index={process_index} must be in [0, {process_count}).')
   if config.data.source in tasks.TASK_SOURCES:
     # Examples are random by index already; the split picks a disjoint random stream.
     rows = grain.MapDataset.source(tasks.make_task_source(config, split))
@@ -85,8 +87,9 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
     # Generation is CPU-bound Python: reader threads only fight over the GIL (measured 8x slower
     # with grain's default 16 threads).
     return rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), lambda j: 1
-  local = _local_documents(config, split, process_index, process_count, shuffle=shuffle,
-                          start=start)
+  local, n_docs = _local_documents(config, split, process_index, process_count,
+                                   shuffle=shuffle, start=start)
+  _check_trainable(config, n_docs, local, process_index, process_count)
   # A few reader threads hide file latency; grain's default (16 threads, 500 docs) is too much here.
   read = grain.ReadOptions(num_threads=config.data.get('read_threads', 2),
                            prefetch_buffer_size=config.data.get('read_prefetch', 32))
@@ -100,6 +103,22 @@ def _rows(config, split: str, process_index: int, process_count: int, *,
   return (rows.map(_byte_counter(config)),
           lambda j: 0 if j in skip else len(packing.piece_spans(len(local[j]), config.seq_len,
                                                                 trim.get(j))))
+
+
+def _check_trainable(config, n_docs: int, local, process_index: int,
+                     process_count: int) -> None:
+  """A share with no document of 2 or more tokens would make packing wait forever: refuse it
+  at start-up, naming the paths. Reads documents until the first trainable one (one, for any
+  ordinary corpus), over at most one epoch of this process's share."""
+  for j in range(n_docs):
+    if len(local[j]) >= 2:
+      return
+  share = f' in the share of process {process_index} of {process_count}' \
+      if process_count > 1 else ''
+  raise UserError(f'data.paths={config.data.paths!r}: no training document has 2 or more '
+                  f'tokens{share} ({n_docs} documents): nothing to train on',
+                  hint='check that the files are not empty (data.eval_paths is only read for '
+                  'eval)')
 
 
 def _byte_counter(config) -> Callable[[dict], dict]:
@@ -138,10 +157,10 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
   docs = mixture.eval_documents(config)
   order = np.random.default_rng(config.seed).permutation(len(docs))[process_index::process_count]
   if len(order) == 0:
-    raise ValueError(f'data.source={config.data.source!r} has no eval documents for process '
-                     f'{process_index} of {process_count} (data.eval_fraction='
-                     f'{config.data.eval_fraction}); give a separate eval corpus with '
-                     'data.eval_paths, or turn eval off with eval_every=-1 or eval_batches=0.')
+    raise UserError(f'data.source={config.data.source!r} has no eval documents for process '
+                    f'{process_index} of {process_count} (data.eval_fraction='
+                    f'{config.data.eval_fraction}); give a separate eval corpus with '
+                    'data.eval_paths, or turn eval off with eval_every=-1 or eval_batches=0.')
   L = config.seq_len
   windows, cap = [], _EVAL_OVERSAMPLE * needed
   for i in order:
@@ -150,7 +169,7 @@ def _eval_pieces(config, process_index: int, process_count: int, needed: int) ->
     if len(windows) >= cap:
       break
   if not windows:
-    raise ValueError('the eval split has no document of 2 or more tokens')
+    raise UserError('the eval split has no document of 2 or more tokens')
   picked = np.random.default_rng(config.seed + 1).permutation(len(windows))
   return [windows[k] for k in picked]
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from checkpoint.errors import UserError
 from training.data import sources, tokenizer
 
 _BATCH_DOCS = 256  # documents per encode_batch call
@@ -74,8 +75,8 @@ def _check_same_plan(out: str, plan: Plan) -> None:
   new = json.loads(json.dumps(plan.to_json()))  # tuples as the lists json gives back
   diff = [k for k in new if k != 'tokenizer' and old.get(k) != new[k]]
   if diff:
-    raise ValueError(f'--out {out} holds a different preparation (differs in: '
-                     f'{", ".join(diff)}); use a new --out directory or delete it.')
+    raise UserError(f'--out {out} holds a different preparation (differs in: '
+                    f'{", ".join(diff)}); use a new --out directory or delete it.')
 
 
 def prepare_shard(plan: Plan, out: str, shard: int) -> dict:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from checkpoint.errors import UserError
 from training.data import tokenizer
 
 _GLOB_CHARS = frozenset('*?[')
@@ -47,7 +48,7 @@ def resolve_paths(paths: str) -> list[str]:
   """Expands comma-separated globs (recursive `**` allowed) into a sorted list of files."""
   patterns = [p.strip() for p in paths.split(',') if p.strip()]
   if not patterns:
-    raise ValueError("data.paths is empty; give comma-separated globs, e.g. 'data/*.txt'.")
+    raise UserError("data.paths is empty; give comma-separated globs, e.g. 'data/*.txt'.")
   files = set()
   for pattern in patterns:
     pattern = os.path.expanduser(pattern)
@@ -55,7 +56,7 @@ def resolve_paths(paths: str) -> list[str]:
       pattern = os.path.join(pattern, '**', '*')
     files.update(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
   if not files:
-    raise ValueError(f'data.paths={paths!r} matched no files.')
+    raise UserError(f'data.paths={paths!r} matched no files.')
   return sorted(files)
 
 
@@ -84,7 +85,7 @@ def mix_hashes(file_hashes: np.ndarray, file_ids: np.ndarray, numbers: np.ndarra
 def eval_mask_of_hashes(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
   """True where a document belongs to the held-out split, by its stable hash."""
   if not 0.0 <= eval_fraction < 1.0:
-    raise ValueError(f'data.eval_fraction={eval_fraction} must be in [0, 1).')
+    raise UserError(f'data.eval_fraction={eval_fraction} must be in [0, 1).')
   return (hashes >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_fraction
 
 
@@ -101,21 +102,21 @@ def looks_binary(data: bytes) -> int:
 def decode_text(data: bytes, where: str, errors: str = 'strict') -> str:
   """UTF-8 text of a document; a binary or undecodable one is an error naming `where`."""
   if (nul := looks_binary(data)) >= 0:
-    raise ValueError(f'{where}: looks binary (NUL byte at offset {nul}), not a text document; '
-                     'remove it from the paths.')
+    raise UserError(f'{where}: looks binary (NUL byte at offset {nul}), not a text document; '
+                    'remove it from the paths.')
   try:
     return data.decode('utf-8', errors=errors)
   except UnicodeDecodeError as e:
-    raise ValueError(f'{where}: not valid UTF-8 at byte {e.start} ({e.reason}); fix or remove '
-                     "the file, or decode with errors='replace' (data.decode_errors / "
-                     '--errors).') from None
+    raise UserError(f'{where}: not valid UTF-8 at byte {e.start} ({e.reason}); fix or remove '
+                    "the file, or decode with errors='replace' (data.decode_errors / "
+                    '--errors).') from None
 
 
 def _tokenize(tok, data: bytes, where: str, errors: str) -> np.ndarray:
   if tok is None or tok.spec == 'bytes':  # bytes are the tokens: no decoding
     if (nul := looks_binary(data)) >= 0:
-      raise ValueError(f'{where}: looks binary (NUL byte at offset {nul}), not a text '
-                       'document; remove it from the paths.')
+      raise UserError(f'{where}: looks binary (NUL byte at offset {nul}), not a text '
+                      'document; remove it from the paths.')
     return tokenizer.encode(data)
   return tok.encode(decode_text(data, where, errors))
 
@@ -167,9 +168,9 @@ class JsonlSource:
     self._files = list(files)
     for path in self._files:
       if path.endswith(COMPRESSED):
-        raise ValueError(f'data.paths: {path} is compressed, which allows no random access; '
-                         'tokenise it once with scripts/prepare_data.py and train with '
-                         "data.source='array_record'.")
+        raise UserError(f'data.paths: {path} is compressed, which allows no random access; '
+                        'tokenise it once with scripts/prepare_data.py and train with '
+                        "data.source='array_record'.")
     self._file_keys = relative_keys(self._files)
     self._text_field = text_field
     self._tok, self._errors = tok, errors
@@ -216,9 +217,9 @@ def jsonl_text(line: bytes, where: str, text_field: str, errors: str = 'strict')
   try:
     record = json.loads(decode_text(line, where, errors))
   except json.JSONDecodeError as e:
-    raise ValueError(f'{where}: not valid JSON ({e}).') from None
+    raise UserError(f'{where}: not valid JSON ({e}).') from None
   if not isinstance(record, dict) or text_field not in record:
-    raise ValueError(f'{where}: no field data.text_field={text_field!r} in this line.')
+    raise UserError(f'{where}: no field data.text_field={text_field!r} in this line.')
   text = record[text_field]
   if not isinstance(text, str):
     raise TypeError(f'{where}: field {text_field!r} is {type(text).__name__}, not a string.')
@@ -273,9 +274,9 @@ def check_prepared(files: Sequence[str], tok) -> None:
     with open(meta_path) as f:
       meta = json.load(f)
     if meta.get('tokenizer_fingerprint') != tokenizer_fingerprint(tok):
-      raise ValueError(f'{d} was tokenised with {meta.get("tokenizer")!r} but '
-                       f'data.tokenizer={tok.spec!r}; set data.tokenizer to the tokenizer '
-                       'the shards were prepared with.')
+      raise UserError(f'{d} was tokenised with {meta.get("tokenizer")!r} but '
+                      f'data.tokenizer={tok.spec!r}; set data.tokenizer to the tokenizer '
+                      'the shards were prepared with.')
 
 
 def load_document_lengths(directory: str) -> np.ndarray:
@@ -301,13 +302,13 @@ class ArrayRecordSource:
     file_id, record = self._index.locate(index)
     data = self._readers[file_id][record]
     if len(data) % 4:
-      raise ValueError(f'{self._files[file_id]} record {record}: {len(data)} bytes is not a '
-                       'whole number of int32 token ids.')
+      raise UserError(f'{self._files[file_id]} record {record}: {len(data)} bytes is not a '
+                      'whole number of int32 token ids.')
     tokens = np.frombuffer(data, dtype='<i4').astype(np.int32)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self._vocab_size):
-      raise ValueError(f'{self._files[file_id]} record {record}: token ids span '
-                       f'[{tokens.min()}, {tokens.max()}], outside [0, model.vocab_size='
-                       f'{self._vocab_size}).')
+      raise UserError(f'{self._files[file_id]} record {record}: token ids span '
+                      f'[{tokens.min()}, {tokens.max()}], outside [0, model.vocab_size='
+                      f'{self._vocab_size}).')
     return tokens
 
   def key(self, index: int) -> str:
@@ -347,14 +348,14 @@ DOCUMENT_SOURCES = ('local_text', 'text', 'jsonl', 'array_record')
 def make_document_source(config, split: str) -> SubsetSource:
   """The train or eval documents of a file-backed `config.data.source`."""
   if split not in ('train', 'eval'):
-    raise ValueError(f"split={split!r}; choose 'train' or 'eval'.")
+    raise UserError(f"split={split!r}; choose 'train' or 'eval'.")
   name = config.data.source
   vocab_size = config.model.vocab_size
   tok = tokenizer.load(config.data.get('tokenizer', 'bytes'))
   tokenizer.check_vocab(tok, vocab_size)
   errors = config.data.get('decode_errors', 'strict')
   if errors not in ('strict', 'replace'):
-    raise ValueError(f"data.decode_errors={errors!r}; choose 'strict' or 'replace'.")
+    raise UserError(f"data.decode_errors={errors!r}; choose 'strict' or 'replace'.")
   # data.eval_paths: a separate eval corpus; then every document of data.paths trains.
   eval_paths = config.data.get('eval_paths', '').strip()
   paths = eval_paths if eval_paths and split == 'eval' else config.data.paths
@@ -371,8 +372,8 @@ def make_document_source(config, split: str) -> SubsetSource:
     base = ArrayRecordSource([f for f in files if f.endswith('.array_record')] or files,
                              vocab_size)
   else:
-    raise ValueError(f'data.source={name!r} is not a document source; choose one of '
-                     f'{DOCUMENT_SOURCES}.')
+    raise UserError(f'data.source={name!r} is not a document source; choose one of '
+                    f'{DOCUMENT_SOURCES}.')
   if eval_paths:
     return SubsetSource(base, np.arange(len(base)))
   held_out = eval_mask_of_hashes(base.doc_hashes(), config.data.eval_fraction)
@@ -405,8 +406,8 @@ def iter_texts(path: str, source: str, text_field: str = 'text', errors: str = '
       data = f.read()
     if raw:
       if (nul := looks_binary(data)) >= 0:
-        raise ValueError(f'{path}: looks binary (NUL byte at offset {nul}), not a text '
-                         'document; remove it from the paths.')
+        raise UserError(f'{path}: looks binary (NUL byte at offset {nul}), not a text '
+                        'document; remove it from the paths.')
       yield data
     else:
       yield decode_text(data, path, errors)
@@ -419,19 +420,19 @@ def iter_texts(path: str, source: str, text_field: str = 'text', errors: str = '
     except (OSError, EOFError) as e:  # a corrupt or truncated compressed file
       if isinstance(e, FileNotFoundError):
         raise
-      raise ValueError(f'{path}: cannot be read as {source} ({e}).') from None
+      raise UserError(f'{path}: cannot be read as {source} ({e}).') from None
   elif source == 'parquet':
     import pyarrow.parquet as pq  # optional: only parquet needs it
     try:
       pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid for a non-parquet file
-      raise ValueError(f'{path}: not a parquet file ({e}).') from None
+      raise UserError(f'{path}: not a parquet file ({e}).') from None
     if text_field not in pf.schema_arrow.names:
-      raise ValueError(f'{path}: no column data.text_field={text_field!r} '
-                       f'(columns: {pf.schema_arrow.names}).')
+      raise UserError(f'{path}: no column data.text_field={text_field!r} '
+                      f'(columns: {pf.schema_arrow.names}).')
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
       for text in batch.column(0).to_pylist():
         if text is not None:
           yield text
   else:
-    raise ValueError(f'--source {source!r}; choose one of {STREAM_SOURCES}.')
+    raise UserError(f'--source {source!r}; choose one of {STREAM_SOURCES}.')

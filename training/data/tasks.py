@@ -7,6 +7,7 @@ Language Models" (Arora et al., 2023). Every example is a pure function of (seed
 
 import numpy as np
 
+from checkpoint.errors import UserError
 from training.data import tokenizer
 
 # Effectively infinite: grain slices it per process and never needs to repeat it.
@@ -45,8 +46,8 @@ class _IndexedTask:
 
   def __init__(self, seed: int, split: str, length: int, seq_len: int):
     if not 0 < length <= seq_len:
-      raise ValueError(f'data.task_length={length} must be in (0, seq_len={seq_len}] '
-                       '(0 means seq_len).')
+      raise UserError(f'data.task_length={length} must be in (0, seq_len={seq_len}] '
+                      '(0 means seq_len).')
     self._seed = seed
     self._split_id = _SPLIT_IDS[split]
     self._length = length
@@ -86,8 +87,8 @@ class PasskeySource(_IndexedTask):
              + len(_PASSKEY_QUESTION) + PASSKEY_DIGITS)
     self._filler_len = length + 1 - fixed
     if self._filler_len < 0:
-      raise ValueError(f'data.task_length={length} is too short for passkey: it needs at least '
-                       f'{fixed - 1} tokens.')
+      raise UserError(f'data.task_length={length} is too short for passkey: it needs at least '
+                      f'{fixed - 1} tokens.')
 
   def example(self, index: int) -> tuple[dict[str, np.ndarray], str, float]:
     """The row, its passkey, and the needle depth as a fraction of the filler."""
@@ -130,12 +131,12 @@ class MqarSource(_IndexedTask):
     self._vocab_size = vocab_size
     self._num_pairs = num_pairs
     if not 0 < num_pairs <= self._num_keys or self._value_lo >= vocab_size:
-      raise ValueError(f'data.mqar_num_pairs={num_pairs} needs 0 < pairs <= '
-                       f'(model.vocab_size - 1) // 2 = {self._num_keys} distinct keys.')
+      raise UserError(f'data.mqar_num_pairs={num_pairs} needs 0 < pairs <= '
+                      f'(model.vocab_size - 1) // 2 = {self._num_keys} distinct keys.')
     self._num_slots = (length + 1 - 2 * num_pairs) // 2
     if self._num_slots < num_pairs:
-      raise ValueError(f'data.task_length={length} is too short for mqar with '
-                       f'data.mqar_num_pairs={num_pairs}: it needs at least {4 * num_pairs - 1}.')
+      raise UserError(f'data.task_length={length} is too short for mqar with '
+                      f'data.mqar_num_pairs={num_pairs}: it needs at least {4 * num_pairs - 1}.')
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rng = self._rng(index)
@@ -169,4 +170,4 @@ def make_task_source(config, split: str):
     return PasskeySource(seed, split, length, seq_len)
   if name == 'mqar':
     return MqarSource(seed, split, length, seq_len, vocab_size, config.data.mqar_num_pairs)
-  raise ValueError(f'data.source={name!r} is not a generated task; choose one of {TASK_SOURCES}.')
+  raise UserError(f'data.source={name!r} is not a generated task; choose one of {TASK_SOURCES}.')

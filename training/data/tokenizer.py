@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from checkpoint.errors import UserError
+
 BYTE_VOCAB_SIZE = 256
 KINDS = ('bytes', 'sentencepiece:PATH', 'hf:PATH')
 
@@ -49,7 +51,7 @@ def decode(tokens: np.ndarray, errors: str = 'replace') -> str:
 def check_byte_vocab(vocab_size: int, source: str) -> None:
   """Raises if the model's vocabulary cannot hold every byte."""
   if vocab_size < BYTE_VOCAB_SIZE:
-    raise ValueError(
+    raise UserError(
         f'data.source={source!r} uses byte-level tokens (ids 0..255) but '
         f'model.vocab_size={vocab_size} < {BYTE_VOCAB_SIZE}; set model.vocab_size >= 256.')
 
@@ -149,16 +151,16 @@ def load(spec: str) -> Tokenizer:
                               '(train one with scripts/train_tokenizer.py).')
     return SentencePieceTokenizer(path, spec) if kind == 'sentencepiece' else \
         HFTokenizer(path, spec)
-  raise ValueError(f'data.tokenizer={spec!r}; choose one of {KINDS}.')
+  raise UserError(f'data.tokenizer={spec!r}; choose one of {KINDS}.')
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
   """The model must have a row for every id the tokenizer emits (more rows are allowed:
   vocabularies are often padded to a multiple of 128)."""
   if vocab_size < tok.vocab_size:
-    raise ValueError(f'model.vocab_size={vocab_size} is smaller than the vocabulary of '
-                     f'data.tokenizer={tok.spec!r} ({tok.vocab_size} ids); set '
-                     f'model.vocab_size >= {tok.vocab_size}.')
+    raise UserError(f'model.vocab_size={vocab_size} is smaller than the vocabulary of '
+                    f'data.tokenizer={tok.spec!r} ({tok.vocab_size} ids); set '
+                    f'model.vocab_size >= {tok.vocab_size}.')
 
 
 def target_bytes(table: np.ndarray, targets: np.ndarray) -> np.ndarray:
