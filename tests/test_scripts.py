@@ -30,8 +30,11 @@ def _is_cli(path: str) -> bool:
 SCRIPTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'scripts', '*.py'))
                  if _is_cli(p))
 CLIS = SCRIPTS + ['train.py']
-# bench_gpu.py's seconds-long CPU mode is --tiny, run (and its JSON checked) by test_kernels.py.
-SMOKE_ELSEWHERE = {'scripts/bench_gpu.py'}
+# Smokes another test already runs (in-process, with its JSON checked), not run twice:
+SMOKE_ELSEWHERE = {
+    'scripts/bench_gpu.py',             # its CPU mode is --tiny: tests/test_kernels.py
+    'scripts/bench_sambay_context.py',  # --smoke --json: tests/test_sambay_context.py
+}
 # Benchmarks, studies and evals must have a seconds-long --smoke mode (the project standard).
 MEASURING = [s for s in SCRIPTS if s not in SMOKE_ELSEWHERE
              and os.path.basename(s).startswith(('bench_', 'study_', 'eval_'))]
