@@ -52,6 +52,16 @@ HELP_IMPORTS_JAX = {
 # fusion emitters (a tiny CART train step: 8 s of CPU to compile with them, 2 s without). So the
 # smokes compile without both, where this jaxlib knows the flags (XLA aborts on unknown ones).
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+# Flags a script's --help must name (checked on the --help run above, so other tests need not
+# start the script again for its help).
+HELP_MENTIONS = {
+    'scripts/bench_context.py': ('--ratio_length', '--tiny'),
+    'scripts/bench_gpu.py': ('--tiny',),
+    'scripts/export_hf.py': ('--out',),
+    'scripts/import_hf.py': ('--out',),
+    'scripts/prepare_data.py': ('--tokenizer', 'parquet'),
+    'scripts/train_tokenizer.py': ('--vocab_size', 'sentencepiece'),
+}
 TIMEOUT_S = 600
 _IMPORT_TIME = re.compile(r'^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$')
 
@@ -104,6 +114,14 @@ def test_help(script, launched):
   assert rc == 0 or (rc == 1 and 'Try --helpfull' in out), out[-3000:]
   assert 'usage' in out.lower() or 'flags:' in out.lower(), out[-3000:]
   assert 'Traceback' not in out, out[-3000:]
+
+
+@pytest.mark.parametrize('script', sorted(HELP_MENTIONS))
+def test_help_names_its_flags(script, launched):
+  rc, out, _, _ = launched[('help', script)].result()
+  assert rc == 0, out[-3000:]
+  for flag in HELP_MENTIONS[script]:
+    assert flag in out, (flag, out[-3000:])
 
 
 @pytest.mark.parametrize('script', CLIS)
