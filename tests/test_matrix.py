@@ -98,7 +98,7 @@ def config(family: str, overrides: dict):
       'eval_every': 0, 'eval_batches': 1,           # held-out eval at the end only
       'progress': False, 'perf.peak_flops': 1e12,   # no matmul timing at start-up
       'checkpoint.async_save': False,               # the final save, in the loop's thread
-      'optimizer.warmup_steps': 1,                  # step 2 trains at the full rate
+      'optimizer.warmup_steps': 0,                  # step 1 updates: step 2 and eval see it
       'model.d_model': 32, 'model.num_heads': 4, 'model.num_kv_heads': 2, 'model.head_dim': 8,
       'model.mlp_dim': 64, 'attention.block_q': 8, 'attention.block_kv': 8,
       'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.context': 1, 'mesh.tensor': 1,
