@@ -30,8 +30,11 @@ def _is_cli(path: str) -> bool:
 SCRIPTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'scripts', '*.py'))
                  if _is_cli(p))
 CLIS = SCRIPTS + ['train.py']
-# bench_gpu.py's seconds-long CPU mode is --tiny, run (and its JSON checked) by test_kernels.py.
-SMOKE_ELSEWHERE = {'scripts/bench_gpu.py'}
+# Smokes another test already runs (in-process, with its JSON checked), not run twice:
+SMOKE_ELSEWHERE = {
+    'scripts/bench_gpu.py',             # its CPU mode is --tiny: tests/test_kernels.py
+    'scripts/bench_sambay_context.py',  # --smoke --json: tests/test_sambay_context.py
+}
 # Benchmarks, studies and evals must have a seconds-long --smoke mode (the project standard).
 MEASURING = [s for s in SCRIPTS if s not in SMOKE_ELSEWHERE
              and os.path.basename(s).startswith(('bench_', 'study_', 'eval_'))]
@@ -49,6 +52,16 @@ HELP_IMPORTS_JAX = {
 # fusion emitters (a tiny CART train step: 8 s of CPU to compile with them, 2 s without). So the
 # smokes compile without both, where this jaxlib knows the flags (XLA aborts on unknown ones).
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+# Flags a script's --help must name (checked on the --help run above, so other tests need not
+# start the script again for its help).
+HELP_MENTIONS = {
+    'scripts/bench_context.py': ('--ratio_length', '--tiny'),
+    'scripts/bench_gpu.py': ('--tiny',),
+    'scripts/export_hf.py': ('--out',),
+    'scripts/import_hf.py': ('--out',),
+    'scripts/prepare_data.py': ('--tokenizer', 'parquet'),
+    'scripts/train_tokenizer.py': ('--vocab_size', 'sentencepiece'),
+}
 TIMEOUT_S = 600
 _IMPORT_TIME = re.compile(r'^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$')
 
@@ -101,6 +114,14 @@ def test_help(script, launched):
   assert rc == 0 or (rc == 1 and 'Try --helpfull' in out), out[-3000:]
   assert 'usage' in out.lower() or 'flags:' in out.lower(), out[-3000:]
   assert 'Traceback' not in out, out[-3000:]
+
+
+@pytest.mark.parametrize('script', sorted(HELP_MENTIONS))
+def test_help_names_its_flags(script, launched):
+  rc, out, _, _ = launched[('help', script)].result()
+  assert rc == 0, out[-3000:]
+  for flag in HELP_MENTIONS[script]:
+    assert flag in out, (flag, out[-3000:])
 
 
 @pytest.mark.parametrize('script', CLIS)
