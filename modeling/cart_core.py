@@ -53,7 +53,8 @@ class AnchorKV(nnx.Module):
     self.constrain = runtime.constrain
 
   def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    dt, spec = self.dtype, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None)
+    # K/V heads replicated where the head shards do not divide them (as the dense model's).
+    dt, spec = self.dtype, (ax.BATCH, ax.LENGTH, ax.KV_HEADS, None)
     c_BSC = x_BSD.astype(dt) @ self.w_down[...].astype(dt)
     k_BSKD = jnp.einsum('bsc,ckd->bskd', c_BSC, self.w_k_up[...].astype(dt))
     v_BSKD = jnp.einsum('bsc,ckd->bskd', c_BSC, self.w_v_up[...].astype(dt))

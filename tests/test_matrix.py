@@ -73,14 +73,10 @@ REFERENCES = {
 REFUSED = {
     ('sambay', 'disaggregated'): (r"model\.sambay\.window=16", r"parallelism\.context_impl"),
 }
-# Allowed pairs whose losses are known to differ from one device, with the reason. Remove an
-# entry when its cause is fixed (the xfail is strict: a pass fails until the entry goes).
-KNOWN_DIFFERENT = {
-    ('kv_routing', 'hybrid_dp'):
-        'KV routing draws its K/V sources once per micro-batch (fold_in(rng, micro-batch '
-        'index)), and hybrid DP plans a different number of micro-batches on 8 devices than '
-        'on one: the routes, hence the losses, depend on the device count',
-}
+# Allowed pairs whose losses are known to differ from one device, with the reason (a strict
+# xfail: a pass fails until the entry goes). None today: KV routing under hybrid DP differed
+# while routes were drawn per micro-batch (now once per step, training/step.py).
+KNOWN_DIFFERENT: dict[tuple[str, str], str] = {}
 ALLOWED = [
     pytest.param(f, s, marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
                                                 reason=KNOWN_DIFFERENT[f, s])]

@@ -36,8 +36,6 @@ from training.state import ModelSetup, TrainState, init_train_state, setup_model
 
 log = logging.getLogger('loomax')
 
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
-
 
 class Program(Protocol):
   """The hooks every strategy's program provides (what `training/loop.py` calls)."""
@@ -118,14 +116,14 @@ class TrainProgram:
             for k, v in local_batch.items()}
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """The device batch's shapes, for compiling the step without data."""
+    """The device batch's shapes (the pipeline's keys), for compiling the step without data."""
     shape = (self.config.batch_size, self.config.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding)
-            for k in BATCH_KEYS}
+            for k in data_lib.batch_keys(self.config)}
 
   def compiled_train_step(self):
     """The train step compiled for this config's shapes (no execution needed)."""
-    return self.train_step.lower(self.setup.abstract, self.abstract_batch()).compile()
+    return self.train_step.compile(self.setup.abstract, self.abstract_batch())
 
   # -- measurement ----------------------------------------------------------------------------
   def throughput(self, peak: float) -> throughput.Throughput:
@@ -163,6 +161,34 @@ class DisaggregatedProgram(TrainProgram):
     return telemetry.DisaggregatedTelemetry(self)
 
 
+class CompiledOnce:
+  """A jitted step that a run compiles once: `compile(*abstract)` (telemetry's compiled
+  figures, dry runs) keeps the executable and later calls run it, instead of the jit compiling
+  the same program again on its first call. `lower` is the jitted function's."""
+
+  def __init__(self, jitted):
+    self.jitted, self.compiled = jitted, None
+
+  def lower(self, *args):
+    return self.jitted.lower(*args)
+
+  def compile(self, *abstract):
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*abstract).compile()
+    return self.compiled
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      return self.jitted(*args)
+    try:
+      return self.compiled(*args)
+    except (TypeError, ValueError) as e:   # arguments laid out otherwise than the abstract ones
+      log.warning('train step: the executable compiled ahead of time does not take these '
+                  'arguments (%s); compiling for them', str(e).splitlines()[0][:200])
+      self.compiled = None
+      return self.jitted(*args)
+
+
 def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:
   return rules_lib.named_sharding((config.batch_size, config.seq_len), ('batch', 'length'),
                                   config.parallelism.rules, mesh, 'batch')
@@ -175,11 +201,11 @@ def build_static(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainProgram:
   setup = setup_model(config, mesh, runtime)
   b_sharding = batch_sharding(config, mesh)
   constrain_micro = lambda x: jax.lax.with_sharding_constraint(x, b_sharding)
-  train_step = jax.jit(
+  train_step = CompiledOnce(jax.jit(
       step_lib.make_train_step(setup, config.optimizer.grad_accum_steps, constrain_micro,
                                config.attention.loss_chunk),
       in_shardings=(setup.shardings, b_sharding),
-      out_shardings=(setup.shardings, rules_lib.replicated(mesh)), donate_argnums=0)
+      out_shardings=(setup.shardings, rules_lib.replicated(mesh)), donate_argnums=0))
   eval_step = jax.jit(step_lib.make_eval_step(setup, config.attention.loss_chunk),
                       in_shardings=(setup.shardings.params, b_sharding))
   parts = (config, mesh, runtime, setup, b_sharding, train_step, eval_step,

@@ -52,7 +52,9 @@ def _accumulated_grads(params, graphdef, batch: Batch, rng, accum_steps: int, co
     i, mb = xs
     total, count, grads = carry
     mb = jax.tree.map(constrain_micro, mb)
-    (t, c), g = grad_fn(params, graphdef, mb, jax.random.fold_in(rng, i))
+    # Every micro-batch draws with the step's key: stochastic layers (KV routing's routes,
+    # CART's loop count) then take the same draws however the batch is split.
+    (t, c), g = grad_fn(params, graphdef, mb, rng)
     return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)

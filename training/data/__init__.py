@@ -2,6 +2,7 @@
 
 from training.data.pipeline import (
     SOURCES,
+    batch_keys,
     eval_row,
     local_batch_size,
     make_eval_batches,
@@ -14,6 +15,7 @@ from training.data.pipeline import (
 
 __all__ = [
     'SOURCES',
+    'batch_keys',
     'eval_row',
     'local_batch_size',
     'make_eval_batches',

@@ -29,6 +29,12 @@ def local_batch_size(config, process_count: int) -> int:
   return config.batch_size // process_count
 
 
+def batch_keys(config) -> tuple[str, ...]:
+  """The arrays of a train batch: document sources add 'target_bytes' (bits per byte)."""
+  keys = ('inputs', 'targets', 'segment_ids', 'positions')
+  return keys + (('target_bytes',) if config.data.source in sources.DOCUMENT_SOURCES else ())
+
+
 def _check_source(config) -> None:
   if config.data.source not in SOURCES:
     raise UserError(f'data.source={config.data.source!r} is unknown; choose one of {SOURCES}.')
