@@ -1,6 +1,6 @@
 """Launcher: python train.py --config configs/tiny.py --workdir runs/tiny [--config.KEY=VAL ...]
 
-Exit status (training/errors.py): 0 finished; 2 a user error (one line, plus a hint); 3 stopped
+Exit status (training/safety/errors.py): 0 finished; 2 a user error (one line, plus a hint); 3 stopped
 on non-finite values; 128+N stopped by signal N after saving (SIGTERM 143, SIGINT 130), with
 the final line "stopped at step N, saved; resume with the same command"; 1 a bug (traceback).
 --debug (or LOOMAX_DEBUG=1) shows the traceback of a user error too.
@@ -33,11 +33,11 @@ def parse_flags(argv):
 def main(argv):
   del argv
   # Orbax and Grain narrate every step at INFO; loomax's own logger stays at INFO on
-  # process 0 (training.monitor.setup_logging), and absl's handler prints it to stderr.
+  # process 0 (training.metrics.monitor.setup_logging), and absl's handler prints it to stderr.
   absl_logging.set_verbosity(absl_logging.WARNING)
   from parallelism import xla_flags  # before any backend starts: XLA reads them once
   xla_flags.apply(flags.FLAGS.config)
-  from training import errors, stop  # after flag parsing, so --help stays fast
+  from training.safety import errors, stop  # after flag parsing, so --help stays fast
   log = logging.getLogger('loomax')
   debug = flags.FLAGS.debug or errors.debug_enabled([])
   try:

@@ -2,7 +2,7 @@
 checkpoint, a command-line flag) rather than by a bug in loomax.
 
 A leaf module with no imports, so checkpoint/ and parallelism/ may raise it without importing
-training/; training/errors.py re-exports it and turns it into a one-line CLI error (status 2).
+training/; training/safety/errors.py re-exports it and turns it into a one-line CLI error (status 2).
 """
 
 

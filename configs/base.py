@@ -5,7 +5,7 @@ Command-line overrides: `python train.py --config configs/tiny.py --config.model
 The config is locked, so a misspelt key is an error naming the key.
 
 Every numeric key has a valid range, given in its comment as [>= 1], [> 0], [0, 1) and so on;
-training/config_checks.py refuses a value outside it (one line, exit status 2) before anything
+training/safety/config_checks.py refuses a value outside it (one line, exit status 2) before anything
 is compiled or written.
 """
 
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 20                   # metrics row every N steps [>= 1]
   c.eval_every = 200                 # held-out eval every N steps [>= -1] (0 = at the end, -1 = off)
   c.eval_batches = 8                 # batches per held-out eval (0 = eval off) [>= 0]
-  # Long-context evals run at every eval (training/evals.py); the loop's eval/loss always runs.
+  # Long-context evals run at every eval (training/evaluation/evals.py); the loop's eval/loss always runs.
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = 'loss'              # comma-separated: loss, position_loss, passkey, mqar, ruler
   c.eval.lengths = ''                # comma-separated context lengths; '' = seq_len
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.passkey_samples = 4         # passkey: examples per (length, needle depth)
   c.eval.mqar_pairs = '4,16,64'      # mqar: key-value pair counts (those that fit the length)
   c.eval.mqar_samples = 8            # mqar: examples per (length, pairs)
-  c.eval.ruler_tasks = 'all'         # ruler (training/ruler.py): comma-separated task names or all
+  c.eval.ruler_tasks = 'all'         # ruler (training/evaluation/ruler.py): comma-separated task names or all
   c.eval.ruler_samples = 4           # ruler: examples per (task, length); NIAH: per depth too
   # 'auto' = continue from the newest intact checkpoint in workdir (fresh if it has none),
   # 'none' (or '') = fresh start (refuses a workdir that already holds checkpoints), or a

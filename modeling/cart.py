@@ -186,7 +186,7 @@ class Cart(nnx.Module):
 
   @staticmethod
   def parameter_counts(cfg: Any) -> tuple[int, int]:
-    """(stored, effective) parameters, for reports (training/study.py)."""
+    """(stored, effective) parameters, for reports (training/evaluation/study.py)."""
     return parameter_counts(cfg)
 
   @staticmethod

@@ -54,7 +54,7 @@ class Family:
   window_key: str = 'model.sliding_window'
   # The window the attention-balance telemetry counts keys with: balance_window(cfg) -> int.
   balance_window: Callable[[Any], int] = _sliding_window
-  # Training diagnostics on a batch, logged each log row (training/telemetry.py):
+  # Training diagnostics on a batch, logged each log row (training/metrics/telemetry.py):
   # f(model, tokens, *, segment_ids, positions, attn_plan) -> {name: scalar}; None: none.
   batch_diagnostics: Callable[..., dict[str, jax.Array]] | None = None
   # One line for the training log at start-up: describe(cfg) -> str; None: nothing.

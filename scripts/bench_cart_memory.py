@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import cart_paper  # noqa: E402
 from modeling import cart  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
-from training import perf  # noqa: E402
+from training.metrics import perf  # noqa: E402
 from training import step as step_lib  # noqa: E402
 from training.composition import make_runtime  # noqa: E402
 from training.program import batch_sharding  # noqa: E402
@@ -119,5 +119,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

@@ -152,5 +152,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

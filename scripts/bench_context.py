@@ -83,7 +83,7 @@ from modeling.attention import KERNELS, self_attention_kwargs  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402
 from parallelism.context import balance, layout, make_context_attend  # noqa: E402
-from training import perf  # noqa: E402
+from training.metrics import perf  # noqa: E402
 from training.composition import make_attend  # noqa: E402
 from training.program import build_program  # noqa: E402
 
@@ -395,5 +395,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

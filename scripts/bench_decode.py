@@ -160,5 +160,5 @@ def _describe(m) -> str:
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

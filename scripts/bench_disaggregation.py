@@ -81,8 +81,8 @@ from parallelism import disaggregation as dca  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism import rules as rules_lib  # noqa: E402
 from parallelism.context import layout  # noqa: E402
-from training.perf import collective_bytes_per_device  # noqa: E402
-from training import perf  # noqa: E402
+from training.metrics.perf import collective_bytes_per_device  # noqa: E402
+from training.metrics import perf  # noqa: E402
 from training import step as step_lib  # noqa: E402
 from training.composition import make_attend, make_runtime  # noqa: E402
 from training.data import sources  # noqa: E402
@@ -411,5 +411,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

@@ -239,7 +239,7 @@ def _items(args, all_items):
 def _timed(fn, args, repeats):
   import jax
 
-  from training import perf
+  from training.metrics import perf
   return perf.time_call(lambda: jax.block_until_ready(fn(*args)), repeats=repeats)['median']
 
 
@@ -490,7 +490,7 @@ def stage_model(args, rows, s):
   import numpy as np
 
   from parallelism import mesh as mesh_lib
-  from training import perf
+  from training.metrics import perf
   from training.composition import resolve_attention_impl
   from training.program import build_program
   tile = _passed_tile(args, 64)

@@ -111,5 +111,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(lambda: app.run(main))

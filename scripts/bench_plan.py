@@ -59,7 +59,7 @@ def measure(config, devices, steps: int) -> dict:
   import jax
   import numpy as np
   from parallelism import mesh as mesh_lib
-  from training import perf
+  from training.metrics import perf
   from training.program import build_program
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   t0 = time.perf_counter()

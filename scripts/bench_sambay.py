@@ -41,7 +41,7 @@ from jax.sharding import Mesh  # noqa: E402
 from configs import base, sambay_d16, sambay_tiny  # noqa: E402
 from modeling import registry, sambay, sambay_decode, ssm  # noqa: E402
 from training import loss as loss_lib  # noqa: E402
-from training import perf  # noqa: E402
+from training.metrics import perf  # noqa: E402
 
 REPEATS = 5
 
@@ -228,5 +228,5 @@ def main():
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

@@ -63,7 +63,8 @@ from modeling.attention import self_attention_kwargs  # noqa: E402
 from parallelism import mesh as mesh_lib  # noqa: E402
 from parallelism.context import make_context_attend  # noqa: E402
 from scripts.bench_context import collective_bytes_per_device  # noqa: E402
-from training import composition, perf  # noqa: E402
+from training import composition  # noqa: E402
+from training.metrics import perf
 from training.program import build_program  # noqa: E402
 
 MiB = 2 ** 20
@@ -260,5 +261,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

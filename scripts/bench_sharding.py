@@ -53,7 +53,8 @@ def main(_):
   import jax
 
   from parallelism import mesh as mesh_lib
-  from training import data as data_lib, perf
+  from training import data as data_lib
+  from training.metrics import perf
   from training.program import build_program
 
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -107,5 +108,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(lambda: app.run(main))

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from parallelism import mesh as mesh_lib  # noqa: E402
-from training import data as data_lib, perf, profile  # noqa: E402
+from training import data as data_lib  # noqa: E402
+from training.metrics import perf, profile
 from training.program import build_program  # noqa: E402
 from training.state import count_params  # noqa: E402
 
@@ -129,5 +130,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(lambda: app.run(main))

@@ -49,8 +49,8 @@ from training.program import build_program  # noqa: E402
 
 def load_run(checkpoint: str, step: int | None = None):
   """(config, program, params, step) of a run written by training/loop.py, with the config the
-  step was saved with (training/serving.py)."""
-  from training import serving
+  step was saved with (training/evaluation/serving.py)."""
+  from training.evaluation import serving
   workdir = serving.run_dir(checkpoint)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
@@ -136,5 +136,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on long-context tasks: loss, loss by position, passkey, MQAR, RULER;
 and on downstream tasks from local files: lambada, multiple_choice, perplexity
-(training/downstream.py).
+(training/evaluation/downstream.py).
 
     python scripts/evaluate.py --checkpoint runs/tiny --tasks loss,position_loss,passkey,mqar \
         --lengths 256,1024 --out /tmp/ev
@@ -10,9 +10,9 @@ and on downstream tasks from local files: lambada, multiple_choice, perplexity
 Loads the checkpoint's parameters onto the local devices (any count: universal restore), data
 parallel over them, or with --context N ring attention over N of them (zigzag); lengths above
 --blockwise_above use the blockwise kernel. Writes OUT/results.json (every number), one PNG per
-task and the same scalars into TensorBoard under OUT/tb. See training/evals.py for the tasks
+task and the same scalars into TensorBoard under OUT/tb. See training/evaluation/evals.py for the tasks
 and how they are scored (the model's own arg-max over the answer, given the true prefix);
-ruler (training/ruler.py) generates greedily through the decode cache instead and also writes
+ruler (training/evaluation/ruler.py) generates greedily through the decode cache instead and also writes
 OUT/ruler.md (task x length table) and OUT/ruler_niah_depth.png.
 """
 
@@ -55,7 +55,7 @@ def main(argv=None):
   import jax
   import tqdm
 
-  from training import downstream, eval_report, evals, ruler, serving
+  from training.evaluation import downstream, eval_report, evals, ruler, serving
 
   settings = evals.EvalSettings(
       tasks=evals.parse_list(args.tasks, str), lengths=evals.parse_list(args.lengths, int),
@@ -89,7 +89,7 @@ def main(argv=None):
 
 def _num_units(settings, config) -> int:
   """Progress-bar length: one unit per (task, length[, pairs]) evaluated."""
-  from training import downstream, evals
+  from training.evaluation import downstream, evals
   lengths = settings.lengths or (config.seq_len,)
   n = 0
   if {'loss', 'position_loss'} & set(settings.tasks):
@@ -106,7 +106,7 @@ def _num_units(settings, config) -> int:
 
 def cli():
   """The console script (pyproject.toml): a user error is one line, status 2."""
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)
 
 

@@ -43,7 +43,7 @@ def main(argv=None):
 
   from modeling import sampling
   from modeling.kv_routing import CachePlan
-  from training import serving
+  from training.evaluation import serving
   from training.data import tokenizer
 
   run = serving.load(args.checkpoint, args.step, devices=jax.devices()[:1])
@@ -72,7 +72,7 @@ def main(argv=None):
 
 def cli():
   """The console script (pyproject.toml): a user error is one line, status 2."""
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)
 
 

@@ -5,7 +5,7 @@
 
 Traces a few steps (after a warm-up step), attributes every XLA op to a category (matmul,
 attention, layout copies, elementwise/norms, loss, optimizer, collectives) by its optimized
-HLO instruction (training/profile.py) and prints ms per step and shares. Host/data wait is the
+HLO instruction (training/metrics/profile.py) and prints ms per step and shares. Host/data wait is the
 time spent fetching the next batch from the real input pipeline between steps.
 """
 
@@ -21,7 +21,8 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from parallelism import mesh as mesh_lib  # noqa: E402
-from training import data as data_lib, profile  # noqa: E402
+from training import data as data_lib  # noqa: E402
+from training.metrics import profile
 from training.program import build_program  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config.')
@@ -69,5 +70,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(lambda: app.run(main))

@@ -1,4 +1,4 @@
-"""Run a seeded study (training/study.py): arms x seeds at a fixed token budget, resumably, and
+"""Run a seeded study (training/evaluation/study.py): arms x seeds at a fixed token budget, resumably, and
 write docs/results/<study>.md, .json and .png with 95% intervals and three-way verdicts.
 
     python scripts/study.py cart                     # the recorded study -> docs/results/
@@ -37,7 +37,7 @@ def parser(name: str | None = None) -> argparse.ArgumentParser:
                  help='run workdirs (default runs/studies; smoke: a temp folder)')
   p.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
   p.add_argument('--lambada_file', default='', help='score every trained model on this jsonl '
-                 '(training/downstream.py), likewise:')
+                 '(training/evaluation/downstream.py), likewise:')
   p.add_argument('--choice_file', default='', help='multiple-choice jsonl (HellaSwag/PIQA/ARC)')
   p.add_argument('--text_file', default='', help='perplexity over a text file')
   return p
@@ -53,8 +53,8 @@ def main(argv=None, name: str | None = None) -> int:
   root = args.root or (os.path.join(tmp, 'runs') if tmp else os.path.join('runs', 'studies'))
   out = args.out or (tmp or RESULTS)
 
-  from training import downstream
-  from training import study as study_lib
+  from training.evaluation import downstream
+  from training.evaluation import study as study_lib
   study = importlib.import_module(STUDIES[name]).make_study(smoke=args.smoke, steps=args.steps)
   study.seeds = seeds
   study.downstream = downstream.Files(args.lambada_file, args.choice_file, args.text_file)

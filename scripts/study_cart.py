@@ -6,7 +6,7 @@ variable-R curve (each trained model evaluated at R'=1 and R'=2R).
 
 "CART: Context-Anchored Recurrent Transformer" (Capps, 2026) reports that CART loses to a
 stored-parameter-matched dense model and that running the loop at an R' other than the
-trained R hurts. Claims tested (training/study.py: paired per-seed differences, 95% t-interval,
+trained R hurts. Claims tested (training/evaluation/study.py: paired per-seed differences, 95% t-interval,
 supported / contradicted / inconclusive at this budget): dense < CART R=6; for each trained R,
 loss at R beats R'=1. The paper scale is the same study with configs/cart_d1024.py and
 configs/cart_dense_stored.py as the arms' base (change `base` below).
@@ -50,7 +50,7 @@ def _base(smoke: bool, steps: int):
 
 def dense_layers(base) -> int:
   """The dense depth whose stored parameter count is nearest CART's (tied embeddings both)."""
-  from training import study as study_lib
+  from training.evaluation import study as study_lib
   target = study_lib.parameter_counts(base().model)[0]
   best = None
   for layers in range(1, 17):
@@ -72,7 +72,7 @@ def check(arm, config, model):
 
 
 def make_study(smoke: bool = False, steps: int | None = None):
-  from training.study import Arm, Comparison, Study
+  from training.evaluation.study import Arm, Comparison, Study
   steps = steps or (3 if smoke else STEPS)
   loops = (2,) if smoke else TRAIN_LOOPS
   base = _base(smoke, steps)

@@ -65,7 +65,7 @@ def _beyond(pos_loss: dict, lo_min: int) -> float:
 
 
 def evaluate(workdir, scaling: dict | None, args, ruler_tasks=('niah_single', 'vt')):
-  from training import evals, serving
+  from training.evaluation import evals, serving
   from configs.extend import TARGET
   run = serving.load(workdir)
   if scaling is not None:

@@ -93,7 +93,7 @@ def check(arm, config, model):
 
 def make_study(smoke: bool = False, steps: int | None = None):
   from modeling.kv_routing import CachePlan
-  from training.study import Arm, Comparison, Study
+  from training.evaluation.study import Arm, Comparison, Study
   register_fixed_sharing()
   steps = steps or (3 if smoke else STEPS)
   base = _base(smoke, steps)

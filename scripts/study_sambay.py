@@ -10,7 +10,7 @@ replaced by cross-attention). The SambaY model has 8 layers, the smallest depth 
 (Mamba/SWA self-decoder, memory Mamba, shared-KV full attention, GMU and cross-attention), so it
 holds GMU layers; the YOCO model swaps each for a cross-attention layer (a GMU is 2 x d x 2d, a
 cross-attention 2 x d x H x Dh); the dense depth is the one whose count is nearest SambaY's.
-Claims tested (training/study.py): SambaY < YOCO without GMU; SambaY < dense.
+Claims tested (training/evaluation/study.py): SambaY < YOCO without GMU; SambaY < dense.
 """
 
 import dataclasses
@@ -77,7 +77,7 @@ def _base(smoke: bool, steps: int):
 
 
 def dense_layers(base) -> int:
-  from training import study as study_lib
+  from training.evaluation import study as study_lib
   target = study_lib.parameter_counts(base().model)[0]
   best = None
   for layers in range(1, 17):
@@ -102,7 +102,7 @@ def check(arm, config, model):
 
 
 def make_study(smoke: bool = False, steps: int | None = None):
-  from training.study import Arm, Comparison, Study
+  from training.evaluation.study import Arm, Comparison, Study
   register_yoco()
   steps = steps or (3 if smoke else STEPS)
   base = _base(smoke, steps)

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
 def cli():
   """The console script (pyproject.toml): a user error is one line, status 2."""
-  from training.errors import run_cli
+  from training.safety.errors import run_cli
   run_cli(main)
 
 

@@ -316,7 +316,7 @@ def test_training_run_matches_single_device():
 
 def test_telemetry_reports_executed_and_modelled_figures():
   import types
-  from training.telemetry import DisaggregatedTelemetry
+  from training.metrics.telemetry import DisaggregatedTelemetry
   c = _config()
   c.attention.block_q = c.attention.block_kv = 8
   mesh = mesh_lib.make_mesh(c.mesh)

@@ -1,4 +1,4 @@
-"""Downstream evaluations from local files (training/downstream.py) on made-up files with known
+"""Downstream evaluations from local files (training/evaluation/downstream.py) on made-up files with known
 answers: a model that copies from its context scores accuracy 1, a uniform model chance; the
 HellaSwag / PIQA / ARC layouts; perplexity of a uniform model is the vocabulary size."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from training import downstream, evals
+from training.evaluation import downstream, evals
 
 V = 256
 EPS = 1e-3

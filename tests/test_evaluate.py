@@ -14,8 +14,8 @@ from checkpoint.manager import Checkpointer
 from modeling.transformer import Runtime
 from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
-from training import evals
-from training.run_files import write_config
+from training.evaluation import evals
+from training.safety.run_files import write_config
 from training.state import setup_model
 
 FAMILIES = {
@@ -88,7 +88,7 @@ def test_evaluate_writes_every_task(runs, family, tmp_path):
 
 def test_context_parallel_eval_equals_data_parallel(runs, tmp_path):
   """The same numbers with ring attention over 4 devices (zigzag) as on the data axis."""
-  from training import serving
+  from training.evaluation import serving
   settings = evals.EvalSettings(tasks=('loss', 'mqar'), lengths=(128,), eval_tokens=256,
                                 mqar_pairs=(8,), mqar_samples=2)
   got = []
@@ -123,8 +123,8 @@ def test_an_older_step_loads_with_its_own_config(tmp_path, caplog):
   before loads with the config it was trained with, and the difference is named (issue 27)."""
   import logging
 
-  from training import serving
-  from training.errors import UserError
+  from training.evaluation import serving
+  from training.safety.errors import UserError
   small = {'model.d_model': 32, 'model.head_dim': 8, 'model.mlp_dim': 64}
   c = tiny_config(**small)
   workdir = str(tmp_path)

@@ -1,4 +1,4 @@
-"""The hybrid-data-parallel document stream (training/hybrid_data.py) on a tiny long-tail corpus:
+"""The hybrid-data-parallel document stream (training/hybrid/data.py) on a tiny long-tail corpus:
 documents longer than seq_len but within parallelism.hybrid_dp.max_doc_len reach the batches
 whole, longer ones come as pieces of max_doc_len that train every next-token target exactly
 once, bad settings fail naming the key, and the stream resumes exactly (iterator state, and
@@ -13,7 +13,9 @@ import pytest
 from configs import base
 from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
-from training import hybrid_data, loop, throughput
+from training import loop
+from training.hybrid import data as hybrid_data
+from training.metrics import throughput
 from training.data import sources
 
 C, SEQ_LEN = 16, 12                # capacity; eval rows (shorter than many documents)

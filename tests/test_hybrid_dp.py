@@ -13,7 +13,7 @@ import pytest
 
 from configs import base
 from parallelism.hybrid import planner as hybrid_dp
-from training import hybrid_data, hybrid_exec, hybrid_program
+from training.hybrid import data as hybrid_data, executor as hybrid_exec, program as hybrid_program
 from parallelism import mesh as mesh_lib
 from training import step as step_lib
 from training.composition import make_runtime

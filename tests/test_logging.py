@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
-from training import loop, throughput
+from training import loop
+from training.metrics import throughput
 
 
 class Collect(logging.Handler):
@@ -138,7 +139,7 @@ def test_mfu_above_one_is_flagged_not_recorded(caplog):
 def test_peak_is_the_best_of_several_trials():
   import jax
   from parallelism import mesh as mesh_lib
-  from training import perf
+  from training.metrics import perf
   mesh = mesh_lib.make_mesh(tiny_config(**{'mesh.data': 1}).mesh, jax.devices()[:1])
   trials = perf.measure_peak_trials(mesh, n=64, trials=4)
   assert len(trials) == 4 and all(t > 0 for t in trials)

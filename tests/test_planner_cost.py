@@ -6,7 +6,7 @@ import pytest
 
 from configs import base, cart_tiny, sambay_tiny
 from modeling import registry
-from parallelism.hybrid_dp import CostModel
+from parallelism.hybrid.planner import CostModel
 
 
 def _configs():

@@ -1,4 +1,4 @@
-"""RULER-style suite (training/ruler.py): examples are deterministic and exactly sized for any
+"""RULER-style suite (training/evaluation/ruler.py): examples are deterministic and exactly sized for any
 tokenizer, the needle sits once at the requested depth, a scripted scorer that reads the
 answer out of the prompt gets 100% on every task, uniform guessing and an untrained model get
 ~0, and `evaluate.py --tasks ruler` writes the table, the heatmap and the scalars."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
-from training import ruler
+from training.evaluation import ruler
 from training.data import tokenizer
 
 LENGTHS = (256, 1024)
@@ -158,7 +158,7 @@ def test_evaluate_cli_writes_table_heatmap_and_scalars(tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   assert '| **average** |' in open(os.path.join(out, 'ruler.md')).read()
   assert os.listdir(os.path.join(out, 'tb'))
-  from training import evals
+  from training.evaluation import evals
   tags = evals.scalars({'ruler': res})
   assert 'eval/ruler/average/len_1024' in tags and \
       'eval/ruler/niah_depth/len_256/depth_0.50' in tags

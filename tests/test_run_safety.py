@@ -17,7 +17,8 @@ import pytest
 
 from checkpoint.manager import Checkpointer
 from tests.helpers import tiny_config
-from training import checkpointing, config_checks, errors, loop, run_files, stop, workdir_lock
+from training import checkpointing, loop
+from training.safety import config_checks, errors, run_files, stop, workdir_lock
 from training import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

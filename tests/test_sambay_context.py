@@ -21,7 +21,8 @@ from parallelism.context import layout
 from parallelism.context import scan as context_scan
 from scripts import bench_context
 from tests import attention_data, helpers
-from training import composition, hybrid_exec
+from training import composition
+from training.hybrid import executor as hybrid_exec
 from training.program import build_program
 from training.state import setup_model
 

@@ -40,9 +40,9 @@ MEASURING = [s for s in SCRIPTS if s not in SMOKE_ELSEWHERE
              and os.path.basename(s).startswith(('bench_', 'study_', 'eval_'))]
 # --help still imports JAX here, through a module its parser needs (to be fixed there, not here):
 HELP_IMPORTS_JAX = {
-    # flag help lists training.profile.SHAPES; training/profile.py imports JAX
-    'scripts/bench_train.py': 'training.profile',
-    'scripts/profile_step.py': 'training.profile',
+    # flag help lists training.metrics.profile.SHAPES; training/metrics/profile.py imports JAX
+    'scripts/bench_train.py': 'training.metrics.profile',
+    'scripts/profile_step.py': 'training.metrics.profile',
     # --source choices come from training.data.sources; training/data/__init__ imports JAX
     'scripts/prepare_data.py': 'training.data',
     'scripts/train_tokenizer.py': 'training.data',

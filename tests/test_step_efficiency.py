@@ -18,7 +18,8 @@ from flax import nnx
 
 from modeling import registry
 from tests.helpers import random_batch, tiny_config
-from training import loss as loss_lib, profile, step as step_lib
+from training import loss as loss_lib, step as step_lib
+from training.metrics import profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The study harness (training/study.py, scripts/study.py): intervals, the three-way verdict,
+"""The study harness (training/evaluation/study.py, scripts/study.py): intervals, the three-way verdict,
 no verdict from one seed, resumable runs (finished ones skipped), and the written report."""
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from training import study as study_lib
+from training.evaluation import study as study_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +78,7 @@ def test_unknown_metric_is_refused(tmp_path):
 
 
 def test_runs_resumably_and_writes_the_report(tmp_path, monkeypatch):
-  from training.downstream import Files
+  from training.evaluation.downstream import Files
   text = tmp_path / 'text.txt'
   text.write_text('abcd ' * 30)
   study, checked = _study(downstream=Files(text=str(text)))

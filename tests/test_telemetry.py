@@ -11,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallelism import mesh as mesh_lib
 from tests.helpers import random_batch, tiny_config
-from training import loop, perf, telemetry
+from training import loop
+from training.metrics import perf, telemetry
 from training.program import build_program
 
 

@@ -23,7 +23,7 @@ from parallelism import mesh as mesh_lib
 from parallelism.planner import hardware as hw_lib
 from parallelism.planner import search, workload as workload_lib
 from parallelism.planner.estimate import Candidate, Estimate
-from training import perf
+from training.metrics import perf
 
 log = logging.getLogger('loomax')
 
@@ -176,7 +176,8 @@ def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
   """This machine's profile: matmul peak per device with every device busy at once, the
   attention kernels' share of a lone device's matmul rate (fwd + bwd, causal), and a ring
   collective-permute's latency and bandwidth. Train-step matmuls are smaller than the peak
-  trial's: their share is measured on a [4096, 256] x [256, 768] product. Memory is the backend's, or the cpu profile's."""
+  trial's: their share is measured on a [4096, 256] x [256, 768] product. Memory is the
+  backend's, or the cpu profile's."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   mesh = Mesh(np.asarray(devices), ('d',))

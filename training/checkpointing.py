@@ -34,8 +34,10 @@ from checkpoint import universal
 from checkpoint.convert import resolve_src
 from checkpoint.layout import CheckpointMismatch
 from checkpoint.manager import Checkpointer, CheckpointError
-from training import data as data_lib, hybrid_data, run_files
-from training.errors import EXIT_NON_FINITE, UserError
+from training import data as data_lib
+from training.hybrid import data as hybrid_data
+from training.safety import run_files
+from training.safety.errors import EXIT_NON_FINITE, UserError
 from training.data import position
 
 log = logging.getLogger('loomax')

@@ -175,7 +175,7 @@ def make_shared_kv(config: ml_collections.ConfigDict, mesh: Mesh):
 def make_group_runtime(config: ml_collections.ConfigDict, layout: tuple[int, ...],
                        pool: int) -> Runtime:
   """The per-device runtime of a hybrid-DP micro-batch layout (inside the pool's shard_map,
-  `training/hybrid_exec.py`): the zigzag ring among each group's members and, for recurrent
+  `training/hybrid/executor.py`): the zigzag ring among each group's members and, for recurrent
   layers with g > 1, the group's context-parallel scan (else the model's own local scan).
   Shared K/V stays None: each reader runs the group ring."""
   a = config.attention

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from training import perf, throughput
+from training.metrics import perf, throughput
 from training.data import curriculum as data_curriculum
 from training import program as program_lib
 from training.program import TrainProgram

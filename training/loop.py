@@ -23,17 +23,20 @@ from checkpoint import metadata as ckpt_metadata
 from checkpoint.manager import config_json
 from modeling import registry
 from parallelism import distributed, mesh as mesh_lib
-from training import autoplan, checkpointing, config_checks, eval_hook, perf, run_files, stop
-from training import workdir_lock
+from training import autoplan, checkpointing
+from training.evaluation import eval_hook
+from training.metrics import perf
+from training.safety import config_checks, run_files, stop
+from training.safety import workdir_lock
 from training.checkpointing import NonFiniteLoss  # noqa: F401 - raised by run()
-from training.eval_hook import eval_enabled, evaluate  # noqa: F401 - re-exported
-from training.metrics_log import Dispatched, MetricsLog
-from training.monitor import MetricWriter, Progress, setup_logging
-from training.profile_hook import ProfileHook
+from training.evaluation.eval_hook import eval_enabled, evaluate  # noqa: F401 - re-exported
+from training.metrics.metrics_log import Dispatched, MetricsLog
+from training.metrics.monitor import MetricWriter, Progress, setup_logging
+from training.metrics.profile_hook import ProfileHook
 from training.curriculum import build_program   # staged when data.length_schedule is set
 from training.save_hook import SaveHook
 from training.state import count_params
-from training.throughput import matmul_peak
+from training.metrics.throughput import matmul_peak
 
 log = logging.getLogger('loomax')
 

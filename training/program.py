@@ -8,7 +8,7 @@ strategy object the loop drives (and the benchmarks and tests build).
   DisaggregatedProgram   static mesh plus DistCA's per-batch task plan: host-side prepare
                          plans each batch and the plan travels in the device batch
                          ('dca_*' arrays, an explicit step input)
-  HybridProgram          hybrid data parallelism (`training/hybrid_program.py`): whole documents
+  HybridProgram          hybrid data parallelism (`training/hybrid/program.py`): whole documents
                          planned per batch, one compiled program per layout
 
 Each provides the same hooks (`Program`): `train_iterator` (what the data pipeline feeds), `prepare`
@@ -30,7 +30,9 @@ from modeling.runtime import Runtime
 from parallelism import disaggregation, rules as rules_lib
 from parallelism.context import layout as context_layout
 from training import data as data_lib
-from training import hybrid_program, perf, step as step_lib, telemetry, throughput
+from training import step as step_lib
+from training.hybrid import program as hybrid_program
+from training.metrics import perf, telemetry, throughput
 from training.composition import make_runtime
 from training.state import ModelSetup, TrainState, init_train_state, setup_model
 

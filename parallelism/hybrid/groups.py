@@ -6,7 +6,7 @@ micro-batch into consecutive groups (a layout such as (4, 2, 1, 1)); each group 
 zigzag ring attention (`parallelism/context/ring.py`, reused) and, for recurrent layers, the
 context-parallel scan and conv halo (`parallelism/context/scan.py`) among its own members,
 over a `GroupAxis` instead of the context mesh axis. The planner is `planner.py`; the step
-that runs a plan is `training/hybrid_exec.py`.
+that runs a plan is `training/hybrid/executor.py`.
 """
 
 import dataclasses

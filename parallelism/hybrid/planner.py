@@ -33,7 +33,7 @@ earlier one; measured (tests/test_hybrid_dp.py, random Pareto and lognormal batc
 within one of ceil(tokens incl. zigzag padding / (N x C)), and equals it on the bench's mixes.
 
 Pure Python/numpy on length metadata: every process computes the same plan. Execution
-(`training/hybrid_exec.py`): inside a group each document is cut into 2g pieces and member i
+(`training/hybrid/executor.py`): inside a group each document is cut into 2g pieces and member i
 holds pieces i and 2g-1-i (zigzag per document, ByteScale section 5.3), so every member does
 the same causal work.
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from training import perf
+from training.metrics import perf
 
 log = logging.getLogger('loomax')
 
@@ -32,7 +32,7 @@ class Throughput:
 
   `total_tokens_per_step`: token positions per step (batch_size x seq_len, padding included;
   None: the step's real tokens, for steps of whole documents); `flops_per_token`: train FLOPs
-  per token position (training/perf.py; None: no MFU); `peak`: the FLOP/s MFU divides by.
+  per token position (training/metrics/perf.py; None: no MFU); `peak`: the FLOP/s MFU divides by.
   """
 
   def __init__(self, total_tokens_per_step: int | None, flops_per_token: float | None,

@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from parallelism.hybrid import planner as hybrid_dp
-from training import hybrid_data, hybrid_exec, telemetry, throughput
+from training.hybrid import data as hybrid_data, executor as hybrid_exec
+from training.metrics import telemetry, throughput
 from training.state import ModelSetup, TrainState
 
 log = logging.getLogger('loomax')

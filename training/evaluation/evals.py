@@ -6,7 +6,7 @@
     passkey        retrieval accuracy, context length x needle depth (Mohtashami & Jaggi, 2023)
     mqar           multi-query associative recall accuracy by length and number of key-value
                    pairs (Arora et al., 2023)
-    ruler          RULER-style suite (training/ruler.py): NIAH variants, variable tracking,
+    ruler          RULER-style suite (training/evaluation/ruler.py): NIAH variants, variable tracking,
                    common/frequent words, scored on greedy generation through the decode cache
 
 Tasks are scored by the model's own next-token predictions: arg-max at every scored position
@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from modeling import registry
 from parallelism.context import layout as context_layout
 from training import data as data_lib
-from training import downstream, ruler
+from training.evaluation import downstream, ruler
 from training.composition import make_runtime
 from training.data import tasks
 from training.program import batch_sharding
@@ -307,7 +307,7 @@ def run_tasks(ev: Evaluator, params, progress: Callable[[str], Any] | None = Non
     out['ruler'] = ruler.evaluate(ev.config, params, lengths, ruler.Settings(
         tasks=s.ruler_tasks, samples=s.ruler_samples, rows=ev.rows_per_call(), seed=s.seed), tick)
     out['skipped'] += out['ruler']['skipped']
-  for name in (t for t in s.tasks if t in downstream.TASKS):   # training/downstream.py
+  for name in (t for t in s.tasks if t in downstream.TASKS):   # training/evaluation/downstream.py
     tick(name)
     out[name] = downstream.run(name, ev, params, s.files)
   return out

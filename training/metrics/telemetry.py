@@ -44,7 +44,8 @@ import numpy as np
 
 from modeling import registry
 from parallelism import disaggregation
-from training import perf, step as step_lib
+from training import step as step_lib
+from training.metrics import perf
 
 log = logging.getLogger('loomax')
 

@@ -1,6 +1,6 @@
 """Runs a hybrid-data-parallel plan (`parallelism/hybrid/planner.py`): one compiled program per
 layout. The pool's groups, their ring attention and recurrences are `parallelism/hybrid/groups.py`;
-the program the loop drives is `training/hybrid_program.py`.
+the program the loop drives is `training/hybrid/program.py`.
 
 ByteScale (Ge et al., 2025), section 4: every device of the pool (mesh data x fsdp x
 context) computes on its own C tokens; a micro-batch's layout, e.g. (4, 2, 1, 1), cuts the

@@ -19,7 +19,7 @@ names the files (scripts/evaluate.py --lambada_file, --choice_file, --text_file)
     perplexity       a UTF-8 text file cut into windows of the run's seq_len: loss (nats/token),
                      perplexity and bits per byte.
 
-Every score is computed with `Evaluator.run` (training/evals.py): the run's mesh and layout.
+Every score is computed with `Evaluator.run` (training/evaluation/evals.py): the run's mesh and layout.
 """
 
 import dataclasses

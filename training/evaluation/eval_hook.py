@@ -5,7 +5,8 @@ import logging
 
 import ml_collections
 
-from training import data as data_lib, evals
+from training import data as data_lib
+from training.evaluation import evals
 
 log = logging.getLogger('loomax')
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from parallelism.hybrid import planner as hybrid_dp
 from parallelism.hybrid.groups import pool_size
-from training import hybrid_exec
+from training.hybrid import executor as hybrid_exec
 from training.data import packing, sources
 
 log = logging.getLogger('loomax')

@@ -9,7 +9,7 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
-from training import run_files
+from training.safety import run_files
 
 
 class MetricWriter:
@@ -30,7 +30,7 @@ class MetricWriter:
     for tag, value in clean.items():
       if math.isfinite(value):
         self.tb.add_scalar(tag, value, step)
-    self.jsonl.write({'step': step, **clean})  # one whole line per row (training/run_files.py)
+    self.jsonl.write({'step': step, **clean})  # one whole line per row (training/safety/run_files.py)
     self.tb.flush()
 
   def close(self) -> None:

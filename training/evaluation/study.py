@@ -62,7 +62,7 @@ class Study:
   # check(arm, config, model) before training: asserts that the studied mechanism is active.
   check: Callable[[Arm, Any, Any], None] | None = None
   smoke: bool = False
-  # training.downstream.Files: lambada / multiple_choice / perplexity files scored after
+  # training.evaluation.downstream.Files: lambada / multiple_choice / perplexity files scored after
   # training (reported beside the diagnostics, mean and interval over seeds); None = none.
   downstream: Any = None
 
@@ -161,7 +161,7 @@ def evaluate(workdir: str, arm: Arm, batches, files=None) -> dict[str, Any]:
 
   from training import data as data_lib
   from training import loss as loss_lib
-  from training import serving
+  from training.evaluation import serving
 
   run = serving.load(workdir)
   model = run.model()
@@ -196,7 +196,7 @@ def _downstream(run, files) -> dict[str, float]:
   """{'<task>/<metric>': value} of the downstream tasks whose file `files` names."""
   if files is None:
     return {}
-  from training import downstream, evals
+  from training.evaluation import downstream, evals
   named = {'lambada': files.lambada, 'multiple_choice': files.choice, 'perplexity': files.text}
   if not any(named.values()):
     return {}

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from training import perf, throughput
+from training.metrics import perf, throughput
 from training.checkpointing import NonFiniteLoss, is_finite_step
 
 log = logging.getLogger('loomax')

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from training import evals
+from training.evaluation import evals
 
 
 def write(results: dict, out_dir: str, step: int) -> list[str]:
@@ -17,7 +17,7 @@ def write(results: dict, out_dir: str, step: int) -> list[str]:
     json.dump(results, f, indent=1)
   files += plot(results, out_dir)
   if 'ruler' in results:
-    from training import ruler
+    from training.evaluation import ruler
     files.append(os.path.join(out_dir, 'ruler.md'))
     with open(files[-1], 'w') as f:
       f.write(ruler.table(results['ruler']) + '\n')

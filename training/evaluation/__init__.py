@@ -1,0 +1,1 @@
+"""Evaluation and serving: held-out loss, long-context and downstream tasks, studies."""

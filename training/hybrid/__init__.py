@@ -1,0 +1,1 @@
+"""Hybrid data parallelism as a program: whole documents, per-batch plans, the executor."""

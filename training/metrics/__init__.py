@@ -1,0 +1,1 @@
+"""Measurement: FLOPs and MFU, timing windows, telemetry, metric writers, profiling."""
