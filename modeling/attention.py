@@ -30,6 +30,12 @@ class AttendFn(Protocol):
     ...
 
 
-def self_attention_kwargs(segment_ids_BL, positions_BL) -> dict:
-  return dict(q_segment_ids=segment_ids_BL, kv_segment_ids=segment_ids_BL,
-              q_positions=positions_BL, kv_positions=positions_BL)
+def self_attention_kwargs(segment_ids_BL, positions_BL, attn_plan=None) -> dict:
+  """The keyword arguments of an `AttendFn` call for self-attention, plus the per-batch plan
+  (`attn_plan=`) only when there is one: only plan-reading attend fns (disaggregated) take it,
+  so every other AttendFn keeps the plain signature."""
+  kwargs = dict(q_segment_ids=segment_ids_BL, kv_segment_ids=segment_ids_BL,
+                q_positions=positions_BL, kv_positions=positions_BL)
+  if attn_plan is not None:
+    kwargs['attn_plan'] = attn_plan
+  return kwargs

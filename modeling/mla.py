@@ -115,7 +115,7 @@ class MLAttention(nnx.Module):
   def key_value(self, x_BLD, positions_BL):
     return self.expand(*self.latent(x_BLD, positions_BL))
 
-  def __call__(self, x_BLD, *, segment_ids, positions, kv=None):
+  def __call__(self, x_BLD, *, segment_ids, positions, kv=None, attn_plan=None):
     """Returns (output, (k, v)); `kv` substitutes keys and values computed elsewhere."""
     c = self.runtime.constrain
     x_BLD = x_BLD.astype(self.dtype)
@@ -125,7 +125,7 @@ class MLAttention(nnx.Module):
     k_BLHD, v_BLHD = (c(t, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None)) for t in kv)
     with jax.named_scope(scopes.ATTENTION_SCOPE):
       o_BLHD = self.runtime.attend(q_BLHD, k_BLHD, v_BLHD, causal=True, window=self.window,
-                                   **self_attention_kwargs(segment_ids, positions))
+                                   **self_attention_kwargs(segment_ids, positions, attn_plan))
     o_BLHD = checkpoint_name(o_BLHD, 'attention_out')
     return self._project(o_BLHD, self.wo[...], n_in=2), kv
 
@@ -147,7 +147,7 @@ class MLAttention(nnx.Module):
 
 
 class MLABlock(Block):
-  """A pre-norm layer (`transformer.Block`: residuals, MLP, ping-pong schedule) whose
+  """A pre-norm layer (`transformer.Block`: residuals, MLP, the runtime's layer schedule) whose
   attention is MLA. Every linear map is drawn N(0, init_std), as CART's reference does."""
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):   # noqa: super not called
@@ -160,7 +160,7 @@ class MLABlock(Block):
                              param_dtype=pdt, out_std=cfg.init_std,
                              flatten_tokens=runtime.flatten_tokens)
     self.constrain = runtime.constrain
-    self.ping_pong = runtime.ping_pong
+    self.schedule = runtime.layer_schedule
 
 
 # --- decoding: a latent cache per layer ---

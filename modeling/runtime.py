@@ -16,7 +16,7 @@ import jax
 from modeling import axes as ax
 from modeling import shared_kv as shared_kv_lib
 from modeling import ssm
-from modeling.attention import AttendFn, xla_attention
+from modeling.attention import AttendFn, self_attention_kwargs, xla_attention  # noqa: F401 - re-exported
 
 
 class LayerStages(Protocol):
@@ -75,14 +75,3 @@ class Runtime:
   shared_kv: shared_kv_lib.SharedKV | None = None
   flatten_tokens: bool = True
   layer_schedule: LayerSchedule = sequential
-
-
-def self_attention_kwargs(segment_ids_BL, positions_BL, attn_plan=None) -> dict:
-  """The keyword arguments of an `AttendFn` call for self-attention, plus the per-batch plan
-  (`attn_plan=`) only when there is one: only plan-reading attend fns (disaggregated) take it,
-  so every other AttendFn keeps the plain signature."""
-  kwargs = dict(q_segment_ids=segment_ids_BL, kv_segment_ids=segment_ids_BL,
-                q_positions=positions_BL, kv_positions=positions_BL)
-  if attn_plan is not None:
-    kwargs['attn_plan'] = attn_plan
-  return kwargs
