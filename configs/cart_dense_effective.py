@@ -6,11 +6,7 @@ at d=1024, R=6 (174.2M vs CART's 178.2M effective; the paper used 12 layers).
 
 from configs import cart_dense
 
-# Depths already counted (d_model, R) -> layers, so loading a paper config builds no model.
-KNOWN = {(1024, 6): 11}
-
 
 def get_config(arg: str | None = None):
-  d, r = cart_dense.parse(arg)
-  layers = KNOWN.get((d, r)) or cart_dense.matched_layers(d, r, 'effective')
-  return cart_dense.dense_config(d, layers)
+  d, r, layers = cart_dense.parse(arg)
+  return cart_dense.dense_config(d, layers or cart_dense.matched_layers(d, r, 'effective'))

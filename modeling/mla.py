@@ -34,7 +34,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from modeling import axes as ax
-from modeling import layers, scopes
+from modeling import layers, rope, scopes
 from modeling.attention import self_attention_kwargs
 from modeling.transformer import Block, Runtime, dtype_of
 
@@ -80,6 +80,7 @@ class MLAttention(nnx.Module):
     self.wq = layers.param(rngs, init, (D, H, Dh), (ax.EMBED, ax.HEADS, None), pdt)
     self.wo = layers.param(rngs, init, (H, Dh, D), (ax.HEADS, None, ax.EMBED), pdt)
     self.rope_dim, self.rope_theta = R, cfg.rope_theta
+    self.rope = rope.from_model(cfg)   # theta + model.rope_scaling (modeling/rope.py)
     self.causal, self.window = True, window
     self.dtype = dtype_of(cfg.dtype)
     self.runtime = runtime
@@ -91,7 +92,7 @@ class MLAttention(nnx.Module):
     """RoPE on the last rope_dim features only (the decoupled part)."""
     R = self.rope_dim
     return jnp.concatenate([x_BLHD[..., :-R],
-                            layers.rotary(x_BLHD[..., -R:], positions_BL, self.rope_theta)], -1)
+                            layers.rotary(x_BLHD[..., -R:], positions_BL, self.rope)], -1)
 
   def query(self, x_BLD, positions_BL):
     return self._rope_tail(self._project(x_BLD, self.wq[...]), positions_BL)
@@ -100,7 +101,7 @@ class MLAttention(nnx.Module):
     """What a decoding cache keeps per token: c [B, L, C] and the rotary key k_R [B, L, R]."""
     c_BLC = self.kv_norm(self._project(x_BLD, self.w_dkv[...]))
     kr_BL1R = layers.rotary(self._project(x_BLD, self.w_kr[...])[:, :, None], positions_BL,
-                            self.rope_theta)
+                            self.rope)
     return c_BLC, kr_BL1R[:, :, 0]
 
   def expand(self, c_BSC, kr_BSR):

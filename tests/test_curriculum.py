@@ -15,7 +15,8 @@ from parallelism import mesh as mesh_lib
 from tests.helpers import tiny_config
 from training import curriculum, loop
 from training.data import curriculum as data_curriculum
-from training.data import pipeline, tasks
+from training import data as data_lib
+from training.data import tasks
 
 SCHEDULE = '0:32,3:64,6:128'
 
@@ -51,7 +52,7 @@ def test_stages_are_checked_against_the_context_axis_at_start_up():
 
 def test_batches_take_each_stage_shape_and_task_rows_continue_exactly():
   c = config(**{'data.source': 'synthetic'})
-  it = pipeline.make_train_iterator(c)
+  it = data_lib.make_train_iterator(c)
   index = 0
   for step in range(9):
     b = next(it)
@@ -68,12 +69,12 @@ def test_batches_take_each_stage_shape_and_task_rows_continue_exactly():
 
 def test_document_stream_resumes_exactly_mid_stage():
   c = config(**{'data.shuffle_window': 0})
-  whole = pipeline.make_train_iterator(c)
+  whole = data_lib.make_train_iterator(c)
   first = [next(whole) for _ in range(4)]       # into stage 2
   saved = json.loads(json.dumps(whole.get_state()))
   assert saved['curriculum']['stage'] == 1
   rest = [next(whole) for _ in range(4)]        # crosses into stage 3
-  again, how = pipeline.resume_train_iterator(c, {0: saved})
+  again, how = data_lib.resume_train_iterator(c, {0: saved})
   assert how.startswith('exact (length schedule stage 1')
   for a, b in zip(rest, [next(again) for _ in range(4)]):
     for k in a:
@@ -102,7 +103,7 @@ def test_stage_boundaries_carry_every_target_exactly_once(tmp_path):
   docs = _marked_corpus(tmp_path / 'docs.jsonl')
   c = config(**{'data.source': 'jsonl', 'data.paths': str(tmp_path / 'docs.jsonl'),
                 'data.eval_fraction': 0.0, 'data.shuffle_window': 64})
-  it = pipeline.make_train_iterator(c)
+  it = data_lib.make_train_iterator(c)
   seen = {i: np.zeros(len(d), int) for i, d in enumerate(docs)}   # times each target trained
   for _ in range(10):
     b = next(it)
@@ -146,7 +147,7 @@ def test_killed_in_stage_2_and_resumed_equals_uninterrupted(tmp_path):
 def _train(c, devices, steps):
   program = curriculum.StagedProgram(c, mesh_lib.make_mesh(c.mesh, devices=devices))
   state = program.init_state()
-  it = pipeline.make_train_iterator(c)
+  it = data_lib.make_train_iterator(c)
   losses = []
   for _ in range(steps):
     state, m = program.train_step(state, program.global_batch(next(it)))

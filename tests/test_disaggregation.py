@@ -403,6 +403,9 @@ def test_loop_run_matches_one_device(tmp_path, monkeypatch):
   assert 'eval/loss' in row
   make_mesh = mesh_lib.make_mesh
   monkeypatch.setattr(mesh_lib, 'make_mesh', lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+  validate = loop.config_checks.validate_on_devices   # the start-up check, for that one device
+  monkeypatch.setattr(loop.config_checks, 'validate_on_devices',
+                      lambda cfg, n, nproc=1: validate(cfg, 1, nproc))
   ref = loop.run(tiny_config(**over, **{'mesh.data': 1}), str(tmp_path / 'one'))
   assert ref['step'] == 3
   got, want = _loop_losses(tmp_path / 'dca'), _loop_losses(tmp_path / 'one')

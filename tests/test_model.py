@@ -163,7 +163,7 @@ def test_only_the_registry_and_family_modules_know_a_family():
   import pathlib
   import re
   root = pathlib.Path(__file__).resolve().parents[1]
-  family_modules = {'registry', 'transformer', 'cart', 'cart_core', 'cart_decode', 'sambay',
+  family_modules = {'registry', 'transformer', 'cart', 'cart_core', 'cart_decode', 'mla', 'sambay',
                     'sambay_decode', 'kv_routing', 'ssm', 'decode'}
   names = re.compile(r"name\s*[!=]=\s*'(transformer|cart|sambay)'")
   code_refs = re.compile(r"isinstance\([^)]*\b(Transformer|Cart|SambaY)\b|\bmodel\.(sambay|cart)\b")

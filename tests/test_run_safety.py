@@ -51,7 +51,7 @@ def test_a_held_workdir_is_refused_at_once_and_a_dead_holders_lock_is_taken_over
   workdir = str(tmp_path / 'w')
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import sys, time; sys.path.insert(0, sys.argv[1]); '
-       'from training import workdir_lock; workdir_lock.try_acquire(sys.argv[2]); '
+       'from training.safety import workdir_lock; workdir_lock.try_acquire(sys.argv[2]); '
        'print("held", flush=True); time.sleep(120)', ROOT, workdir],
       stdout=subprocess.PIPE, text=True)
   try:

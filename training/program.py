@@ -174,6 +174,10 @@ class CompiledOnce:
   def lower(self, *args):
     return self.jitted.lower(*args)
 
+  def _cache_size(self) -> int:
+    """Programs compiled so far (as jax's jitted functions count them)."""
+    return self.jitted._cache_size() + (self.compiled is not None)
+
   def compile(self, *abstract):
     if self.compiled is None:
       self.compiled = self.jitted.lower(*abstract).compile()

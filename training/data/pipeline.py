@@ -209,13 +209,9 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
   Each batch is a dict of int32 arrays [batch_size // process_count, seq_len]: inputs, targets
   (-1 = no loss), segment_ids (0 = padding) and positions. The iterator has get_state/set_state
   and works with grain.checkpoint.CheckpointSave/CheckpointRestore; `position()` gives its
-  place in the global stream (training/data/position.py). With `data.length_schedule` it is a
-  `curriculum.CurriculumIterator`: each stage's batches in that stage's shape.
+  place in the global stream (training/data/position.py). One length: a length curriculum's
+  stages are `training.data.make_train_iterator`'s (training/data/curriculum.py).
   """
-  if config.data.get('length_schedule', ''):
-    from training.data import curriculum
-    return curriculum.CurriculumIterator(config, process_index=process_index,
-                                         process_count=process_count, start=start)
   return iter(make_train_dataset(config, process_index=process_index,
                                  process_count=process_count, start=start, skip=skip,
                                  trim=trim))
@@ -229,10 +225,6 @@ def resume_train_iterator(config, saved: dict[int, dict], *, process_index: int 
   stream restarts at the saved resume point with empty buffers ('remapped'); what that
   guarantees is stated in training/data/position.py.
   """
-  if config.data.get('length_schedule', ''):
-    from training.data import curriculum
-    return curriculum.resume(config, saved, process_index=process_index,
-                             process_count=process_count)
   mine = saved.get(process_index)
   if mine is not None and mine['position']['process_count'] == process_count:
     it = make_train_iterator(config, process_index=process_index, process_count=process_count,
