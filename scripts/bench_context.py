@@ -99,6 +99,7 @@ SMOKE_MODEL = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, head_d
 def bench_config(seq_len: int, context: int, impl: str, remat: str = 'none'):
   c = base.get_config()
   c.seq_len, c.batch_size, c.steps = seq_len, 1, 10
+  c.data.source = 'synthetic'   # batches are made here (random_batch): no bytes-per-token counts
   m = c.model
   m.update(MODEL)
   m.remat = remat

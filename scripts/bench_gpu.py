@@ -473,6 +473,7 @@ def _model_config(s, seq, remat, impl, tile):
   from configs import base
   c = base.get_config()
   c.seq_len, c.batch_size, c.steps = seq, 1, 10
+  c.data.source = 'synthetic'   # the rows below are made here: no bytes-per-token counts
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = s['layers'], s['d'], s['heads'], s['kv']
   m.head_dim, m.mlp_dim, m.vocab_size = s['head_dim'], s['mlp'], s['vocab']

@@ -42,6 +42,7 @@ def write_config(config, workdir: str) -> None:
   import jax
   from checkpoint.manager import config_json
   if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
     write_atomic(os.path.join(workdir, 'config.json'), config_json(config))
 
 
