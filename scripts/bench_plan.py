@@ -46,9 +46,23 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
-def spearman(a, b) -> float:
+def _ranks(x):
+  """Ranks from 0, ties sharing their average rank (the usual Spearman convention)."""
   import numpy as np
-  ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
+  x = np.asarray(x, float)
+  order = np.argsort(x, kind='stable')
+  ranks = np.empty(len(x))
+  ranks[order] = np.arange(len(x))
+  for value in np.unique(x):
+    tied = x == value
+    ranks[tied] = ranks[tied].mean()
+  return ranks
+
+
+def spearman(a, b) -> float:
+  """Spearman's rank correlation of a and b (tied values share their average rank)."""
+  import numpy as np
+  ra, rb = _ranks(a), _ranks(b)
   if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
     return float('nan')
   return float(np.corrcoef(ra, rb)[0, 1])
@@ -135,7 +149,8 @@ def run_case(name: str, args, hw) -> dict:
   timed = [e for e in results if 'cpu_s' in e]
   best = min((e['cpu_s'] for e in timed), default=float('nan'))
   first = next((e for e in timed if e['chosen']), None)
-  rho = spearman([e['predicted_s'] for e in timed], [e['cpu_s'] for e in timed])
+  # Predictions within 0.1% tie (the planner's own tie rule, parallelism/planner/search.py).
+  rho = spearman([float(f"{e['predicted_s']:.3g}") for e in timed], [e['cpu_s'] for e in timed])
   summary = {'case': name, 'config': path, 'seq_len': seq_len, 'rows': rows_per_step,
              'budget_bytes': budget, 'candidates': len(rows), 'fit_modelled': len(feasible),
              'plan_s': plan_s, 'measured': len(timed),

@@ -19,6 +19,7 @@ figures). The loop never asks which strategy it runs.
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable, Protocol
 
 import jax
@@ -170,6 +171,7 @@ class CompiledOnce:
 
   def __init__(self, jitted):
     self.jitted, self.compiled = jitted, None
+    self.compile_s = 0.0   # seconds `compile` took (the first step's compile, done ahead)
 
   def lower(self, *args):
     return self.jitted.lower(*args)
@@ -180,7 +182,9 @@ class CompiledOnce:
 
   def compile(self, *abstract):
     if self.compiled is None:
+      t0 = time.perf_counter()
       self.compiled = self.jitted.lower(*abstract).compile()
+      self.compile_s = time.perf_counter() - t0
     return self.compiled
 
   def __call__(self, *args):
