@@ -162,14 +162,14 @@ class Executor:
     count = jax.device_put(np.zeros(self.pool, np.float32), self.per_device)
     if self.mesh.shape['fsdp'] > 1:
       params = self._gather(params)   # once per step, for every micro-batch
-    for k, (key, buffers) in enumerate(micro_batches):
+    for key, buffers in micro_batches:
       layout = layout_of(key, self.pool)
       on_host = not isinstance(next(iter(buffers.values())), jax.Array)
       if max(layout) > 1 and self.whole_groups and on_host and len(set(layout)) == 1:
         check_whole_group_layout(layout[0], buffers)
       batch = self.put(buffers) if on_host else buffers
-      acc, total, count = self.program(layout)(params, acc, total, count, batch,
-                                               jax.random.fold_in(rng, k))
+      # The step's key for every micro-batch: stochastic layers draw as on one device.
+      acc, total, count = self.program(layout)(params, acc, total, count, batch, rng)
     return total, count, acc
 
   def train_step(self, state: TrainState, micro_batches) -> tuple[TrainState, dict]:
