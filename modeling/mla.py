@@ -151,17 +151,9 @@ class MLABlock(Block):
   """A pre-norm layer (`transformer.Block`: residuals, MLP, the runtime's layer schedule) whose
   attention is MLA. Every linear map is drawn N(0, init_std), as CART's reference does."""
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):   # noqa: super not called
-    pdt = dtype_of(cfg.param_dtype)
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
-    self.attn = MLAttention(cfg, rngs=rngs, runtime=runtime, window=cfg.sliding_window)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
-    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, rngs=rngs,
-                             constrain=runtime.constrain, dtype=dtype_of(cfg.dtype),
-                             param_dtype=pdt, out_std=cfg.init_std,
-                             flatten_tokens=runtime.flatten_tokens)
-    self.constrain = runtime.constrain
-    self.schedule = runtime.layer_schedule
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):
+    super().__init__(cfg, rngs=rngs, runtime=runtime, attention=MLAttention,
+                     mlp_out_std=cfg.init_std)
 
 
 # --- decoding: a latent cache per layer ---

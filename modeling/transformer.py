@@ -93,15 +93,19 @@ class Block(nnx.Module):
   plain order (`forward`); the runtime's `layer_schedule` decides how they run
   (`modeling/runtime.py`)."""
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime):
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs, runtime: Runtime, attention=None,
+               mlp_out_std: float | None = None):
+    """`attention`: the attention module's class (default GQA `Attention`; CART's MLA blocks
+    pass theirs); `mlp_out_std`: the MLP output init std (default scaled by depth)."""
     pdt = dtype_of(cfg.param_dtype)
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
-    self.attn = Attention(cfg, rngs=rngs, runtime=runtime, window=cfg.sliding_window)
+    self.attn = (attention or Attention)(cfg, rngs=rngs, runtime=runtime,
+                                         window=cfg.sliding_window)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5 if mlp_out_std is None else mlp_out_std
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, rngs=rngs,
                              constrain=runtime.constrain, dtype=dtype_of(cfg.dtype),
-                             param_dtype=pdt,
-                             out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                             param_dtype=pdt, out_std=out_std,
                              flatten_tokens=runtime.flatten_tokens)
     self.constrain = runtime.constrain
     self.schedule = runtime.layer_schedule
