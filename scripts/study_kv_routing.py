@@ -43,9 +43,11 @@ def register_fixed_sharing():
     return
 
   class FixedSharing(transformer.Transformer):
-    def __call__(self, tokens_BL, *, segment_ids, positions, rng=None, kv_plan=None):
+    def __call__(self, tokens_BL, *, segment_ids, positions, rng=None, kv_plan=None,
+                 attn_plan=None):
       return super().__call__(tokens_BL, segment_ids=segment_ids, positions=positions, rng=rng,
-                              kv_plan=kv_plan or CachePlan.from_config(self.cfg))
+                              kv_plan=kv_plan or CachePlan.from_config(self.cfg),
+                              attn_plan=attn_plan)
 
   registry.FAMILIES['transformer_cla'] = dataclasses.replace(registry.FAMILIES['transformer'],
                                                              build=FixedSharing)
