@@ -157,7 +157,7 @@ def run_case(name: str, args, hw) -> dict:
              'first_choice': chosen.candidate.describe(),
              'first_vs_best': (first['cpu_s'] / best) if first else None,
              'rank_correlation': rho, 'results': results}
-  print(f'{name}: first choice {chosen.candidate.describe()}: '
+  print(f'summary | {name}: first choice {chosen.candidate.describe()}: '
         f'{summary["first_vs_best"] if first else "not measured"} x the best measured; '
         f'rank correlation {rho:.2f} over {len(timed)} measured', flush=True)
   return summary
