@@ -123,7 +123,9 @@ def test_sigterm_interrupts_a_blocked_data_wait(tmp_path, monkeypatch):
   def terminate():
     waiting.wait(240)
     sent.append(time.time())
-    os.kill(os.getpid(), signal.SIGTERM)
+    # To the main thread: a process-directed signal may be taken by any thread (XLA's, grain's),
+    # and then the main thread's sleep is never interrupted (see docs/clusters.md, limits).
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
   threading.Thread(target=terminate, daemon=True).start()
   with pytest.raises(stop.Stopped, match='during a data wait, not saved') as e:
