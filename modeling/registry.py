@@ -67,6 +67,11 @@ class Family:
   # planner_cost(cfg) -> (forward FLOPs per token, per causal query-key pair) of one document:
   # the planners' cost model is 3 x (linear x s + pair x s(s+1)/2) for forward + backward.
   planner_cost: Callable[[Any], tuple[float, float]] | None = None
+  # The planner's scan term (parallelism/planner): forward FLOPs per token spent in recurrence
+  # scans, recurrence_flops(cfg) -> float (part of forward_flops_per_token), and a probe the
+  # calibration times: scan_probe(cfg, length) -> (loss_fn, args, forward FLOPs of one call).
+  recurrence_flops: Callable[[Any], float] | None = None
+  scan_probe: Callable[[Any, int], tuple[Callable, tuple, float]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -79,7 +84,9 @@ FAMILIES: dict[str, Family] = {
     'sambay': Family(sambay.SambaY, sambay.forward_flops_per_token,
                      decoder=sambay_decode.decoder, order_dependent_layers=('mamba',),
                      recurrence_scan=_sambay_scan, window_key='model.sambay.window',
-                     balance_window=_no_window, planner_cost=sambay.planner_cost),
+                     balance_window=_no_window, planner_cost=sambay.planner_cost,
+                     recurrence_flops=sambay.recurrence_flops_per_token,
+                     scan_probe=sambay.scan_probe),
 }
 
 

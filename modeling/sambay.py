@@ -247,6 +247,33 @@ def forward_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> f
   return total + 2.0 * D * cfg.vocab_size
 
 
+def recurrence_flops_per_token(cfg: Any) -> float:
+  """Forward FLOPs per token spent in selective scans (every Mamba and memory layer): the
+  part of `forward_flops_per_token` that runs at a scan's speed, not a matmul's."""
+  E, N = ssm.dims(cfg)[:2]
+  scans = sum(r in (MAMBA, MEMORY) for r in layer_roles(cfg.num_layers))
+  return scans * ssm.scan_flops_per_token(E, N)
+
+
+def scan_probe(cfg: Any, length: int):
+  """One Mamba layer's selective scan over `length` tokens, for timing (the planner's
+  calibration): (loss_fn, args, forward FLOPs of one call). The scan is the configured one
+  (`model.sambay.scan_impl`), on random inputs of the layer's shapes, float32."""
+  import numpy as np
+  E, N = ssm.dims(cfg)[:2]
+  scan_fn = ssm.make_scan(cfg.sambay.scan_impl, cfg.sambay.scan_chunk)
+  r = np.random.RandomState(0)
+  x = r.randn(1, length, E).astype(np.float32)
+  dt = np.abs(r.randn(1, length, E)).astype(np.float32) * 0.1
+  A = -np.abs(r.randn(E, N)).astype(np.float32)
+  B, C = (r.randn(1, length, N).astype(np.float32) for _ in range(2))
+  reset = np.zeros((1, length), bool)
+
+  def loss(x, dt, A, B, C):
+    return scan_fn(x, dt, A, B, C, reset_BL=reset)[0].sum()
+  return loss, (x, dt, A, B, C), length * ssm.scan_flops_per_token(E, N)
+
+
 def planner_cost(cfg: Any) -> tuple[float, float]:
   """Forward FLOPs of one document as (per token, per causal query-key pair), by layer kind:
   Mamba/memory, GMU and MLPs per token; sliding-window attention per token at its full window

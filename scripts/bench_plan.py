@@ -114,37 +114,59 @@ def run_case(name: str, args, hw) -> dict:
   budget = args.device_memory_gib * hw_lib.GIB
   tokens = seq_len * rows_per_step
   t0 = time.perf_counter()
+  hw = autoplan.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len,
+                                   length=256 if args.smoke else 2048)
+  calibrate_s = time.perf_counter() - t0
+  print(f'  kernels at this workload: matmul share {hw.matmul_efficiency:.2f}, scan share '
+        f'{hw.scan_efficiency:.3g}, attention (impl, heads, kv heads, share) '
+        f'{[(i, h, k, round(s, 3)) for i, h, k, s in hw.attention_layouts]}', flush=True)
+  t0 = time.perf_counter()
   rows = autoplan.plan(config, devices=args.devices, memory_bytes=budget, seq_len=seq_len,
                        global_tokens=tokens, hw=hw, top=max(args.measure // 2, 1),
                        max_compiles=2 * args.measure)
   plan_s = time.perf_counter() - t0
   chosen = rows[0]
-  # The planner's leading compiled candidates, then a spread over the rest of the ranking.
+  devices = jax.devices()[:args.devices]
+  # The planner's leading compiled candidates, then a spread over the rest of the modelled
+  # ranking: evenly spaced targets, each the first candidate from there on that compiles
+  # within the budget (so every measured row fits and the predictions span their range).
   feasible = [r for r in rows if r.feasible]
   picked = [r for r in feasible if r.checked == 'compiled'][:max(args.measure // 2, 1)]
-  rest = [r for r in feasible if r not in picked]
-  if rest and len(picked) < args.measure:
-    idx = np.linspace(0, len(rest) - 1, min(args.measure - len(picked), len(rest)))
-    picked += [rest[int(i)] for i in sorted(set(np.round(idx).astype(int)))]
+  rest = sorted((r for r in feasible if r not in picked), key=lambda r: r.estimate.time['step'])
   results = []
+
+  def entry_of(r):
+    return {'candidate': r.candidate.describe(), 'overrides': r.candidate.overrides(),
+            'predicted_s': r.estimate.time['step'], 'predicted': r.estimate.time,
+            'modelled_bytes': r.estimate.memory['total'], 'compiled_bytes': r.compiled_bytes,
+            'checked': r.checked, 'chosen': r is chosen}
+
+  want = args.measure - len(picked)
+  targets = sorted(set(np.round(np.linspace(0, len(rest) - 1, want)).astype(int))) if (
+      rest and want > 0) else []
+  tried = set()
+  for t in targets:
+    for r in rest[t:t + 4]:          # at most 4 compiles per target
+      if id(r) in tried:
+        continue
+      tried.add(id(r))
+      cfg = autoplan.apply(config, r.candidate, seq_len=seq_len, global_tokens=tokens)
+      try:
+        r.compiled_bytes = autoplan.compile_memory(cfg, devices)
+      except ValueError:
+        continue
+      if r.compiled_bytes <= budget:
+        picked.append(r)
+        break
   for r in picked:
     cfg = autoplan.apply(config, r.candidate, seq_len=seq_len, global_tokens=tokens)
-    entry = {'candidate': r.candidate.describe(), 'overrides': r.candidate.overrides(),
-             'predicted_s': r.estimate.time['step'], 'modelled_bytes': r.estimate.memory['total'],
-             'compiled_bytes': r.compiled_bytes, 'checked': r.checked,
-             'chosen': r is chosen}
-    try:
-      if r.compiled_bytes is None:
-        entry['compiled_bytes'] = autoplan.compile_memory(cfg, jax.devices()[:args.devices])
-      entry['fits'] = entry['compiled_bytes'] <= budget
-      if entry['fits']:
-        entry.update(measure(cfg, jax.devices()[:args.devices], args.steps))
-    except ValueError as e:
-      entry['refused'] = str(e).splitlines()[0]
+    entry = entry_of(r)
+    entry['fits'] = r.compiled_bytes <= budget
+    entry.update(measure(cfg, devices, args.steps))
     results.append(entry)
     print(f'  {entry["candidate"]:<52} predicted {entry["predicted_s"]:8.3g} s  measured '
-          f'{entry.get("cpu_s", float("nan")):8.3g} CPU s ({entry.get("wall_s", float("nan")):.3g}'
-          f' wall)  {entry["compiled_bytes"] / 2**20 if entry["compiled_bytes"] else 0:7.1f} MiB'
+          f'{entry["cpu_s"]:8.3g} CPU s ({entry["wall_s"]:.3g} wall)  '
+          f'{entry["compiled_bytes"] / 2**20:7.1f} MiB'
           f'{"  <- first choice" if entry["chosen"] else ""}', flush=True)
   timed = [e for e in results if 'cpu_s' in e]
   best = min((e['cpu_s'] for e in timed), default=float('nan'))
@@ -153,7 +175,7 @@ def run_case(name: str, args, hw) -> dict:
   rho = spearman([float(f"{e['predicted_s']:.3g}") for e in timed], [e['cpu_s'] for e in timed])
   summary = {'case': name, 'config': path, 'seq_len': seq_len, 'rows': rows_per_step,
              'budget_bytes': budget, 'candidates': len(rows), 'fit_modelled': len(feasible),
-             'plan_s': plan_s, 'measured': len(timed),
+             'hardware': hw.__dict__, 'calibrate_s': calibrate_s, 'plan_s': plan_s, 'measured': len(timed),
              'first_choice': chosen.candidate.describe(),
              'first_vs_best': (first['cpu_s'] / best) if first else None,
              'rank_correlation': rho, 'results': results}

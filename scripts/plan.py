@@ -40,6 +40,10 @@ def parse_args(argv=None):
   ap.add_argument('--rows', type=int, default=10, help='rows printed')
   ap.add_argument('--calibrate', action='store_true',
                   help="measure this machine's profile (peak, attention, links) and print it")
+  ap.add_argument('--calibrate_kernels', action='store_true',
+                  help="before planning, measure the matmul, attention (per head layout) and "
+                       "scan speeds at this workload's shapes on one local device of the "
+                       "target's backend (training/autoplan.calibrate_workload)")
   ap.add_argument('--json', default='', help='also write the plan (or profile) to this JSON')
   args, rest = ap.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
@@ -97,6 +101,8 @@ def main(argv=None):
   tokens = args.global_batch_tokens or config.batch_size * seq_len
   memory = args.device_memory_gib * hw_lib.GIB or hw.memory_bytes
   try:
+    if args.calibrate_kernels:
+      hw = autoplan.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len)
     rows = autoplan.plan(config, devices=args.devices, memory_bytes=memory, seq_len=seq_len,
                          global_tokens=tokens, hw=hw, compile=args.compile, top=args.top)
   except ValueError as e:

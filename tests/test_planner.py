@@ -74,6 +74,54 @@ def test_workload_counts_cart_loops():
   assert w.effective_layers > m.num_layers     # the core counts once per application
 
 
+def test_attention_speed_follows_the_head_layout():
+  """A measured share for the candidate's per-device (query, kv) heads replaces the kernel's
+  generic one: with 1:1 blocks measured twice as fast, tensor=2 (1 query head per device over
+  H=2, K=1) models less attention time than context=2 (2 query heads on 1 kv head)."""
+  c = tiny_config()
+  c.model.update(num_heads=2, num_kv_heads=1, head_dim=64)
+  w = workload.from_config(c, 4096, 4096)
+  assert est.head_layout(2, 1, 1) == (2, 1) and est.head_layout(2, 1, 2) == (1, 1)
+  assert est.head_layout(4, 2, 4) == (1, 1) and est.head_layout(8, 2, 2) == (4, 1)
+  hw = hardware.Hardware(**{**hardware.PROFILES['cpu'].__dict__, 'attention_layouts': (
+      ('blockwise', 2, 1, 0.1), ('blockwise', 1, 1, 0.2))})
+  attn = lambda cand: est.estimate(cand, w, hw).time['compute']
+  ctx = attn(Candidate(1, 1, 2, 1, 'ring', 'blockwise', 'none', 1))
+  ten = attn(Candidate(1, 1, 1, 2, 'none', 'blockwise', 'none', 1))
+  assert ten < ctx
+  assert hw.attention_share('blockwise', 2, 1) == 0.1
+  assert hw.attention_share('blockwise', 4, 4) == dict(hw.attention_efficiency)['blockwise']
+
+
+def test_scan_flops_are_their_own_term():
+  """SambaY's selective scans come from the registry and run at the scan's share of peak."""
+  w = workload.from_config(sambay_tiny.get_config(), 256, 256 * 8)
+  dense = _workload()
+  assert w.scan_flops > 0 == dense.scan_flops
+  cand = Candidate(8, 1, 1, 1, 'none', 'blockwise', 'none', 1)
+  hw = hardware.PROFILES['cpu']
+  slow = hardware.Hardware(**{**hw.__dict__, 'scan_efficiency': hw.scan_efficiency / 10})
+  t, t_slow = est.estimate(cand, w, hw).time, est.estimate(cand, w, slow).time
+  assert t_slow['scan'] == pytest.approx(10 * t['scan'])
+  assert t_slow['step'] - t['step'] == pytest.approx(9 * t['scan'])
+  ring = est.estimate(Candidate(1, 1, 8, 1, 'ring', 'blockwise', 'none', 1), w, hw).time
+  assert ring['scan'] > t['scan']       # the context-parallel scan's state correction
+
+
+def test_calibrate_workload_measures_each_head_layout(tmp_path):
+  c = sambay_tiny.get_config()
+  hw = autoplan.calibrate_workload(hardware.PROFILES['cpu'], c, devices=8, seq_len=64)
+  layouts = {(impl, h, k) for impl, h, k, _ in hw.attention_layouts}
+  # tensor 1, 2, 4 over 4 heads (2 kv heads): (4, 2), (2, 1), (1, 1), each kernel
+  assert layouts == {(i, h, k) for i in ('xla', 'blockwise') for h, k in ((4, 2), (2, 1), (1, 1))}
+  assert all(share > 0 for *_, share in hw.attention_layouts)
+  assert 0 < hw.scan_efficiency != hardware.PROFILES['cpu'].scan_efficiency
+  hardware.save(hw, str(tmp_path / 'hw.json'))
+  assert hardware.parse(str(tmp_path / 'hw.json')) == hw
+  with pytest.raises(ValueError, match='needs gpu devices'):
+    autoplan.calibrate_workload(hardware.PROFILES['h100'], c, devices=8, seq_len=64)
+
+
 @pytest.fixture(scope='module')
 def planned():
   """The tiny dense model at 256 tokens x 8 rows on the 8 fake devices, 64 MiB each."""

@@ -22,7 +22,7 @@ from modeling import attention as attention_lib
 from parallelism import mesh as mesh_lib
 from parallelism.planner import hardware as hw_lib
 from parallelism.planner import search, workload as workload_lib
-from parallelism.planner.estimate import Candidate, Estimate
+from parallelism.planner.estimate import Candidate, Estimate, head_layout
 from training.metrics import perf
 
 log = logging.getLogger('loomax')
@@ -218,3 +218,57 @@ def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
       matmul_efficiency=min(matmul_share, 1.0), attention_efficiency=tuple(shares),
       source=f'measured by training/autoplan.calibrate on {n} {jax.default_backend()} '
              f'device(s), {time.strftime("%Y-%m-%d")}')
+
+
+def _grad_time(fn, args) -> float:
+  """Seconds of one forward + backward of the scalar `fn` (best of 3)."""
+  return _time(jax.jit(jax.grad(fn, tuple(range(len(args))))), *args)
+
+
+def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
+                       seq_len: int, length: int = 2048) -> hw_lib.Hardware:
+  """`hw` with the kernel speeds this workload runs at, measured on one local device: the
+  matmul share at the model's [tokens, d_model] x [d_model, mlp_dim] shape, the attention
+  share of every kernel at every per-device head layout a candidate can have (heads over
+  each tensor degree), and the family's recurrence scan (registry `scan_probe`), each at
+  min(seq_len, length) tokens, forward + backward. Needs the target's backend here."""
+  if hw.kind != jax.default_backend():
+    raise ValueError(f'calibrating for {hw.kind} needs {hw.kind} devices; this process has '
+                     f'{jax.default_backend()}')
+  from modeling import registry
+  m = config.model
+  dev = jax.devices()[0]
+  L = min(seq_len, length)
+  matmul = 2048
+  one = jax.device_put(jnp.ones((matmul, matmul), jnp.float32) / matmul, dev)
+  lone_peak = 2 * matmul ** 3 / _time(jax.jit(lambda a: a @ a), one)
+  put = lambda x: jax.device_put(x, dev)
+  x = put(jnp.ones((4096, m.d_model), jnp.float32))
+  y = put(jnp.ones((m.d_model, m.mlp_dim), jnp.float32) / m.d_model)
+  matmul_share = 2 * 4096 * m.d_model * m.mlp_dim / _time(jax.jit(jnp.matmul), x, y) / lone_peak
+  layouts = []
+  H, K, Dh = m.num_heads, m.num_kv_heads, m.head_dim
+  ids, pos = put(jnp.ones((1, L), jnp.int32)), put(jnp.arange(L, dtype=jnp.int32)[None])
+  for t in sorted({t for t in range(1, devices + 1) if devices % t == 0 and H % t == 0
+                   and t <= hw.devices_per_node}):
+    h, k = head_layout(H, K, t)
+    r = np.random.RandomState(t)
+    q = put(r.randn(1, L, h, Dh).astype(np.float32))
+    kv = put(r.randn(1, L, k, Dh).astype(np.float32))
+    flops = 3 * 4 * L * L / 2 * h * Dh
+    for impl in search.ATTENTION[hw.kind]:
+      kernel = attention_lib.KERNELS[impl]
+      loss = lambda q, k, v, kernel=kernel: kernel(
+          q, k, v, q_segment_ids=ids, kv_segment_ids=ids, q_positions=pos, kv_positions=pos,
+          causal=True).sum()
+      layouts.append((impl, h, k, flops / _grad_time(loss, (q, kv, kv)) / lone_peak))
+  scan_share = hw.scan_efficiency
+  probe = registry.get_family(m.name).scan_probe
+  if probe is not None:
+    fn, args, flops = probe(m, L)
+    scan_share = 3 * flops / _grad_time(fn, tuple(put(a) for a in args)) / lone_peak
+  return dataclasses.replace(
+      hw, matmul_efficiency=min(matmul_share, 1.0), attention_layouts=tuple(layouts),
+      scan_efficiency=scan_share,
+      source=f'{hw.source}; kernel shares measured at this workload\'s shapes on 1 '
+             f'{jax.default_backend()} device, {time.strftime("%Y-%m-%d")}')

@@ -10,7 +10,9 @@ Memory per device = model state + saved activations + the loss head's logits:
   logits       tokens x vocab / tensor x 8 bytes (float32 logits and their gradient), at most
                2 GiB (attention.loss_chunk=-1 chunks the head past 1 GiB)
 Step time = compute + recompute + exposed communication:
-  compute      3 x forward FLOPs per device at the hardware's matmul / attention efficiency
+  compute      3 x forward FLOPs per device at the hardware's matmul / attention / scan
+               efficiency; attention at the share measured for the candidate's per-device
+               head layout (`head_layout`) where calibrate_workload measured it
   recompute    the forward work the remat policy redoes (full: all; save_attention_out: all
                but the attention core; dots: none)
   communication per device and step, ring all-reduce / all-gather / reduce-scatter byte counts
@@ -150,18 +152,34 @@ def communication(c: Candidate, w: Workload, hw: Hardware, compute_attn_s: float
   return out
 
 
+def head_layout(heads: int, kv_heads: int, tensor: int) -> tuple[int, int]:
+  """(query heads, kv heads they read) on one device: query heads split over tensor; each
+  device's queries read heads / (heads per kv head) kv heads, at least one (when kv heads do
+  not divide over tensor every device keeps them all, parallelism/rules.py, but its queries
+  still read only their group's)."""
+  h = heads // tensor
+  return h, max(1, h // (heads // kv_heads))
+
+
 def estimate(c: Candidate, w: Workload, hw: Hardware) -> Estimate:
   mem = memory(c, w)
   per_device_tokens = w.global_tokens / c.devices
   mm = 3 * w.matmul_flops * per_device_tokens
+  scan = 3 * w.scan_flops * per_device_tokens
   attn = 3 * w.attention_flops * per_device_tokens
   mm_s = mm / (hw.peak_flops * hw.matmul_efficiency)
-  attn_s = attn / (hw.peak_flops * hw.attention_share(c.attention))
+  if c.context > 1:
+    # The context-parallel scan (parallelism/context/scan.py) then corrects every local
+    # output with the entering state: C . (exp(A cumsum dt) h_in), ~4 FLOPs per (e, n) next
+    # to the scan's 9.
+    scan *= 1 + 4 / 9
+  scan_s = scan / (hw.peak_flops * hw.scan_efficiency)
+  attn_s = attn / (hw.peak_flops * hw.attention_share(c.attention, *head_layout(w.heads, w.kv_heads, c.tensor)))
   share_mm, share_attn = RECOMPUTE[c.remat]
-  recompute = share_mm * mm_s / 3 + share_attn * attn_s / 3
+  recompute = share_mm * (mm_s + scan_s) / 3 + share_attn * attn_s / 3
   comm = communication(c, w, hw, attn_s)
   comm_s = sum(comm.values())
-  step = mm_s + attn_s + recompute + comm_s
-  time = {'compute': mm_s + attn_s, 'recompute': recompute, 'communication': comm_s,
-          **{f'comm_{k}': v for k, v in comm.items()}, 'step': step}
-  return Estimate(mem, time, (mm + attn) / (step * hw.peak_flops))
+  step = mm_s + scan_s + attn_s + recompute + comm_s
+  time = {'compute': mm_s + scan_s + attn_s, 'scan': scan_s, 'recompute': recompute,
+          'communication': comm_s, **{f'comm_{k}': v for k, v in comm.items()}, 'step': step}
+  return Estimate(mem, time, (mm + scan + attn) / (step * hw.peak_flops))

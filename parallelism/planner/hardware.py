@@ -31,8 +31,18 @@ class Hardware:
   attention_efficiency: tuple  # ((impl, share of peak), ...) per attention kernel
   overlap: float               # share of gradient / parameter collectives hidden (assumption)
   source: str
+  # Share of peak a recurrence scan reaches (elementwise and sequential: far below a
+  # matmul's). The data-centre figures are an assumption; calibrate measures it.
+  scan_efficiency: float = 0.05
+  # Measured attention shares by the per-device head layout a candidate runs, ((impl, query
+  # heads, kv heads, share), ...): a kernel's speed depends on its GQA grouping (on CPU a
+  # 2-query-per-kv-head block costs 1.5x two 1:1 blocks). Written by calibrate_workload.
+  attention_layouts: tuple = ()
 
-  def attention_share(self, impl: str) -> float:
+  def attention_share(self, impl: str, heads: int = 0, kv_heads: int = 0) -> float:
+    for name, h, k, share in self.attention_layouts:
+      if (name, h, k) == (impl, heads, kv_heads):
+        return share
     return dict(self.attention_efficiency).get(impl, self.matmul_efficiency / 2)
 
   def link_bytes_per_s(self, span: int) -> float:
@@ -82,6 +92,7 @@ def parse(spec: str) -> Hardware:
     with open(spec) as f:
       d = json.load(f)
     d['attention_efficiency'] = tuple(tuple(x) for x in d['attention_efficiency'])
+    d['attention_layouts'] = tuple(tuple(x) for x in d.get('attention_layouts', ()))
     return Hardware(**d)
   raise ValueError(f'--hardware {spec!r}: use one of {sorted(PROFILES)}, a profile JSON '
                    'written by --calibrate, or custom:PEAK_TFLOPS,HBM_GBPS,LINK_GBPS')
