@@ -68,12 +68,18 @@ class CostModel:
 
   @classmethod
   def for_model(cls, model_cfg) -> 'CostModel':
-    """From `forward_flops_per_token` (docs/measuring.md): x3 for forward + backward."""
-    D, H, K, Dh, F = (model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads,
-                      model_cfg.head_dim, model_cfg.mlp_dim)
-    per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F
-    matmul = model_cfg.num_layers * per_layer + D * model_cfg.vocab_size
-    return cls(linear=3 * 2.0 * matmul, pair=3 * 4.0 * H * Dh * model_cfg.num_layers)
+    """The family's own cost from the registry (`Family.planner_cost`: forward FLOPs per token
+    and per causal query-key pair, matching its FLOP counter, docs/measuring.md), x3 for
+    forward + backward. Every layer kind counts as the family builds it: CART's prelude, R
+    core cross-attentions and coda; SambaY's Mamba, sliding-window, full and cross layers."""
+    from modeling import registry   # here: the planner itself is numpy on length metadata
+    family = registry.get_family(model_cfg.name)
+    if family.planner_cost is None:
+      raise ValueError(f'model.name={model_cfg.name!r} has no planner_cost in its registry '
+                       'entry (modeling/registry.py): the hybrid-DP planner needs its FLOPs '
+                       'per token and per causal query-key pair')
+    linear, pair = family.planner_cost(model_cfg)
+    return cls(linear=3.0 * linear, pair=3.0 * pair)
 
 
 def padded_length(s: int, g: int) -> int:
