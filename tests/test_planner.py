@@ -203,3 +203,22 @@ def test_large_targets_are_modelled_only():
   assert rows[0].feasible and rows[0].checked == 'modelled'
   assert rows[0].candidate.context > 1 or rows[0].candidate.remat != 'none'
   assert jax.device_count() < 64
+
+
+def test_plan_cli_prints_ranked_rows_and_writes_json(tmp_path, capsys):
+  from scripts import plan as plan_cli
+  out = tmp_path / 'plan.json'
+  assert plan_cli.main(['--config', 'configs/sambay_tiny.py', '--devices', '8',
+                        '--device_memory_gib', '0.5', '--seq_len', '256',
+                        '--global_batch_tokens', '2048', '--hardware', 'cpu', '--compile',
+                        'never', '--calibrate_kernels', '--json', str(out),
+                        '--config.model.num_layers=8']) == 0
+  text = capsys.readouterr().out
+  assert 'first choice: --config.mesh.data=' in text
+  d = json.loads(out.read_text())
+  assert d['hardware']['attention_layouts'] and d['hardware']['scan_efficiency'] > 0
+  steps = [r['time']['step'] for r in d['rows'] if r['feasible']]
+  assert steps == sorted(steps) and all(r['checked'] == 'modelled' for r in d['rows'])
+  assert all(r['time']['scan'] > 0 for r in d['rows'])
+  with pytest.raises(SystemExit, match='model.nope'):
+    plan_cli.main(['--config', 'configs/tiny.py', '--config.model.nope=1'])
