@@ -1,6 +1,7 @@
 """The automatic parallel planner: candidates respect the shapes, the memory model moves the
 right way, every plan it prints compiles within its budget and trains, and mesh.auto runs."""
 
+import dataclasses
 import json
 import math
 
@@ -93,6 +94,18 @@ def test_attention_speed_follows_the_head_layout():
   assert hw.attention_share('blockwise', 4, 4) == dict(hw.attention_efficiency)['blockwise']
 
 
+def test_measured_remat_cost_replaces_the_recompute_share():
+  w = _workload(seq_len=4096, tokens=4096 * 8)
+  hw = hardware.PROFILES['cpu']
+  cand = Candidate(8, 1, 1, 1, 'none', 'blockwise', 'dots', 1)
+  assert est.estimate(cand, w, hw).time['recompute'] == 0       # dots: nothing redone
+  slow = hardware.Hardware(**{**hw.__dict__, 'attention_remat': (('blockwise', 'dots', 1.5),)})
+  t = est.estimate(cand, w, slow).time
+  attn = est.estimate(cand, w, hw).time['compute'] - est.estimate(
+      cand, dataclasses.replace(w, attention_flops=0.0), hw).time['compute']
+  assert t['recompute'] == pytest.approx(0.5 * attn)
+
+
 def test_scan_flops_are_their_own_term():
   """SambaY's selective scans come from the registry and run at the scan's share of peak."""
   w = workload.from_config(sambay_tiny.get_config(), 256, 256 * 8)
@@ -116,6 +129,9 @@ def test_calibrate_workload_measures_each_head_layout(tmp_path):
   assert layouts == {(i, h, k) for i in ('xla', 'blockwise') for h, k in ((4, 2), (2, 1), (1, 1))}
   assert all(share > 0 for *_, share in hw.attention_layouts)
   assert 0 < hw.scan_efficiency != hardware.PROFILES['cpu'].scan_efficiency
+  assert {(i, p) for i, p, _ in hw.attention_remat} == {
+      (i, p) for i in ('xla', 'blockwise') for p in search.REMAT[1:]}
+  assert all(ratio > 0 for *_, ratio in hw.attention_remat)
   hardware.save(hw, str(tmp_path / 'hw.json'))
   assert hardware.parse(str(tmp_path / 'hw.json')) == hw
   with pytest.raises(ValueError, match='needs gpu devices'):

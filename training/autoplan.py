@@ -230,12 +230,13 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
   """`hw` with the kernel speeds this workload runs at, measured on one local device: the
   matmul share at the model's [tokens, d_model] x [d_model, mlp_dim] shape, the attention
   share of every kernel at every per-device head layout a candidate can have (heads over
-  each tensor degree), and the family's recurrence scan (registry `scan_probe`), each at
+  each tensor degree) and under each remat policy (one layout), and the family's recurrence
+  scan (registry `scan_probe`), each at
   min(seq_len, length) tokens, forward + backward. Needs the target's backend here."""
   if hw.kind != jax.default_backend():
     raise ValueError(f'calibrating for {hw.kind} needs {hw.kind} devices; this process has '
                      f'{jax.default_backend()}')
-  from modeling import registry
+  from modeling import registry, transformer
   m = config.model
   dev = jax.devices()[0]
   L = min(seq_len, length)
@@ -246,7 +247,7 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
   x = put(jnp.ones((4096, m.d_model), jnp.float32))
   y = put(jnp.ones((m.d_model, m.mlp_dim), jnp.float32) / m.d_model)
   matmul_share = 2 * 4096 * m.d_model * m.mlp_dim / _time(jax.jit(jnp.matmul), x, y) / lone_peak
-  layouts = []
+  layouts, remat = [], []
   H, K, Dh = m.num_heads, m.num_kv_heads, m.head_dim
   ids, pos = put(jnp.ones((1, L), jnp.int32)), put(jnp.arange(L, dtype=jnp.int32)[None])
   for t in sorted({t for t in range(1, devices + 1) if devices % t == 0 and H % t == 0
@@ -261,7 +262,12 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
       loss = lambda q, k, v, kernel=kernel: kernel(
           q, k, v, q_segment_ids=ids, kv_segment_ids=ids, q_positions=pos, kv_positions=pos,
           causal=True).sum()
-      layouts.append((impl, h, k, flops / _grad_time(loss, (q, kv, kv)) / lone_peak))
+      seconds = _grad_time(loss, (q, kv, kv))
+      layouts.append((impl, h, k, flops / seconds / lone_peak))
+      if t == 1:   # each remat policy's cost on this kernel, as a ratio to no remat
+        for policy in search.REMAT[1:]:
+          wrapped = jax.checkpoint(loss, policy=transformer.remat_policy(policy))
+          remat.append((impl, policy, _grad_time(wrapped, (q, kv, kv)) / seconds))
   scan_share = hw.scan_efficiency
   probe = registry.get_family(m.name).scan_probe
   if probe is not None:
@@ -269,6 +275,7 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
     scan_share = 3 * flops / _grad_time(fn, tuple(put(a) for a in args)) / lone_peak
   return dataclasses.replace(
       hw, matmul_efficiency=min(matmul_share, 1.0), attention_layouts=tuple(layouts),
+      attention_remat=tuple(remat),
       scan_efficiency=scan_share,
       source=f'{hw.source}; kernel shares measured at this workload\'s shapes on 1 '
              f'{jax.default_backend()} device, {time.strftime("%Y-%m-%d")}')

@@ -14,7 +14,8 @@ Step time = compute + recompute + exposed communication:
                efficiency; attention at the share measured for the candidate's per-device
                head layout (`head_layout`) where calibrate_workload measured it
   recompute    the forward work the remat policy redoes (full: all; save_attention_out: all
-               but the attention core; dots: none)
+               but the attention core; dots: none); for attention, where calibrate_workload
+               measured it, the kernel's time under the policy over its time without
   communication per device and step, ring all-reduce / all-gather / reduce-scatter byte counts
                ((n-1)/n of the payload per phase) over the link that the axis spans (tensor is
                the innermost mesh axis, then context, fsdp, data); gradient and parameter
@@ -176,7 +177,9 @@ def estimate(c: Candidate, w: Workload, hw: Hardware) -> Estimate:
   scan_s = scan / (hw.peak_flops * hw.scan_efficiency)
   attn_s = attn / (hw.peak_flops * hw.attention_share(c.attention, *head_layout(w.heads, w.kv_heads, c.tensor)))
   share_mm, share_attn = RECOMPUTE[c.remat]
-  recompute = share_mm * (mm_s + scan_s) / 3 + share_attn * attn_s / 3
+  measured = hw.attention_remat_ratio(c.attention, c.remat)
+  attn_extra = attn_s * (measured - 1) if measured is not None else share_attn * attn_s / 3
+  recompute = share_mm * (mm_s + scan_s) / 3 + max(attn_extra, 0.0)
   comm = communication(c, w, hw, attn_s)
   comm_s = sum(comm.values())
   step = mm_s + scan_s + attn_s + recompute + comm_s

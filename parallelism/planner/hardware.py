@@ -38,6 +38,16 @@ class Hardware:
   # heads, kv heads, share), ...): a kernel's speed depends on its GQA grouping (on CPU a
   # 2-query-per-kv-head block costs 1.5x two 1:1 blocks). Written by calibrate_workload.
   attention_layouts: tuple = ()
+  # Measured cost of each remat policy on the attention kernel, ((impl, policy, forward +
+  # backward time over the same without remat), ...): a policy can cost more than its
+  # recomputation (on CPU `dots` saves every per-block score of a block kernel: 1.7x).
+  attention_remat: tuple = ()
+
+  def attention_remat_ratio(self, impl: str, policy: str) -> float | None:
+    for name, p, ratio in self.attention_remat:
+      if (name, p) == (impl, policy):
+        return ratio
+    return None
 
   def attention_share(self, impl: str, heads: int = 0, kv_heads: int = 0) -> float:
     for name, h, k, share in self.attention_layouts:
@@ -93,6 +103,7 @@ def parse(spec: str) -> Hardware:
       d = json.load(f)
     d['attention_efficiency'] = tuple(tuple(x) for x in d['attention_efficiency'])
     d['attention_layouts'] = tuple(tuple(x) for x in d.get('attention_layouts', ()))
+    d['attention_remat'] = tuple(tuple(x) for x in d.get('attention_remat', ()))
     return Hardware(**d)
   raise ValueError(f'--hardware {spec!r}: use one of {sorted(PROFILES)}, a profile JSON '
                    'written by --calibrate, or custom:PEAK_TFLOPS,HBM_GBPS,LINK_GBPS')
