@@ -7,19 +7,31 @@ never hung on a data wait; the run then ends with `Stopped` (exit status 128 + s
     same step (the collective save cannot hang) and the host never waits on the reduction.
   * A data wait (`next_batch`) that is still blocked `grace_s` seconds after a stop request
     (3 s with one process, 30 s with several, where the agreed stop needs every process to
-    finish its step) is interrupted: an empty or stalled input cannot swallow SIGTERM, and an
+    finish its step) is abandoned: an empty or stalled input cannot swallow SIGTERM, and an
     ordinary wait of milliseconds still ends in a saved step.
   * A second signal ends the run at once, unsaved.
+
+Why a data wait runs `next(iterator)` on a fetch thread: CPython runs a Python signal handler
+only in the main thread, between bytecodes. A main thread blocked inside the pipeline's own
+wait (a C++ call, a lock, a sleep) runs it only if that wait returns EINTR and the code checks
+for signals, which a signal taken by another thread (XLA's, grain's) never causes, and a signal
+arriving just before the blocking call begins does not either: the handler then waits for the
+call to end (this hung tests/test_run_safety.py when other tests had run first). So the main
+thread waits for the fetch thread's result in slices of POLL_S seconds, running any pending
+handler and checking the stop request between them.
 """
 
 import logging
+import queue
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 log = logging.getLogger('loomax')
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+POLL_S = 0.1  # the longest a data wait goes without running signal handlers or checking a stop
 
 
 class Stopped(Exception):
@@ -49,8 +61,9 @@ class Stopped(Exception):
 
 
 class _Interrupt(BaseException):
-  """Raised by the signal handler inside a data wait or on a second signal (a BaseException,
-  so no `except Exception` in a data pipeline swallows it)."""
+  """Raised by the signal handler on a second signal, and in `next_batch` by a data wait still
+  blocked grace_s after a stop request (a BaseException, so no `except Exception` swallows
+  it)."""
 
   def __init__(self, signum: int):
     super().__init__(signum)
@@ -64,10 +77,8 @@ class StopControl:
     self.process_count = process_count
     self.grace_s = grace_s if grace_s is not None else (3.0 if process_count == 1 else 30.0)
     self.signum: int | None = None
-    self._waiting = False
-    self._wait_id = 0
-    self._firing = False  # the timer re-signals the main thread to end a blocked wait
-    self._timer: threading.Timer | None = None
+    self._requested_at = 0.0  # time.monotonic() of the first signal
+    self._fetcher: _Fetcher | None = None
     self._previous: dict[int, Any] = {}
     self._reduction = None  # the all-reduce dispatched last step (multi-process)
     self._reduce_fn = None
@@ -79,36 +90,22 @@ class StopControl:
 
   def _handler(self, signum, frame):
     del frame
-    if self._firing:
-      self._firing = False
-      log.warning('still waiting for data %.0f s after the stop request: stopping now',
-                  self.grace_s)
-      raise _Interrupt(self.signum or signum)
     if self.signum is not None:
       log.warning('second signal %d: stopping now, without saving', signum)
       raise _Interrupt(signum)
-    self.signum = signum
+    self._request(signum)
     log.warning('received signal %d: stopping after the current step, with a save', signum)
-    if self._waiting:
-      self._arm()
 
-  def _arm(self) -> None:
-    """Interrupts the current data wait if it is still blocked after grace_s."""
-    wait_id = self._wait_id
-
-    def fire():
-      if self._waiting and self._wait_id == wait_id:
-        self._firing = True
-        signal.pthread_kill(threading.main_thread().ident, self.signum or signal.SIGTERM)
-
-    self._timer = threading.Timer(self.grace_s, fire)
-    self._timer.daemon = True
-    self._timer.start()
+  def _request(self, signum: int) -> None:
+    self.signum = signum
+    self._requested_at = time.monotonic()
 
   def restore(self) -> None:
-    """Puts the previous handlers back (a notebook or test process gets its signals back)."""
-    if self._timer is not None:
-      self._timer.cancel()
+    """Puts the previous handlers back (a notebook or test process gets its signals back) and
+    lets the fetch thread end."""
+    if self._fetcher is not None:
+      self._fetcher.close()
+      self._fetcher = None
     for sig, old in self._previous.items():
       signal.signal(sig, old)
     self._previous = {}
@@ -118,21 +115,37 @@ class StopControl:
     return self.signum is not None
 
   def next_batch(self, iterator: Iterator, step: int):
-    """next(iterator), interruptible by a signal (see the module docstring)."""
-    self._wait_id += 1
-    self._waiting = True
-    if self.requested:  # stop agreed a step late (multi-process): do not hang meanwhile
-      self._arm()
+    """next(iterator), on the fetch thread, while this thread waits in slices of POLL_S: a
+    stop request ends the wait once it is still blocked grace_s seconds after the request (or
+    after the wait began, for a stop agreed a step late); a second signal ends it at once. An
+    abandoned wait leaves its fetch thread blocked in the iterator (the run ends, unsaved)."""
+    if self._fetcher is None:
+      self._fetcher = _Fetcher()
+    fetcher = self._fetcher
+    began = time.monotonic()
     try:
-      return next(iterator)
-    except _Interrupt:
-      raise Stopped(self.signum or signal.SIGTERM, step - 1, saved=False,
+      fetcher.request(iterator)
+      while True:
+        try:
+          ok, value = fetcher.result(POLL_S)
+        except queue.Empty:
+          if (self.requested
+              and time.monotonic() - max(began, self._requested_at) >= self.grace_s):
+            log.warning('still waiting for data %.0f s after the stop request: stopping now',
+                        self.grace_s)
+            raise _Interrupt(self.signum) from None
+          continue
+        if ok:
+          return value
+        try:
+          raise value  # the iterator's own exception (StopIteration, a data error)
+        finally:
+          value = None
+    except _Interrupt as e:
+      self._fetcher = None  # still inside next(iterator): never asked again
+      fetcher.close()
+      raise Stopped(self.signum or e.signum, step - 1, saved=False,
                     during='a data wait') from None
-    finally:
-      self._waiting = False
-      if self._timer is not None:
-        self._timer.cancel()
-        self._timer = None
 
   def agreed(self) -> bool:
     """Whether to stop after this step: the local flag, or in a multi-process run the max of
@@ -149,10 +162,39 @@ class StopControl:
       return False
     stop = bool(jax.device_get(previous))
     if stop and self.signum is None:
-      self.signum = signal.SIGTERM  # another process was signalled
+      self._request(signal.SIGTERM)  # another process was signalled
       log.warning('another process received a stop signal: stopping at this step, with a save')
     return stop
 
+
+class _Fetcher:
+  """A daemon thread that calls next(iterator) when asked and hands back (True, batch) or
+  (False, exception): the blocking part of a data wait, off the main thread."""
+
+  def __init__(self):
+    self._requests: queue.SimpleQueue = queue.SimpleQueue()
+    self._results: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=self._serve, name='loomax-data-fetch', daemon=True).start()
+
+  def _serve(self) -> None:
+    while (iterator := self._requests.get()) is not None:
+      try:
+        result = (True, next(iterator))
+      except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, raised there
+        result = (False, e)
+      self._results.put(result)
+      del iterator, result  # hold no batch while idle
+
+  def request(self, iterator: Iterator) -> None:
+    self._requests.put(iterator)
+
+  def result(self, timeout: float) -> tuple[bool, Any]:
+    """(ok, batch or exception); queue.Empty when none came within timeout seconds."""
+    return self._results.get(timeout=timeout)
+
+  def close(self) -> None:
+    """The thread ends once its current next() (if any) returns."""
+    self._requests.put(None)
 
 
 def _flag_all_reduce():
