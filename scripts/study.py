@@ -36,6 +36,8 @@ def parser(name: str | None = None) -> argparse.ArgumentParser:
   p.add_argument('--root', default=None,
                  help='run workdirs (default runs/studies; smoke: a temp folder)')
   p.add_argument('--out', default=None, help='report folder (default docs/results; smoke: temp)')
+  p.add_argument('--note', default='', help='a line the report carries (e.g. how loaded the '
+                 'machine was for runs that predate the per-run load record)')
   p.add_argument('--lambada_file', default='', help='score every trained model on this jsonl '
                  '(training/evaluation/downstream.py), likewise:')
   p.add_argument('--choice_file', default='', help='multiple-choice jsonl (HellaSwag/PIQA/ARC)')
@@ -60,7 +62,7 @@ def main(argv=None, name: str | None = None) -> int:
   study.downstream = downstream.Files(args.lambada_file, args.choice_file, args.text_file)
   report = study_lib.run_study(study, root, out,
                                command=' '.join(['python'] + [os.path.relpath(sys.argv[0])]
-                                                + sys.argv[1:]))
+                                                + sys.argv[1:]), note=args.note)
   for c in report['comparisons']:
     print(f'{c["claim"]}: {c["a"]} - {c["b"]} = {c["diff"]:+.4f} '
           f'[{c["low"]:+.4f}, {c["high"]:+.4f}] -> {c["verdict"]}')

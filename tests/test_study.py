@@ -104,13 +104,17 @@ def test_runs_resumably_and_writes_the_report(tmp_path, monkeypatch):
   md = open(os.path.join(out, 'toy.md')).read()
   assert 'SMOKE' in md and '95%' in md and 'depth helps' in md and 'python toy' in md
   assert 'holds' not in md
+  # Each run records its process CPU time and the load it ended under; the report shows both.
+  assert all(r['cpu_s'] > 0 and r['load_1m'] >= 0 for r in report['runs'])
+  assert one['cpu_s'] > 0 and one['load_1m_max'] is not None and '| CPU s | load |' in md
   assert json.load(open(os.path.join(out, 'toy.json')))['study'] == 'toy'
   assert os.path.getsize(os.path.join(out, 'toy.png')) > 0
   # A second call trains nothing: every (arm, seed) has its result.
   from training import loop
   monkeypatch.setattr(loop, 'run', lambda *a, **k: pytest.fail('a finished run was retrained'))
-  again = study_lib.run_study(study, runs, out, command='python toy')
+  again = study_lib.run_study(study, runs, out, command='python toy', note='a loaded machine')
   assert again['runs'] == report['runs']
+  assert '- note: a loaded machine' in open(os.path.join(out, 'toy.md')).read()
 
 
 def test_cli_refuses_one_seed_before_importing_jax():

@@ -221,21 +221,25 @@ def run_one(study: Study, arm: Arm, seed: int, root: str, batches) -> dict[str, 
     return result
   from training import loop
   config = arm_config(study, arm, seed)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   loop.run(config, workdir)
-  wall = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu
   stored, effective = parameter_counts(config.model)
   result = {'arm': arm.name, 'seed': seed, 'stored_params': stored,
             'effective_params': effective,
             'tokens': config.steps * config.batch_size * config.seq_len,
-            'steps': config.steps, 'wall_s': wall,
+            'steps': config.steps, 'wall_s': wall, 'cpu_s': cpu,
+            # The 1-minute load average as the run ended: above the core count, other work
+            # shared the cores and the wall time is a loaded figure (cpu_s is the steadier one).
+            'load_1m': os.getloadavg()[0],
             **evaluate(workdir, arm, batches, study.downstream)}
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   return result
 
 
-def run_study(study: Study, root: str, out: str, command: str | None = None) -> dict[str, Any]:
+def run_study(study: Study, root: str, out: str, command: str | None = None,
+              note: str = '') -> dict[str, Any]:
   """Runs every (arm, seed) not yet done, then writes the report; returns its JSON content."""
   if len(study.seeds) < 2:
     raise ValueError(f'study {study.name}: {len(study.seeds)} seed(s); no verdict from one '
@@ -264,7 +268,7 @@ def run_study(study: Study, root: str, out: str, command: str | None = None) -> 
       log.info('study %s: %s seed %d: held-out loss %.4f', study.name, arm.name, seed, r['loss'])
       print(f'  {arm.name} seed {seed}: loss {r["loss"]:.4f} ({r["wall_s"]:.0f} s)', flush=True)
       results.append(r)
-  report = summarize(study, results, command or ' '.join(['python'] + sys.argv))
+  report = summarize(study, results, command or ' '.join(['python'] + sys.argv), note)
   write_report(study, report, out)
   return report
 
@@ -293,14 +297,25 @@ def machine() -> str:
           f'{jax.device_count()} device(s)')
 
 
-def summarize(study: Study, results: list[dict], command: str) -> dict[str, Any]:
+def _mean_of(rows, key):
+  vals = [r[key] for r in rows if key in r]
+  return float(np.mean(vals)) if len(vals) == len(rows) else None
+
+
+def _max_of(rows, key):
+  vals = [r[key] for r in rows if key in r]
+  return float(max(vals)) if len(vals) == len(rows) else None
+
+
+def summarize(study: Study, results: list[dict], command: str, note: str = '') -> dict[str, Any]:
   arms = []
   for arm in study.arms:
     rows = [r for r in results if r['arm'] == arm.name]
     entry = {'name': arm.name, 'label': arm.label or arm.name, 'overrides': arm.overrides,
              'seeds': [r['seed'] for r in rows], 'stored_params': rows[0]['stored_params'],
              'effective_params': rows[0]['effective_params'], 'tokens': rows[0]['tokens'],
-             'steps': rows[0]['steps'], 'wall_s': float(np.mean([r['wall_s'] for r in rows]))}
+             'steps': rows[0]['steps'], 'wall_s': float(np.mean([r['wall_s'] for r in rows])),
+             'cpu_s': _mean_of(rows, 'cpu_s'), 'load_1m_max': _max_of(rows, 'load_1m')}
     for key in ('loss', 'bits_per_byte'):
       vals = [r[key] for r in rows if r[key] is not None]
       entry[key] = dict(zip(('mean', 'low', 'high'), t_interval(vals))) if len(vals) > 1 else None
@@ -318,7 +333,7 @@ def summarize(study: Study, results: list[dict], command: str) -> dict[str, Any]
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   return {'study': study.name, 'title': study.title, 'smoke': study.smoke,
           'budget': study.budget if study.smoke else f'{study.budget} {study.why}'.strip(),
-          'seeds': list(study.seeds), 'command': command,
+          'seeds': list(study.seeds), 'command': command, 'note': note,
           'machine': machine(), 'date': stamp, 'arms': arms, 'comparisons': comparisons,
           'runs': results}
 
@@ -337,15 +352,24 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ['**Smoke run**: a few untrained steps at tiny shapes; the verdicts below only '
               'show the harness works and say nothing about the claims.', '']
   lines += [f'- command: `{report["command"]}`', f'- machine: {report["machine"]}',
-            f'- date: {report["date"]}', f'- seeds: {report["seeds"]}', '',
+            f'- date: {report["date"]}', f'- seeds: {report["seeds"]}']
+  if report.get('note'):
+    lines += [f'- note: {report["note"]}']
+  lines += ['',
             report['budget'].strip(), '',
             'Held-out loss in nats/token and bits per byte: mean over seeds ± half the 95% '
             't-interval.', '',
-            '| arm | stored | effective | tokens | wall s (mean) | held-out loss | bits/byte |',
-            '|---|---|---|---|---|---|---|']
+            'Wall and process CPU seconds per run (mean over seeds); "load" is the highest '
+            '1-minute load average at the end of a run: above the core count other work '
+            'shared the machine, so the wall time is a loaded figure ("-": not recorded).', '',
+            '| arm | stored | effective | tokens | wall s | CPU s | load | held-out loss | '
+            'bits/byte |',
+            '|---|---|---|---|---|---|---|---|---|']
+  fmt = lambda v, f: '-' if v is None else format(v, f)
   for a in report['arms']:
     lines.append(f'| {a["label"]} | {a["stored_params"]:,} | {a["effective_params"]:,} | '
-                 f'{a["tokens"]:,} | {a["wall_s"]:.0f} | {_ci(a["loss"])} | '
+                 f'{a["tokens"]:,} | {a["wall_s"]:.0f} | {fmt(a.get("cpu_s"), ".0f")} | '
+                 f'{fmt(a.get("load_1m_max"), ".1f")} | {_ci(a["loss"])} | '
                  f'{_ci(a["bits_per_byte"])} |')
   variants = [(a, v, d) for a in report['arms'] for v, d in a['variants'].items()]
   if variants:
