@@ -57,6 +57,16 @@ def test_time_model_charges_recompute_and_links():
           > t(Candidate(1, 1, 1, 8, 'none', 'jax_nn', 'none', 1))['step'])
 
 
+def test_a_ring_hides_transfers_only_with_asynchronous_collectives():
+  w = _workload(seq_len=4096, tokens=4096)
+  ring = Candidate(1, 1, 8, 1, 'ring', 'blockwise', 'none', 1)
+  cpu = hardware.PROFILES['cpu']
+  assert not cpu.async_collectives and hardware.PROFILES['h100'].async_collectives
+  overlapped = hardware.Hardware(**{**cpu.__dict__, 'async_collectives': True})
+  sync = est.estimate(ring, w, cpu).time['comm_context']
+  assert sync > est.estimate(ring, w, overlapped).time['comm_context'] >= 0
+
+
 def test_hardware_profiles_parse():
   assert hardware.parse('h200').memory_bytes > hardware.parse('h100').memory_bytes
   custom = hardware.parse('custom:100,1000,50')

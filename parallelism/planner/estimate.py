@@ -21,7 +21,8 @@ Step time = compute + recompute + exposed communication:
                the innermost mesh axis, then context, fsdp, data); gradient and parameter
                collectives are hidden by the hardware's `overlap` share; tensor all-reduces are
                exposed; ring attention hides each step's transfer under that step's compute
-               (`parallelism/context/cost.py`); a fixed latency per collective.
+               (`parallelism/context/cost.py`) where the hardware runs collectives
+               asynchronously (not XLA:CPU); a fixed latency per collective.
 """
 
 import dataclasses
@@ -146,7 +147,8 @@ def communication(c: Candidate, w: Workload, hw: Hardware, compute_attn_s: float
                                  w.head_dim, w.act_bytes, full_duplex=True)
       transfer = per_token * local / link
       step_compute = compute_attn_s / (w.effective_layers * c.grad_accum * n)
-      exposed = max(transfer - step_compute, 0.0) * (n - 1)
+      hidden = min(transfer, step_compute) if hw.async_collectives else 0.0
+      exposed = (transfer - hidden) * (n - 1)
     out['context'] = exposed * w.effective_layers * c.grad_accum
     n_coll += 2 * (n - 1) * round(w.effective_layers) * c.grad_accum
   out['latency'] = n_coll * hw.latency_s

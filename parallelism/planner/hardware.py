@@ -42,6 +42,9 @@ class Hardware:
   # backward time over the same without remat), ...): a policy can cost more than its
   # recomputation (on CPU `dots` saves every per-block score of a block kernel: 1.7x).
   attention_remat: tuple = ()
+  # Whether a collective can run while compute does (GPU/TPU: yes, so a ring hides each
+  # step's transfer under that step's compute; XLA:CPU runs collectives synchronously).
+  async_collectives: bool = True
 
   def attention_remat_ratio(self, impl: str, policy: str) -> float | None:
     for name, p, ratio in self.attention_remat:
@@ -81,7 +84,8 @@ PROFILES: dict[str, Hardware] = {
     'cpu': Hardware(
         'cpu', 'cpu', 5e9, 2 * GIB, 10e9, 5e9, 5e9, 1024, 100e-6, 1.0,
         (('xla', 0.6), ('blockwise', 0.35)), 0.0,
-        'uncalibrated guess for 8 fake devices on 2 cores; run scripts/plan.py --calibrate'),
+        'uncalibrated guess for 8 fake devices on 2 cores; run scripts/plan.py --calibrate',
+        async_collectives=False),
 }
 
 
