@@ -47,15 +47,18 @@ FAMILIES = {
 }
 
 _CONTEXT = {'mesh.data': 4, 'mesh.context': 2}
-# Strategy -> overrides on 8 devices. FSDP and tensor parallelism share one mesh, data=2 x
-# fsdp=2 x tensor=2: parameters sharded over fsdp and tensor at once, so one run per family
-# checks both shardings (no family treats them differently: modeling/ names no mesh axis, and
-# parallelism/rules.py maps every family's logical axes the same way). Hybrid DP: documents up to 128 tokens (64-token eval rows),
-# so pieces longer than the 64-token capacity span groups of 2.
+# Strategy -> overrides on 8 devices. Data parallelism, FSDP and tensor parallelism share one
+# mesh, data=2 x fsdp=2 x tensor=2 (README's combination): the batch split over data and fsdp,
+# parameters sharded over fsdp and tensor at once, so one run per family checks all three (no
+# family treats them differently: modeling/ names no mesh axis, and parallelism/rules.py maps
+# every family's logical axes the same way). Data parallelism with replicated parameters (the
+# default: batch over `data`, gradients all-reduced) is also what every context column runs on
+# its data=4 axis (parameters map to fsdp and tensor only), and hybrid DP and disaggregated
+# run on data=8. Hybrid DP: documents up to 128 tokens (64-token eval rows), so pieces longer
+# than the 64-token capacity span groups of 2.
 HYBRID = {'parallelism.hybrid_dp.enabled': True, 'parallelism.hybrid_dp.max_doc_len': 128}
 STRATEGIES = {
-    'data': {'mesh.data': 8},
-    'fsdp_tensor': {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2},
+    'data_fsdp_tensor': {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2},
     'ring': {**_CONTEXT, 'parallelism.context_impl': 'ring'},
     'token_ring': {**_CONTEXT, 'parallelism.context_impl': 'token_ring'},
     'allgather': {**_CONTEXT, 'parallelism.context_impl': 'allgather'},
