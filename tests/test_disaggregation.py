@@ -3,7 +3,10 @@
 8 fake CPU devices, float32. The planner conserves tokens and FLOPs and brings every device
 within tolerance; the disaggregated attention equals packed-document causal attention on one
 device (outputs within 1e-5, dq/dk/dv within 1e-4) on random long-tail document mixes; a
-3-step training run on 8 data-parallel devices equals the single-device run.
+3-step training run on 8 data-parallel devices equals the single-device run. The CLI path
+(`training.loop.run`: telemetry compiles the step at start-up from `abstract_batch()`, the
+held-out eval runs planned batches, the final checkpoint) against one device, for every family,
+is the disaggregated column of tests/test_matrix.py.
 """
 
 
@@ -379,38 +382,6 @@ def test_the_same_batch_is_planned_once():
   np.testing.assert_array_equal(
       other[0]['dca_ret'],
       dca.plan_batch(*long_tail_batch(1), N, **dca.planner_kwargs(c))[0]['dca_ret'])
-
-
-# ------------------------------------------------------------------ the CLI path
-
-def _loop_losses(workdir) -> dict[int, float]:
-  import json
-  rows = [json.loads(line) for line in open(f'{workdir}/metrics.jsonl')]
-  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
-
-
-def test_loop_run_matches_one_device(tmp_path, monkeypatch):
-  """`training.loop.run` (train.py's path: telemetry compiles the step at start-up, held-out
-  eval runs) with disaggregated attention on 8 devices equals one device's losses. The plan
-  is a step input: the start-up compile traces it from `abstract_batch()`."""
-  from tests.helpers import tiny_config
-  from training import loop
-  over = {'batch_size': 16, 'seq_len': 64, 'steps': 3, 'log_every': 1, 'eval_every': -1,
-          'data.source': 'local_text', 'attention.block_q': 16, 'attention.block_kv': 16}
-  c = tiny_config(**over, **{'mesh.data': N, 'parallelism.context_impl': 'disaggregated'})
-  c.eval_every, c.eval_batches = 0, 1   # the final eval runs the planned eval batches
-  row = loop.run(c, str(tmp_path / 'dca'))
-  assert 'eval/loss' in row
-  make_mesh = mesh_lib.make_mesh
-  monkeypatch.setattr(mesh_lib, 'make_mesh', lambda cfg: make_mesh(cfg, jax.devices()[:1]))
-  validate = loop.config_checks.validate_on_devices   # the start-up check, for that one device
-  monkeypatch.setattr(loop.config_checks, 'validate_on_devices',
-                      lambda cfg, n, nproc=1: validate(cfg, 1, nproc))
-  ref = loop.run(tiny_config(**over, **{'mesh.data': 1}), str(tmp_path / 'one'))
-  assert ref['step'] == 3
-  got, want = _loop_losses(tmp_path / 'dca'), _loop_losses(tmp_path / 'one')
-  assert sorted(got) == [1, 2, 3]
-  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-4, rtol=0)
 
 
 def test_abstract_batch_holds_the_plan_shapes():

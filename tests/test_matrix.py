@@ -8,13 +8,16 @@ trained) with a message naming the key to change.
 
 The one-device runs happen once, in one subprocess started with the module (`loop.run` builds
 its mesh over every device of its process, and this process has 8): the same file run as a
-script writes their losses as JSON.
+script runs the references the selected tests need, in the order they need them, and writes
+each one's losses as JSON as soon as it is done, so the 8-device runs proceed meanwhile and
+a test waits at most for its own reference.
 
 Cost, measured as process CPU time on a shared 2-core machine: compile is most of it, 4-9 s
 per transformer or KV-routing run, 8-17 s CART, 12-21 s SambaY (the context-parallel ones
-dearest), about 6 minutes for the matrix plus the one-device runs. The shapes are tiny (2
-layers, 4 for SambaY, whose roles need them; d=32, seq_len 64, batch 16), `perf.peak_flops` is
-given (no matmul timing) and the only checkpoint is the final one.
+dearest; disaggregated 20-60 s), about 6 minutes for the matrix plus the one-device runs
+(about 50 s of them). The shapes are tiny (2 layers, 4 for SambaY, whose roles need them;
+d=32, seq_len 64, batch 16), `perf.peak_flops` is given (no matmul timing) and the only
+checkpoint is the final one.
 """
 
 import json
@@ -44,13 +47,18 @@ FAMILIES = {
 }
 
 _CONTEXT = {'mesh.data': 4, 'mesh.context': 2}
-# Strategy -> overrides on 8 devices. Hybrid DP: documents up to 128 tokens (64-token eval
-# rows), so pieces longer than the 64-token capacity span groups of 2.
+# Strategy -> overrides on 8 devices. Data parallelism, FSDP and tensor parallelism share one
+# mesh, data=2 x fsdp=2 x tensor=2 (README's combination): the batch split over data and fsdp,
+# parameters sharded over fsdp and tensor at once, so one run per family checks all three (no
+# family treats them differently: modeling/ names no mesh axis, and parallelism/rules.py maps
+# every family's logical axes the same way). Data parallelism with replicated parameters (the
+# default: batch over `data`, gradients all-reduced) is also what every context column runs on
+# its data=4 axis (parameters map to fsdp and tensor only), and hybrid DP and disaggregated
+# run on data=8. Hybrid DP: documents up to 128 tokens (64-token eval rows), so pieces longer
+# than the 64-token capacity span groups of 2.
 HYBRID = {'parallelism.hybrid_dp.enabled': True, 'parallelism.hybrid_dp.max_doc_len': 128}
 STRATEGIES = {
-    'data': {'mesh.data': 8},
-    'fsdp': {'mesh.data': 2, 'mesh.fsdp': 4},
-    'tensor': {'mesh.data': 4, 'mesh.tensor': 2},
+    'data_fsdp_tensor': {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2},
     'ring': {**_CONTEXT, 'parallelism.context_impl': 'ring'},
     'token_ring': {**_CONTEXT, 'parallelism.context_impl': 'token_ring'},
     'allgather': {**_CONTEXT, 'parallelism.context_impl': 'allgather'},
@@ -127,49 +135,86 @@ def _trained_rows(workdir: str) -> int:
 
 # ------------------------------------------------------------------ the one-device references
 
-def _reference_main(out_path: str, workdir: str) -> None:
-  """Runs every family's one-device references through `loop.run`; writes their losses."""
+def _reference_key(family: str, strategy: str) -> str:
+  return f'{family}/{"hybrid_dp" if strategy == "hybrid_dp" else "static"}'
+
+
+def _selected_pairs(session) -> list[tuple[str, str]]:
+  """The (family, strategy) pairs of this session's selected matrix tests, in run order."""
+  return [(item.callspec.params['family'], item.callspec.params['strategy'])
+          for item in session.items
+          if getattr(item, 'originalname', None) == 'test_two_steps_equal_one_device'
+          and item.module.__file__ == os.path.abspath(__file__)]
+
+
+def _write_json(path: str, value) -> None:
+  """Whole or absent: a waiting reader never sees half a file."""
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(value, f)
+  os.replace(f'{path}.tmp', path)
+
+
+def _run(family: str, overrides: dict, workdir: str) -> dict:
+  """`loop.run` in this process; its losses and the step of the row it returned."""
+  from training import loop
+  row = loop.run(config(family, overrides), workdir)
+  return {**losses(workdir), 'row_step': row['step']}
+
+
+def _await(path, proc, log, what: str, timeout_s: float = 600) -> dict:
+  """The JSON the reference process writes at `path` once it is done, or an error with its
+  log."""
+  deadline = time.monotonic() + timeout_s
+  while not path.exists():
+    if proc.poll() is not None and not path.exists():
+      raise RuntimeError(f'the reference process ended (status {proc.returncode}) without '
+                         f'{what}; its log:\n{log.read_text()[-5000:]}')
+    if time.monotonic() > deadline:
+      raise RuntimeError(f'no {what} after {timeout_s:.0f} s; log:\n{log.read_text()[-5000:]}')
+    time.sleep(0.2)
+  return json.loads(path.read_text())
+
+
+def _reference_main(directory: str, keys: list[str], parent: int) -> None:
+  """The one-device runs of `keys` (family/kind), in order, each result (or its error) written
+  to `directory` as soon as it is done."""
+  import traceback
   import jax
   jax.config.update('jax_default_matmul_precision', 'highest')   # as tests/conftest.py does
-  from training import loop
   assert jax.device_count() == 1, jax.devices()
-  out = {}
-  for family in FAMILIES:
-    for kind, overrides in REFERENCES.items():
-      start = time.process_time()
-      d = os.path.join(workdir, f'{family}-{kind}')
-      try:
-        loop.run(config(family, overrides), d)
-        out[f'{family}/{kind}'] = losses(d)
-      except Exception as e:   # reported by the tests that need this reference
-        out[f'{family}/{kind}'] = {'error': f'{type(e).__name__}: {e}'}
-      print(f'reference {family}/{kind}: {time.process_time() - start:.1f} s CPU',
-            file=sys.stderr, flush=True)
-  with open(out_path, 'w') as f:
-    json.dump(out, f)
+  for key in keys:
+    if os.getppid() != parent:   # the test session is gone
+      return
+    family, kind = key.split('/')
+    start = time.process_time()
+    try:
+      result = _run(family, REFERENCES[kind], os.path.join(directory, key.replace('/', '-')))
+    except Exception as e:   # reported by the tests that need this reference
+      result = {'error': f'{type(e).__name__}: {e}\n{traceback.format_exc()[-4000:]}'}
+    _write_json(os.path.join(directory, key.replace('/', '-') + '.json'), result)
+    print(f'reference {key}: {time.process_time() - start:.1f} s CPU', file=sys.stderr,
+          flush=True)
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """family/kind -> one-device losses, from a subprocess started now and awaited on first use
-  (the 8-device runs proceed meanwhile)."""
+def reference(request, tmp_path_factory):
+  """family/kind -> one-device losses, from a subprocess started now that writes each as soon
+  as it is done, in the order the selected tests need them (the 8-device runs proceed
+  meanwhile; the first test waits for one reference, not all)."""
   d = tmp_path_factory.mktemp('one_device')
-  out = d / 'losses.json'
+  keys = list(dict.fromkeys(_reference_key(f, s) for f, s in _selected_pairs(request.session)))
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                  os.environ.get('XLA_FLAGS', ''))
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
          'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=1'.strip()}
   log = open(d / 'log.txt', 'w')
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out), str(d)],
-                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-  cache = {}
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(d), json.dumps(keys),
+                           str(os.getpid())], cwd=ROOT, env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
 
   def get(key: str) -> dict:
-    if not cache:
-      rc = proc.wait(timeout=600)
-      assert rc == 0 and out.exists(), open(d / 'log.txt').read()[-5000:]
-      cache.update(json.loads(out.read_text()))
-    ref = cache[key]
+    ref = _await(d / (key.replace('/', '-') + '.json'), proc, d / 'log.txt',
+                 f'the one-device reference {key}')
     assert 'error' not in ref, f'one-device reference {key} failed: {ref["error"]}'
     return ref
 
@@ -198,11 +243,9 @@ def test_the_matrix_covers_every_family_and_strategy(tmp_path):
 
 @pytest.mark.parametrize('family,strategy', ALLOWED)
 def test_two_steps_equal_one_device(family, strategy, reference, tmp_path):
-  from training import loop
-  row = loop.run(config(family, STRATEGIES[strategy]), str(tmp_path))
-  got = losses(str(tmp_path))
-  assert got['steps'] == [1, 2] and row['step'] == 2, got
-  want = reference(f'{family}/{"hybrid_dp" if strategy == "hybrid_dp" else "static"}')
+  got = _run(family, STRATEGIES[strategy], str(tmp_path))
+  assert got['steps'] == [1, 2] and got['row_step'] == 2, got
+  want = reference(_reference_key(family, strategy))
   np.testing.assert_allclose(got['train'], want['train'], rtol=RTOL,
                              err_msg=f'{family} x {strategy}: train losses at steps 1, 2')
   np.testing.assert_allclose(got['eval'], want['eval'], rtol=RTOL,
@@ -221,4 +264,4 @@ def test_refused_at_start_up_naming_the_key(family, strategy, tmp_path):
 
 if __name__ == '__main__':   # the one-device references (see `reference`)
   sys.path.insert(0, ROOT)
-  _reference_main(sys.argv[1], sys.argv[2])
+  _reference_main(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))
