@@ -171,6 +171,23 @@ def _time(fn, *args, repeats: int = 3) -> float:
   return best
 
 
+def _grad_time(fn, args) -> float:
+  """Seconds of one forward + backward of the scalar `fn` (best of 3)."""
+  return _time(jax.jit(jax.grad(fn, tuple(range(len(args))))), *args)
+
+
+def _lone_peak(device, matmul: int = 2048) -> float:
+  """FLOP/s of one [matmul, matmul] product on `device` alone (the kernels' share baseline)."""
+  one = jax.device_put(jnp.ones((matmul, matmul), jnp.float32) / matmul, device)
+  return 2 * matmul ** 3 / _time(jax.jit(lambda a: a @ a), one)
+
+
+def _causal_attention_loss(kernel, ids, pos):
+  """A scalar of `kernel`'s causal self-attention over (q, k, v), for timing its gradient."""
+  return lambda q, k, v: kernel(q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
+                                q_positions=pos, kv_positions=pos, causal=True).sum()
+
+
 def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
               heads: int = 4, head_dim: int = 64, matmul: int = 2048) -> hw_lib.Hardware:
   """This machine's profile: matmul peak per device with every device busy at once, the
@@ -182,20 +199,15 @@ def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
   n = len(devices)
   mesh = Mesh(np.asarray(devices), ('d',))
   peak = max(perf.measure_peak_trials(mesh, n=matmul, trials=5)) / n
-  one = jax.device_put(jnp.ones((matmul, matmul), jnp.float32) / matmul, devices[0])
-  lone_peak = 2 * matmul ** 3 / _time(jax.jit(lambda a: a @ a), one)
+  lone_peak = _lone_peak(devices[0], matmul)
   q = jax.device_put(jnp.ones((1, seq_len, heads, head_dim), jnp.float32) * 0.1, devices[0])
   ids = jax.device_put(jnp.ones((1, seq_len), jnp.int32), devices[0])
   pos = jax.device_put(jnp.arange(seq_len, dtype=jnp.int32)[None], devices[0])
   flops = 3 * 4 * seq_len * seq_len / 2 * heads * head_dim
   shares = []
   for impl in ('xla', 'blockwise'):
-    kernel = attention_lib.KERNELS[impl]
-
-    def loss(q, kernel=kernel):
-      return kernel(q, q, q, q_segment_ids=ids, kv_segment_ids=ids, q_positions=pos,
-                    kv_positions=pos, causal=True).sum()
-    shares.append((impl, flops / _time(jax.jit(jax.grad(loss)), q) / lone_peak))
+    loss = _causal_attention_loss(attention_lib.KERNELS[impl], ids, pos)
+    shares.append((impl, flops / _grad_time(loss, (q, q, q)) / lone_peak))
   x = jax.device_put(jnp.ones((4096, 256), jnp.float32), devices[0])
   y = jax.device_put(jnp.ones((256, 768), jnp.float32) / 256, devices[0])
   matmul_share = 2 * 4096 * 256 * 768 / _time(jax.jit(jnp.matmul), x, y) / lone_peak
@@ -220,11 +232,6 @@ def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
              f'device(s), {time.strftime("%Y-%m-%d")}')
 
 
-def _grad_time(fn, args) -> float:
-  """Seconds of one forward + backward of the scalar `fn` (best of 3)."""
-  return _time(jax.jit(jax.grad(fn, tuple(range(len(args))))), *args)
-
-
 def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
                        seq_len: int, length: int = 2048) -> hw_lib.Hardware:
   """`hw` with the kernel speeds this workload runs at, measured on one local device: the
@@ -240,9 +247,7 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
   m = config.model
   dev = jax.devices()[0]
   L = min(seq_len, length)
-  matmul = 2048
-  one = jax.device_put(jnp.ones((matmul, matmul), jnp.float32) / matmul, dev)
-  lone_peak = 2 * matmul ** 3 / _time(jax.jit(lambda a: a @ a), one)
+  lone_peak = _lone_peak(dev)
   put = lambda x: jax.device_put(x, dev)
   x = put(jnp.ones((4096, m.d_model), jnp.float32))
   y = put(jnp.ones((m.d_model, m.mlp_dim), jnp.float32) / m.d_model)
@@ -258,10 +263,7 @@ def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *
     kv = put(r.randn(1, L, k, Dh).astype(np.float32))
     flops = 3 * 4 * L * L / 2 * h * Dh
     for impl in search.ATTENTION[hw.kind]:
-      kernel = attention_lib.KERNELS[impl]
-      loss = lambda q, k, v, kernel=kernel: kernel(
-          q, k, v, q_segment_ids=ids, kv_segment_ids=ids, q_positions=pos, kv_positions=pos,
-          causal=True).sum()
+      loss = _causal_attention_loss(attention_lib.KERNELS[impl], ids, pos)
       seconds = _grad_time(loss, (q, kv, kv))
       layouts.append((impl, h, k, flops / seconds / lone_peak))
       if t == 1:   # each remat policy's cost on this kernel, as a ratio to no remat
