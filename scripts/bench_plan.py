@@ -2,7 +2,10 @@
 with this machine's calibrated profile, compiles the leading candidates (and a spread of the
 others that fit), measures every compiled candidate that fits the budget, and reports the
 first choice's measured step time against the best measured, and the rank correlation of
-predicted and measured step times.
+predicted and measured step times. The profile is this machine's, measured first: the
+machine (`calibrate`), the workload's kernels on one device (`calibrate_workload`) and its
+context-parallel layouts on the fake devices (`calibrate_layouts`), all at shorter lengths
+than the cases', never on a candidate's train step.
 
     python scripts/bench_plan.py [--cases dense4k,dense16k,sambay8k] [--measure 8]
         [--device_memory_gib 0.5] [--json PATH] [--smoke]
@@ -102,7 +105,7 @@ def run_case(name: str, args, hw) -> dict:
   import jax
   import numpy as np
   from parallelism.planner import hardware as hw_lib
-  from training import autoplan, overrides as overrides_lib
+  from training import autoplan, calibration, overrides as overrides_lib
   path, over, seq_len, rows_per_step = CASES[name]
   config = overrides_lib.load_config_file(path)
   for k, v in over.items():
@@ -114,12 +117,17 @@ def run_case(name: str, args, hw) -> dict:
   budget = args.device_memory_gib * hw_lib.GIB
   tokens = seq_len * rows_per_step
   t0 = time.perf_counter()
-  hw = autoplan.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len,
-                                   length=256 if args.smoke else 2048)
+  hw = calibration.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len,
+                                     length=256 if args.smoke else 2048)
+  hw = calibration.calibrate_layouts(hw, config, devices=args.devices, seq_len=seq_len,
+                                     length=256 if args.smoke else 4096)
   calibrate_s = time.perf_counter() - t0
   print(f'  kernels at this workload: matmul share {hw.matmul_efficiency:.2f}, scan share '
         f'{hw.scan_efficiency:.3g}, attention (impl, heads, kv heads, share) '
-        f'{[(i, h, k, round(s, 3)) for i, h, k, s in hw.attention_layouts]}', flush=True)
+        f'{[(i, h, k, round(s, 3)) for i, h, k, s in hw.attention_layouts]}; context '
+        f'layouts (strategy, context, tensor, factor) '
+        f'{[(i, c, t, round(f, 2)) for i, c, t, f in hw.context_attention]}; scan layouts '
+        f'{[(c, t, round(f, 2)) for c, t, f in hw.scan_layouts]}', flush=True)
   t0 = time.perf_counter()
   rows = autoplan.plan(config, devices=args.devices, memory_bytes=budget, seq_len=seq_len,
                        global_tokens=tokens, hw=hw, top=max(args.measure // 2, 1),
@@ -193,10 +201,10 @@ def main(argv=None):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={args.devices}')
   from absl import logging as absl_logging
-  from training import autoplan
+  from training import calibration
   absl_logging.set_verbosity(absl_logging.WARNING)
-  hw = (autoplan.calibrate(seq_len=256, matmul=512) if args.smoke
-        else autoplan.calibrate(seq_len=1024))
+  hw = (calibration.calibrate(seq_len=256, matmul=512) if args.smoke
+        else calibration.calibrate(seq_len=1024))
   print(f'calibrated: peak {hw.peak_flops:.3g} FLOP/s per device, matmul share '
         f'{hw.matmul_efficiency:.2f}, attention {dict(hw.attention_efficiency)}, link '
         f'{hw.intra_bytes_per_s:.3g} B/s, latency {hw.latency_s * 1e6:.0f} us', flush=True)

@@ -43,7 +43,7 @@ def parse_args(argv=None):
   ap.add_argument('--calibrate_kernels', action='store_true',
                   help="before planning, measure the matmul, attention (per head layout) and "
                        "scan speeds at this workload's shapes on one local device of the "
-                       "target's backend (training/autoplan.calibrate_workload)")
+                       "target's backend (training/calibration.calibrate_workload)")
   ap.add_argument('--json', default='', help='also write the plan (or profile) to this JSON')
   args, rest = ap.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
@@ -83,10 +83,10 @@ def main(argv=None):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.fake_devices}')
   from parallelism.planner import hardware as hw_lib
-  from training import autoplan, overrides as overrides_lib
+  from training import autoplan, calibration, overrides as overrides_lib
 
   if args.calibrate:
-    hw = autoplan.calibrate()
+    hw = calibration.calibrate()
     text = json.dumps(hw_lib.dataclasses.asdict(hw), indent=1)
     print(text)
     if args.json:
@@ -102,7 +102,7 @@ def main(argv=None):
   memory = args.device_memory_gib * hw_lib.GIB or hw.memory_bytes
   try:
     if args.calibrate_kernels:
-      hw = autoplan.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len)
+      hw = calibration.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len)
     rows = autoplan.plan(config, devices=args.devices, memory_bytes=memory, seq_len=seq_len,
                          global_tokens=tokens, hw=hw, compile=args.compile, top=args.top)
   except ValueError as e:

@@ -13,7 +13,7 @@ from configs import cart_tiny, sambay_tiny
 from parallelism.planner import estimate as est, hardware, search, workload
 from parallelism.planner.estimate import Candidate
 from tests.helpers import tiny_config
-from training import autoplan, loop
+from training import autoplan, calibration, loop
 
 
 def _workload(config=None, seq_len=256, tokens=256 * 8):
@@ -133,7 +133,7 @@ def test_scan_flops_are_their_own_term():
 
 def test_calibrate_workload_measures_each_head_layout(tmp_path):
   c = sambay_tiny.get_config()
-  hw = autoplan.calibrate_workload(hardware.PROFILES['cpu'], c, devices=8, seq_len=64)
+  hw = calibration.calibrate_workload(hardware.PROFILES['cpu'], c, devices=8, seq_len=64)
   layouts = {(impl, h, k) for impl, h, k, _ in hw.attention_layouts}
   # tensor 1, 2, 4 over 4 heads (2 kv heads): (4, 2), (2, 1), (1, 1), each kernel
   assert layouts == {(i, h, k) for i in ('xla', 'blockwise') for h, k in ((4, 2), (2, 1), (1, 1))}
@@ -145,7 +145,42 @@ def test_calibrate_workload_measures_each_head_layout(tmp_path):
   hardware.save(hw, str(tmp_path / 'hw.json'))
   assert hardware.parse(str(tmp_path / 'hw.json')) == hw
   with pytest.raises(ValueError, match='needs gpu devices'):
-    autoplan.calibrate_workload(hardware.PROFILES['h100'], c, devices=8, seq_len=64)
+    calibration.calibrate_workload(hardware.PROFILES['h100'], c, devices=8, seq_len=64)
+
+
+def test_measured_layouts_replace_the_modelled_context_costs():
+  """A measured (strategy, context, tensor) factor scales that candidate's attention and
+  replaces its modelled transfers; a measured scan factor replaces the correction guess."""
+  w = workload.from_config(sambay_tiny.get_config(), 4096, 4096)
+  hw = hardware.PROFILES['cpu']
+  ring = Candidate(1, 1, 8, 1, 'ring', 'blockwise', 'none', 1)
+  base = est.estimate(ring, w, hw).time
+  assert base['comm_context'] > 0
+  measured = dataclasses.replace(hw, context_attention=(('ring', 8, 1, 2.0),),
+                                 scan_layouts=((8, 1, 3.0),))
+  t = est.estimate(ring, w, measured).time
+  assert 'comm_context' not in t                     # inside the measured attention time
+  unsplit_scan = est.estimate(Candidate(8, 1, 1, 1, 'none', 'blockwise', 'none', 1), w, hw)
+  assert t['scan'] == pytest.approx(3.0 * unsplit_scan.time['scan'])
+  attn = lambda tt: tt['compute'] - tt['scan'] - 3 * w.matmul_flops * w.global_tokens / 8 / (
+      hw.peak_flops * hw.matmul_efficiency)
+  assert attn(t) == pytest.approx(2.0 * attn(base))
+  # another strategy at the same split keeps the model
+  other = Candidate(1, 1, 8, 1, 'token_ring', 'blockwise', 'none', 1)
+  assert est.estimate(other, w, measured).time['comm_context'] > 0
+
+
+def test_calibrate_layouts_measures_each_split(tmp_path):
+  c = sambay_tiny.get_config()
+  hw = calibration.calibrate_layouts(hardware.PROFILES['cpu'], c, devices=2, seq_len=64)
+  assert {(i, n, t) for i, n, t, _ in hw.context_attention} == {
+      (i, 2, 1) for i in search.CONTEXT_IMPLS}
+  assert {(n, t) for n, t, _ in hw.scan_layouts} == {(2, 1), (1, 2)}
+  assert all(0 < f < 100 for *_, f in hw.context_attention + hw.scan_layouts)
+  hardware.save(hw, str(tmp_path / 'hw.json'))
+  assert hardware.parse(str(tmp_path / 'hw.json')) == hw
+  with pytest.raises(ValueError, match='needs them here'):
+    calibration.calibrate_layouts(hardware.PROFILES['cpu'], c, devices=16, seq_len=64)
 
 
 @pytest.fixture(scope='module')

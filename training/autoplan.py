@@ -1,7 +1,7 @@
 """The automatic parallel plan on the real program: the modelled ranking of
 `parallelism/planner`, then each leading candidate's train step compiled for its mesh (its
-compiled per-device memory decides feasibility), `mesh.auto` for train.py, and `calibrate`,
-which measures this machine's profile.
+compiled per-device memory decides feasibility), and `mesh.auto` for train.py. Measuring
+this machine's profile is `training/calibration.py`.
 
 A row is "compiled" when this process had the candidate's device count of the target's
 backend (fake CPU devices count: XLA_FLAGS=--xla_force_host_platform_device_count=N), else
@@ -10,19 +10,15 @@ backend (fake CPU devices count: XLA_FLAGS=--xla_force_host_platform_device_coun
 
 import dataclasses
 import logging
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from modeling import attention as attention_lib
 from parallelism import mesh as mesh_lib
 from parallelism.planner import hardware as hw_lib
 from parallelism.planner import search, workload as workload_lib
-from parallelism.planner.estimate import Candidate, Estimate, head_layout
+from parallelism.planner.estimate import Candidate, Estimate
 from training.metrics import perf
 
 log = logging.getLogger('loomax')
@@ -157,127 +153,3 @@ def auto_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   out = apply(config, good[0].candidate)
   out.mesh.auto = False
   return out
-
-
-# ------------------------------------------------------------------ calibration
-
-def _time(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
-def _grad_time(fn, args) -> float:
-  """Seconds of one forward + backward of the scalar `fn` (best of 3)."""
-  return _time(jax.jit(jax.grad(fn, tuple(range(len(args))))), *args)
-
-
-def _lone_peak(device, matmul: int = 2048) -> float:
-  """FLOP/s of one [matmul, matmul] product on `device` alone (the kernels' share baseline)."""
-  one = jax.device_put(jnp.ones((matmul, matmul), jnp.float32) / matmul, device)
-  return 2 * matmul ** 3 / _time(jax.jit(lambda a: a @ a), one)
-
-
-def _causal_attention_loss(kernel, ids, pos):
-  """A scalar of `kernel`'s causal self-attention over (q, k, v), for timing its gradient."""
-  return lambda q, k, v: kernel(q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
-                                q_positions=pos, kv_positions=pos, causal=True).sum()
-
-
-def calibrate(devices=None, *, name: str = 'calibrated', seq_len: int = 1024,
-              heads: int = 4, head_dim: int = 64, matmul: int = 2048) -> hw_lib.Hardware:
-  """This machine's profile: matmul peak per device with every device busy at once, the
-  attention kernels' share of a lone device's matmul rate (fwd + bwd, causal), and a ring
-  collective-permute's latency and bandwidth. Train-step matmuls are smaller than the peak
-  trial's: their share is measured on a [4096, 256] x [256, 768] product. Memory is the
-  backend's, or the cpu profile's."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  mesh = Mesh(np.asarray(devices), ('d',))
-  peak = max(perf.measure_peak_trials(mesh, n=matmul, trials=5)) / n
-  lone_peak = _lone_peak(devices[0], matmul)
-  q = jax.device_put(jnp.ones((1, seq_len, heads, head_dim), jnp.float32) * 0.1, devices[0])
-  ids = jax.device_put(jnp.ones((1, seq_len), jnp.int32), devices[0])
-  pos = jax.device_put(jnp.arange(seq_len, dtype=jnp.int32)[None], devices[0])
-  flops = 3 * 4 * seq_len * seq_len / 2 * heads * head_dim
-  shares = []
-  for impl in ('xla', 'blockwise'):
-    loss = _causal_attention_loss(attention_lib.KERNELS[impl], ids, pos)
-    shares.append((impl, flops / _grad_time(loss, (q, q, q)) / lone_peak))
-  x = jax.device_put(jnp.ones((4096, 256), jnp.float32), devices[0])
-  y = jax.device_put(jnp.ones((256, 768), jnp.float32) / 256, devices[0])
-  matmul_share = 2 * 4096 * 256 * 768 / _time(jax.jit(jnp.matmul), x, y) / lone_peak
-  lat = bw = None
-  if n > 1:
-    sharding = NamedSharding(mesh, P('d'))
-    shift = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(
-        x, 'd', [(i, (i + 1) % n) for i in range(n)]), mesh=mesh, in_specs=P('d'),
-        out_specs=P('d')))
-    small = jax.device_put(jnp.ones((n, 256), jnp.float32), sharding)
-    big = jax.device_put(jnp.ones((n, 4 * 2 ** 20), jnp.float32), sharding)   # 16 MiB each
-    lat = _time(shift, small, repeats=10)
-    bw = 16 * 2 ** 20 / max(_time(shift, big) - lat, 1e-9)
-  base = hw_lib.PROFILES['cpu' if jax.default_backend() == 'cpu' else 'h100']
-  return dataclasses.replace(
-      base, name=name, kind=base.kind, peak_flops=peak,
-      memory_bytes=device_memory() or base.memory_bytes,
-      intra_bytes_per_s=bw or base.intra_bytes_per_s,
-      inter_bytes_per_s=bw or base.inter_bytes_per_s, latency_s=lat or base.latency_s,
-      matmul_efficiency=min(matmul_share, 1.0), attention_efficiency=tuple(shares),
-      source=f'measured by training/autoplan.calibrate on {n} {jax.default_backend()} '
-             f'device(s), {time.strftime("%Y-%m-%d")}')
-
-
-def calibrate_workload(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
-                       seq_len: int, length: int = 2048) -> hw_lib.Hardware:
-  """`hw` with the kernel speeds this workload runs at, measured on one local device: the
-  matmul share at the model's [tokens, d_model] x [d_model, mlp_dim] shape, the attention
-  share of every kernel at every per-device head layout a candidate can have (heads over
-  each tensor degree) and under each remat policy (one layout), and the family's recurrence
-  scan (registry `scan_probe`), each at
-  min(seq_len, length) tokens, forward + backward. Needs the target's backend here."""
-  if hw.kind != jax.default_backend():
-    raise ValueError(f'calibrating for {hw.kind} needs {hw.kind} devices; this process has '
-                     f'{jax.default_backend()}')
-  from modeling import registry, transformer
-  m = config.model
-  dev = jax.devices()[0]
-  L = min(seq_len, length)
-  lone_peak = _lone_peak(dev)
-  put = lambda x: jax.device_put(x, dev)
-  x = put(jnp.ones((4096, m.d_model), jnp.float32))
-  y = put(jnp.ones((m.d_model, m.mlp_dim), jnp.float32) / m.d_model)
-  matmul_share = 2 * 4096 * m.d_model * m.mlp_dim / _time(jax.jit(jnp.matmul), x, y) / lone_peak
-  layouts, remat = [], []
-  H, K, Dh = m.num_heads, m.num_kv_heads, m.head_dim
-  ids, pos = put(jnp.ones((1, L), jnp.int32)), put(jnp.arange(L, dtype=jnp.int32)[None])
-  for t in sorted({t for t in range(1, devices + 1) if devices % t == 0 and H % t == 0
-                   and t <= hw.devices_per_node}):
-    h, k = head_layout(H, K, t)
-    r = np.random.RandomState(t)
-    q = put(r.randn(1, L, h, Dh).astype(np.float32))
-    kv = put(r.randn(1, L, k, Dh).astype(np.float32))
-    flops = 3 * 4 * L * L / 2 * h * Dh
-    for impl in search.ATTENTION[hw.kind]:
-      loss = _causal_attention_loss(attention_lib.KERNELS[impl], ids, pos)
-      seconds = _grad_time(loss, (q, kv, kv))
-      layouts.append((impl, h, k, flops / seconds / lone_peak))
-      if t == 1:   # each remat policy's cost on this kernel, as a ratio to no remat
-        for policy in search.REMAT[1:]:
-          wrapped = jax.checkpoint(loss, policy=transformer.remat_policy(policy))
-          remat.append((impl, policy, _grad_time(wrapped, (q, kv, kv)) / seconds))
-  scan_share = hw.scan_efficiency
-  probe = registry.get_family(m.name).scan_probe
-  if probe is not None:
-    fn, args, flops = probe(m, L)
-    scan_share = 3 * flops / _grad_time(fn, tuple(put(a) for a in args)) / lone_peak
-  return dataclasses.replace(
-      hw, matmul_efficiency=min(matmul_share, 1.0), attention_layouts=tuple(layouts),
-      attention_remat=tuple(remat),
-      scan_efficiency=scan_share,
-      source=f'{hw.source}; kernel shares measured at this workload\'s shapes on 1 '
-             f'{jax.default_backend()} device, {time.strftime("%Y-%m-%d")}')

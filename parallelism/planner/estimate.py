@@ -117,8 +117,10 @@ def _span(c: Candidate, axis: str) -> int:
   return inner * getattr(c, axis)
 
 
-def communication(c: Candidate, w: Workload, hw: Hardware, compute_attn_s: float) -> dict:
-  """Exposed seconds per step by kind, and the collective count."""
+def communication(c: Candidate, w: Workload, hw: Hardware, compute_attn_s: float, *,
+                  context_measured: bool = False) -> dict:
+  """Exposed seconds per step by kind. With `context_measured` the context strategy's
+  transfers are in its measured attention time already (calibrate_layouts): none here."""
   P, t = w.params, c.tensor
   out = {}
   n_coll = 0
@@ -135,7 +137,7 @@ def communication(c: Candidate, w: Workload, hw: Hardware, compute_attn_s: float
     b = 4 * w.effective_layers * 2 * (t - 1) / t * (tokens / c.context) * w.d_model * w.act_bytes
     out['tensor'] = b * c.grad_accum / hw.link_bytes_per_s(_span(c, 'tensor'))
     n_coll += 4 * round(w.effective_layers) * c.grad_accum
-  if c.context > 1:
+  if c.context > 1 and not context_measured:
     n, local = c.context, micro_tokens(c, w)
     link = hw.link_bytes_per_s(_span(c, 'context'))
     kv_shards = t if w.kv_heads % t == 0 else 1
@@ -171,18 +173,26 @@ def estimate(c: Candidate, w: Workload, hw: Hardware) -> Estimate:
   scan = 3 * w.scan_flops * per_device_tokens
   attn = 3 * w.attention_flops * per_device_tokens
   mm_s = mm / (hw.peak_flops * hw.matmul_efficiency)
-  if c.context > 1:
+  scan_s = scan / (hw.peak_flops * hw.scan_efficiency)
+  scan_factor = hw.scan_layout_factor(c.context, c.tensor)
+  if scan_factor is not None:
+    scan_s *= scan_factor
+  elif c.context > 1:
     # The context-parallel scan (parallelism/context/scan.py) then corrects every local
     # output with the entering state: C . (exp(A cumsum dt) h_in), ~4 FLOPs per (e, n) next
     # to the scan's 9.
-    scan *= 1 + 4 / 9
-  scan_s = scan / (hw.peak_flops * hw.scan_efficiency)
-  attn_s = attn / (hw.peak_flops * hw.attention_share(c.attention, *head_layout(w.heads, w.kv_heads, c.tensor)))
+    scan_s *= 1 + 4 / 9
+  share = hw.attention_share(c.attention, *head_layout(w.heads, w.kv_heads, c.tensor))
+  attn_s = attn / (hw.peak_flops * share)
+  context_factor = (hw.context_attention_factor(c.context_impl, c.context, c.tensor)
+                    if c.context > 1 else None)
+  if context_factor is not None:
+    attn_s *= context_factor
   share_mm, share_attn = RECOMPUTE[c.remat]
   measured = hw.attention_remat_ratio(c.attention, c.remat)
   attn_extra = attn_s * (measured - 1) if measured is not None else share_attn * attn_s / 3
   recompute = share_mm * (mm_s + scan_s) / 3 + max(attn_extra, 0.0)
-  comm = communication(c, w, hw, attn_s)
+  comm = communication(c, w, hw, attn_s, context_measured=context_factor is not None)
   comm_s = sum(comm.values())
   step = mm_s + scan_s + attn_s + recompute + comm_s
   time = {'compute': mm_s + scan_s + attn_s, 'scan': scan_s, 'recompute': recompute,

@@ -45,6 +45,26 @@ class Hardware:
   # Whether a collective can run while compute does (GPU/TPU: yes, so a ring hides each
   # step's transfer under that step's compute; XLA:CPU runs collectives synchronously).
   async_collectives: bool = True
+  # Measured context-parallel layouts (training/calibration.calibrate_layouts), each a factor
+  # on the modelled time: ((strategy, context, tensor, factor), ...) for one attention layer
+  # (seconds per FLOP over the unsplit sequence's: transfers, merges and smaller blocks
+  # included) and ((context, tensor, factor), ...) for the recurrence scan.
+  context_attention: tuple = ()
+  scan_layouts: tuple = ()
+
+  def context_attention_factor(self, impl: str, context: int, tensor: int) -> float | None:
+    for name, c, t, factor in self.context_attention:
+      if (name, c, t) == (impl, context, tensor):
+        return factor
+    return None
+
+  def scan_layout_factor(self, context: int, tensor: int) -> float | None:
+    if (context, tensor) == (1, 1):
+      return 1.0 if self.scan_layouts else None
+    for c, t, factor in self.scan_layouts:
+      if (c, t) == (context, tensor):
+        return factor
+    return None
 
   def attention_remat_ratio(self, impl: str, policy: str) -> float | None:
     for name, p, ratio in self.attention_remat:
@@ -107,7 +127,8 @@ def parse(spec: str) -> Hardware:
       d = json.load(f)
     d['attention_efficiency'] = tuple(tuple(x) for x in d['attention_efficiency'])
     d['attention_layouts'] = tuple(tuple(x) for x in d.get('attention_layouts', ()))
-    d['attention_remat'] = tuple(tuple(x) for x in d.get('attention_remat', ()))
+    for key in ('attention_remat', 'context_attention', 'scan_layouts'):
+      d[key] = tuple(tuple(x) for x in d.get(key, ()))
     return Hardware(**d)
   raise ValueError(f'--hardware {spec!r}: use one of {sorted(PROFILES)}, a profile JSON '
                    'written by --calibrate, or custom:PEAK_TFLOPS,HBM_GBPS,LINK_GBPS')
