@@ -8,7 +8,8 @@ model, a sequence length and a machine, ranked by modelled step time (docs/plann
 Each row: the candidate, its modelled step time split into compute / recompute / exposed
 communication, per-device memory (modelled, and compiled where this process has the devices:
 with --hardware cpu and fake devices, --fake_devices N compiles on N fake CPU devices), MFU,
-and the train.py overrides to paste.
+and the train.py overrides to paste. With --doc_lengths, the data's document lengths are
+planned for: hybrid data parallelism joins the candidates.
 """
 
 import argparse
@@ -43,7 +44,15 @@ def parse_args(argv=None):
   ap.add_argument('--calibrate_kernels', action='store_true',
                   help="before planning, measure the matmul, attention (per head layout) and "
                        "scan speeds at this workload's shapes on one local device of the "
-                       "target's backend (training/calibration.calibrate_workload)")
+                       "target's backend (training/calibration.calibrate_workload), and, "
+                       "where this process has --devices of them, each context-parallel "
+                       "(context, tensor) split (calibrate_layouts)")
+  ap.add_argument('--doc_lengths', default='',
+                  help='the data\'s document lengths: a file of integers (.npy or text), '
+                       'data (the configured corpus), lognormal:MEDIAN,SIGMA or '
+                       'pareto:SCALE,SHAPE. Static meshes are then charged the attention '
+                       'their busiest device does with one step of such documents, and hybrid '
+                       'data parallelism joins the candidates (a document data.source only)')
   ap.add_argument('--json', default='', help='also write the plan (or profile) to this JSON')
   args, rest = ap.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
@@ -82,6 +91,8 @@ def main(argv=None):
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.fake_devices}')
+  import jax
+  import numpy as np
   from parallelism.planner import hardware as hw_lib
   from training import autoplan, calibration, overrides as overrides_lib
 
@@ -103,12 +114,21 @@ def main(argv=None):
   try:
     if args.calibrate_kernels:
       hw = calibration.calibrate_workload(hw, config, devices=args.devices, seq_len=seq_len)
+      if len(jax.devices()) >= args.devices:
+        hw = calibration.calibrate_layouts(hw, config, devices=args.devices, seq_len=seq_len)
+    lengths = None
+    if args.doc_lengths:
+      from parallelism.planner import documents
+      lengths = documents.parse_lengths(args.doc_lengths, config=config)
     rows = autoplan.plan(config, devices=args.devices, memory_bytes=memory, seq_len=seq_len,
-                         global_tokens=tokens, hw=hw, compile=args.compile, top=args.top)
+                         global_tokens=tokens, hw=hw, compile=args.compile, top=args.top,
+                         doc_lengths=lengths)
   except ValueError as e:
     raise SystemExit(f'plan.py: error: {e}')
+  docs = (f'; documents {args.doc_lengths} (median {int(np.median(lengths))}, longest '
+          f'{int(lengths.max())} tokens)' if lengths is not None else '')
   print(f'{config.model.name} at {seq_len} tokens x {tokens // seq_len} rows on '
-        f'{args.devices} x {hw.name} ({memory / hw_lib.GIB:.2f} GiB each); {len(rows)} '
+        f'{args.devices} x {hw.name} ({memory / hw_lib.GIB:.2f} GiB each){docs}; {len(rows)} '
         f'candidates, {sum(r.feasible for r in rows)} fit')
   print(f'{"#":>2} {"candidate":<52} {"step s":>9} {"compute":>9} {"recomp":>8} {"comm":>8} '
         f'{"MiB model":>9} {"MiB comp":>9} {"MFU":>6}  checked')

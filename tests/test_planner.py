@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import cart_tiny, sambay_tiny
-from parallelism.planner import estimate as est, hardware, search, workload
+from parallelism.planner import documents, estimate as est, hardware, search, workload
 from parallelism.planner.estimate import Candidate
 from tests.helpers import tiny_config
 from training import autoplan, calibration, loop
@@ -237,6 +237,49 @@ def test_top_plan_trains(family, tmp_path):
   assert saved['mesh']['data'] == top.candidate.data
 
 
+def test_static_pairs_follow_the_document_boundaries():
+  """Full-length documents cost (L + 1) / 2 causal pairs per token whatever the context split
+  (zigzag balances them); documents of L/4 cost (L/4 + 1) / 2."""
+  w = _workload(seq_len=256, tokens=256 * 8)
+  full = documents.Documents(np.full(8, 256), 1.0, 1.0, False)
+  quarter = documents.Documents(np.full(32, 64), 1.0, 1.0, False)
+  for ctx in (1, 2, 8):
+    c = Candidate(8 // ctx, 1, ctx, 1, 'ring' if ctx > 1 else 'none', 'blockwise', 'none', 1)
+    assert documents.static_pairs_per_token(c, w, full) == pytest.approx(257 / 2)
+    assert documents.static_pairs_per_token(c, w, quarter) == pytest.approx(65 / 2)
+  # pieces cut at row boundaries restart their positions
+  assert documents._row_positions(np.array([300, 212]), 256)[1, :3].tolist() == [0, 1, 2]
+
+
+def test_document_lengths_parse():
+  assert len(documents.parse_lengths('lognormal:100,1.0')) > 1000
+  assert documents.parse_lengths('pareto:32,1.2').min() >= 32
+  c = tiny_config()
+  assert documents.parse_lengths('data', config=c).min() >= 2
+  with pytest.raises(ValueError, match='--doc_lengths'):
+    documents.parse_lengths('weibull:1,2')
+
+
+def test_a_length_distribution_brings_hybrid_dp_and_its_plan_trains(tmp_path):
+  """With the corpus's document lengths the hybrid-DP candidates are ranked beside the static
+  meshes, their compiled figure is the group program's, and the best of them trains."""
+  c = tiny_config(**{'eval_every': -1, 'log_every': 1})
+  lengths = documents.parse_lengths('data', config=c)
+  budget = 256 * 2**20
+  rows = autoplan.plan(c, devices=8, memory_bytes=budget, seq_len=64, global_tokens=64 * 32,
+                       hw=hardware.PROFILES['cpu'], top=1, max_compiles=2, doc_lengths=lengths)
+  hybrid = [r for r in rows if r.candidate.hybrid and r.feasible]
+  assert hybrid and all(r.candidate.tensor == 1 for r in hybrid)
+  best = hybrid[0]
+  cfg = autoplan.apply(c, best.candidate, seq_len=64, global_tokens=64 * 32)
+  assert cfg.parallelism.hybrid_dp.enabled and cfg.batch_size == best.candidate.documents
+  assert 0 < autoplan.compile_memory(cfg, jax.devices()[:8]) <= budget
+  assert '--config.parallelism.hybrid_dp.layouts=(1,2,4,8)' in autoplan.flags(best.candidate)
+  cfg.steps = 2
+  row = loop.run(cfg, str(tmp_path))
+  assert row['step'] == 2 and math.isfinite(row['train/loss'])
+
+
 def test_mesh_auto_runs_and_logs(tmp_path, caplog):
   c = tiny_config(**{'mesh.auto': True, 'mesh.auto_memory_gib': 0.25, 'steps': 2,
                      'eval_every': -1, 'log_every': 1})
@@ -269,7 +312,8 @@ def test_large_targets_are_modelled_only():
 def test_plan_cli_prints_ranked_rows_and_writes_json(tmp_path, capsys):
   from scripts import plan as plan_cli
   out = tmp_path / 'plan.json'
-  assert plan_cli.main(['--config', 'configs/sambay_tiny.py', '--devices', '8',
+  # 2 devices: --calibrate_kernels also measures each (context, tensor) split of them here
+  assert plan_cli.main(['--config', 'configs/sambay_tiny.py', '--devices', '2',
                         '--device_memory_gib', '0.5', '--seq_len', '256',
                         '--global_batch_tokens', '2048', '--hardware', 'cpu', '--compile',
                         'never', '--calibrate_kernels', '--json', str(out),
@@ -278,6 +322,7 @@ def test_plan_cli_prints_ranked_rows_and_writes_json(tmp_path, capsys):
   assert 'first choice: --config.mesh.data=' in text
   d = json.loads(out.read_text())
   assert d['hardware']['attention_layouts'] and d['hardware']['scan_efficiency'] > 0
+  assert d['hardware']['context_attention'] and d['hardware']['scan_layouts']
   steps = [r['time']['step'] for r in d['rows'] if r['feasible']]
   assert steps == sorted(steps) and all(r['checked'] == 'modelled' for r in d['rows'])
   assert all(r['time']['scan'] > 0 for r in d['rows'])

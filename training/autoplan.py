@@ -17,7 +17,7 @@ import numpy as np
 
 from parallelism import mesh as mesh_lib
 from parallelism.planner import hardware as hw_lib
-from parallelism.planner import search, workload as workload_lib
+from parallelism.planner import documents, search, workload as workload_lib
 from parallelism.planner.estimate import Candidate, Estimate
 from training.metrics import perf
 
@@ -50,14 +50,39 @@ def apply(config: ml_collections.ConfigDict, c: Candidate, *, seq_len: int | Non
     node[leaf] = value
   if seq_len:
     out.seq_len = seq_len
-  if global_tokens:
+  if global_tokens and not c.hybrid:   # hybrid DP: batch_size counts documents (set above)
     out.batch_size = global_tokens // out.seq_len
+  if not c.hybrid and 'hybrid_dp' in out.parallelism:
+    out.parallelism.hybrid_dp.enabled = False
   return out
+
+
+def _flag_value(v) -> str:
+  return '(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else str(v)
 
 
 def flags(c: Candidate) -> str:
   """The candidate as train.py overrides to paste."""
-  return ' '.join(f'--config.{k}={v}' for k, v in c.overrides().items())
+  return ' '.join(f'--config.{k}={_flag_value(v)}' for k, v in c.overrides().items())
+
+
+def _hybrid_compiled_bytes(program, config) -> float:
+  """Hybrid DP: per-device bytes of the gradient program of the largest group (every device
+  holds `capacity` tokens in each), compiled, plus the Adam moments it does not hold."""
+  from parallelism.hybrid import planner as hybrid_lib
+  ex = program.train_step.executor
+  state = jax.eval_shape(program.init_state)
+  rep, per = ex.replicated, ex.per_device
+  sds = jax.ShapeDtypeStruct
+  params = jax.tree.map(lambda p: sds(p.shape, p.dtype, sharding=rep), state.params)
+  acc = jax.tree.map(lambda p: sds((ex.pool, *p.shape), p.dtype, sharding=per), state.params)
+  scalar = sds((ex.pool,), np.float32, sharding=per)
+  batch = {k: sds((ex.pool, ex.capacity), np.int32, sharding=per) for k in hybrid_lib.FIELDS}
+  rng = sds(state.rng.shape, state.rng.dtype, sharding=rep)
+  g = max(config.parallelism.hybrid_dp.layouts)
+  compiled = ex.program(g).lower(params, acc, scalar, scalar, batch, rng).compile()
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  return float(perf.compiled_memory_bytes(compiled)) + 8 * n_params / config.mesh.fsdp
 
 
 def compile_memory(config: ml_collections.ConfigDict, devices) -> float:
@@ -66,12 +91,30 @@ def compile_memory(config: ml_collections.ConfigDict, devices) -> float:
   from training.program import build_program   # the composition root
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   program = build_program(config, mesh)
+  if config.parallelism.hybrid_dp.enabled:   # (build_program ran its start-up checks)
+    return _hybrid_compiled_bytes(program, config)
   return float(perf.compiled_memory_bytes(program.compiled_train_step()))
+
+
+def documents_for(config: ml_collections.ConfigDict, doc_lengths, global_tokens: int,
+                  seed: int = 0) -> documents.Documents:
+  """One step's documents drawn from `doc_lengths`, with the family's costs per token and per
+  causal pair (registry `planner_cost`) and whether hybrid-DP groups must be whole."""
+  from modeling import registry
+  family = registry.get_family(config.model.name)
+  if family.planner_cost is None:
+    raise ValueError(f'model.name={config.model.name!r} has no planner_cost in its registry '
+                     'entry: planning for a length distribution needs its FLOPs per token and '
+                     'per causal pair')
+  token, pair = family.planner_cost(config.model)
+  return documents.Documents(documents.step_documents(np.asarray(doc_lengths), global_tokens,
+                                                      seed), pair, token,
+                             bool(family.order_dependent_layers))
 
 
 def plan(config: ml_collections.ConfigDict, *, devices: int, memory_bytes: float,
          seq_len: int, global_tokens: int, hw: hw_lib.Hardware, compile: str = 'auto',
-         top: int = 5, max_compiles: int = 12, **search_kwargs) -> list[Row]:
+         top: int = 5, max_compiles: int = 12, doc_lengths=None, **search_kwargs) -> list[Row]:
   """The ranked plan: the modelled order, with the leading candidates compiled (when this
   process has `devices` devices) until `top` compiled ones fit or `max_compiles` ran.
 
@@ -80,7 +123,15 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, memory_bytes: float
   candidates not yet compiled (a candidate is compiled only if its corrected figure fits).
   Returns the feasible rows first (compiled before modelled, then by modelled step time)."""
   w = workload_lib.from_config(config, seq_len, global_tokens)
-  ranked = search.plan(w, hw, devices, memory_bytes, **search_kwargs)
+  docs = None if doc_lengths is None else documents_for(config, doc_lengths, global_tokens)
+  from training.data import sources
+  # Hybrid DP reads whole documents: only a document source can feed it.
+  hybrid = config.data.source in sources.DOCUMENT_SOURCES
+  if docs is not None and not hybrid:
+    log.info('planner: data.source=%r is not a document source %s: no hybrid-DP candidates',
+             config.data.source, sources.DOCUMENT_SOURCES)
+  ranked = search.plan(w, hw, devices, memory_bytes, docs=docs, hybrid=hybrid,
+                       **search_kwargs)
   rows = [Row(p.candidate, p.estimate, feasible=p.fits) for p in ranked]
   local = jax.devices()
   # A CPU compile of a GPU target would measure another program (XLA:CPU has no cuDNN or

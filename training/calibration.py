@@ -8,7 +8,8 @@ cannot know from data sheets.
                       every remat policy, the family's recurrence scan
   calibrate_layouts   one workload's context-parallel layouts on this process's devices: each
                       context strategy's attention, and the recurrence scan, at every
-                      (context, tensor) split, as a factor over the same work unsplit
+                      (context, tensor) split of one row at the target length, as a factor
+                      over the same work unsplit
 
 Every timing is forward + backward with the forward's value used, as in a train step (a
 `jax.grad` alone lets XLA drop the forward pass that a remat policy recomputes, so a policy
@@ -169,11 +170,10 @@ def _layouts(devices: int, heads: int, seq_len: int, per_node: int):
 
 
 def _mesh(config, c: int, t: int, impl: str, kernel: str, devices):
+  """The config and mesh of one row split over context x tensor: the first c x t devices."""
   from training.autoplan import apply
-  cand = Candidate(len(devices) // (c * t), 1, c, t, impl if c > 1 else 'none', kernel,
-                   'none', 1)
-  cfg = apply(config, cand)
-  return cfg, mesh_lib.make_mesh(cfg.mesh, devices=devices)
+  cfg = apply(config, Candidate(1, 1, c, t, impl if c > 1 else 'none', kernel, 'none', 1))
+  return cfg, mesh_lib.make_mesh(cfg.mesh, devices=devices[:c * t])
 
 
 def _put(x, logical, cfg, mesh):
@@ -187,7 +187,7 @@ def _attention_seconds(config, c, t, impl, kernel, devices, L, clock) -> tuple[f
   from training import composition
   cfg, mesh = _mesh(config, c, t, impl, kernel, devices)
   m = cfg.model
-  rows = len(devices) // (c * t)
+  rows = 1
   attend = composition.make_attend(cfg, mesh)
   pos = np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L))
   if composition.context_layout.uses_zigzag(cfg, mesh):
@@ -213,7 +213,7 @@ def _scan_seconds(config, c, t, devices, L, clock) -> tuple[float, float]:
   from training import composition
   cfg, mesh = _mesh(config, c, t, 'ring', 'blockwise', devices)
   family = registry.get_family(cfg.model.name)
-  rows = len(devices) // (c * t)
+  rows = 1
   _, (x, dt, A, B, C), flops = family.scan_probe(cfg.model, L)
   if c > 1:
     rec = composition.make_recurrence(cfg, mesh)
@@ -230,9 +230,11 @@ def _scan_seconds(config, c, t, devices, L, clock) -> tuple[float, float]:
 
 
 def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
-                      seq_len: int, length: int = 4096) -> hw_lib.Hardware:
-  """`hw` with each (context, tensor) split measured on this process's first `devices`
-  devices (the rest of the mesh is data), at min(seq_len, length) tokens per row:
+                      seq_len: int, length: int = 0) -> hw_lib.Hardware:
+  """`hw` with each (context, tensor) split a candidate on `devices` can have measured on
+  this process's devices: one row of seq_len tokens (capped at `length` if given: a ring's
+  speed depends on its per-device chunk, so a shorter probe measures another kernel shape)
+  on the split's c x t devices:
 
     context_attention  (strategy, context, tensor, factor): one self-attention layer of the
                        model's shape under the strategy, as seconds per causal FLOP over the
@@ -243,10 +245,12 @@ def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *,
                        distributed scan where context > 1), seconds per FLOP over one whole
                        sequence per device's.
 
-  The kernel is the one the single-device calibration found fastest at each head layout
-  (`calibrate_workload` first), else blockwise. On XLA:CPU fake devices share the cores, so
-  time is process CPU seconds (the steady figure on a shared machine); elsewhere wall time.
-  Needs the target's backend and `devices` local devices."""
+  Factors compare seconds per FLOP of the whole computation (all its devices), so they hold
+  the split's overheads and not its parallel speed-up, which the model has. The kernel is the
+  one the single-device calibration found fastest at each head layout (`calibrate_workload`
+  first), else blockwise. On XLA:CPU fake devices share the cores, so time is process CPU
+  seconds (the devices' summed work, steady on a shared machine); elsewhere wall time x the
+  devices used. Needs the target's backend and `devices` local devices."""
   _check_backend(hw)
   local = jax.devices()
   if len(local) < devices:
@@ -255,9 +259,12 @@ def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *,
   from modeling import registry
   m = config.model
   devs = local[:devices]
-  L = min(seq_len, length)
-  clock = time.process_time if jax.default_backend() == 'cpu' else time.perf_counter
+  L = min(seq_len, length) if length else seq_len
+  cpu = jax.default_backend() == 'cpu'
   splits = _layouts(devices, m.num_heads, L, hw.devices_per_node)
+
+  def clock_for(n):   # seconds x devices: the computation's summed device time
+    return time.process_time if cpu else (lambda: time.perf_counter() * n)
 
   def kernel_for(t):
     h, k = head_layout(m.num_heads, m.num_kv_heads, t)
@@ -267,18 +274,18 @@ def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *,
   attention = []
   for t in sorted({t for c, t in splits if c > 1}):
     kernel = kernel_for(t)
-    base_s, base_f = _attention_seconds(config, 1, t, 'none', kernel, devs, L, clock)
+    base_s, base_f = _attention_seconds(config, 1, t, 'none', kernel, devs, L, clock_for(t))
     for c in sorted(c for c, tt in splits if tt == t and c > 1):
       for impl in search.CONTEXT_IMPLS:
-        s, f = _attention_seconds(config, c, t, impl, kernel, devs, L, clock)
+        s, f = _attention_seconds(config, c, t, impl, kernel, devs, L, clock_for(c * t))
         attention.append((impl, c, t, (s / f) / (base_s / base_f)))
   scans = []
   family = registry.get_family(m.name)
   if family.scan_probe is not None and family.uses_recurrence_seam:
-    base_s, base_f = _scan_seconds(config, 1, 1, devs, L, clock)
+    base_s, base_f = _scan_seconds(config, 1, 1, devs, L, clock_for(1))
     for c, t in splits:
       if (c, t) != (1, 1) and m.num_heads % t == 0:
-        s, f = _scan_seconds(config, c, t, devs, L, clock)
+        s, f = _scan_seconds(config, c, t, devs, L, clock_for(c * t))
         scans.append((c, t, (s / f) / (base_s / base_f)))
   return dataclasses.replace(
       hw, context_attention=tuple(attention), scan_layouts=tuple(scans),

@@ -12,7 +12,10 @@ Memory per device = model state + saved activations + the loss head's logits:
 Step time = compute + recompute + exposed communication:
   compute      3 x forward FLOPs per device at the hardware's matmul / attention / scan
                efficiency; attention at the share measured for the candidate's per-device
-               head layout (`head_layout`) where calibrate_workload measured it
+               head layout (`head_layout`) where calibrate_workload measured it, times the
+               factor calibrate_layouts measured for its (strategy, context, tensor) split;
+               the scan times its split's measured factor (else, context parallel, the
+               state correction's FLOPs)
   recompute    the forward work the remat policy redoes (full: all; save_attention_out: all
                but the attention core; dots: none); for attention, where calibrate_workload
                measured it, the kernel's time under the policy over its time without
@@ -22,7 +25,8 @@ Step time = compute + recompute + exposed communication:
                collectives are hidden by the hardware's `overlap` share; tensor all-reduces are
                exposed; ring attention hides each step's transfer under that step's compute
                (`parallelism/context/cost.py`) where the hardware runs collectives
-               asynchronously (not XLA:CPU); a fixed latency per collective.
+               asynchronously (not XLA:CPU), and is already in a measured split's factor;
+               a fixed latency per collective.
 """
 
 import dataclasses
@@ -48,23 +52,40 @@ class Candidate:
   attention: str        # attention.impl
   remat: str            # model.remat
   grad_accum: int
+  # Hybrid data parallelism (parallelism.hybrid_dp, `documents.py`): the data x fsdp devices
+  # are one pool; `capacity` tokens per device per micro-batch (0 = a static mesh), group
+  # sizes `layouts`, `documents` per step (batch_size counts documents there).
+  capacity: int = 0
+  layouts: tuple = ()
+  documents: int = 0
 
   @property
   def devices(self) -> int:
     return self.data * self.fsdp * self.context * self.tensor
 
+  @property
+  def hybrid(self) -> bool:
+    return self.capacity > 0
+
   def overrides(self) -> dict:
     """The config keys this candidate sets."""
-    return {'mesh.data': self.data, 'mesh.fsdp': self.fsdp, 'mesh.context': self.context,
-            'mesh.tensor': self.tensor, 'parallelism.context_impl': self.context_impl,
-            'attention.impl': self.attention, 'model.remat': self.remat,
-            'optimizer.grad_accum_steps': self.grad_accum}
+    out = {'mesh.data': self.data, 'mesh.fsdp': self.fsdp, 'mesh.context': self.context,
+           'mesh.tensor': self.tensor, 'parallelism.context_impl': self.context_impl,
+           'attention.impl': self.attention, 'model.remat': self.remat,
+           'optimizer.grad_accum_steps': self.grad_accum}
+    if self.hybrid:
+      out.update({'parallelism.hybrid_dp.enabled': True,
+                  'parallelism.hybrid_dp.capacity': self.capacity,
+                  'parallelism.hybrid_dp.layouts': self.layouts, 'batch_size': self.documents})
+    return out
 
   def describe(self) -> str:
     mesh = ' x '.join(f'{a}={n}' for a, n in (('data', self.data), ('fsdp', self.fsdp),
                                                ('context', self.context),
                                                ('tensor', self.tensor)) if n > 1) or '1 device'
     ctx = f' {self.context_impl}' if self.context > 1 else ''
+    if self.hybrid:
+      ctx = f' hybrid_dp C={self.capacity}'
     acc = f' accum={self.grad_accum}' if self.grad_accum > 1 else ''
     return f'{mesh}{ctx} {self.attention} remat={self.remat}{acc}'
 

@@ -5,6 +5,9 @@ estimated (`estimate.py`), pruned by modelled memory and ranked by modelled step
 import dataclasses
 import itertools
 
+import numpy as np
+
+from parallelism.planner import documents
 from parallelism.planner.estimate import Candidate, Estimate, estimate
 from parallelism.planner.hardware import Hardware
 from parallelism.planner.workload import Workload
@@ -56,15 +59,57 @@ def candidates(w: Workload, hw: Hardware, devices: int, *, context_ok: bool = Tr
       yield Candidate(data, fsdp, context, tensor, impl, attn, remat, accum)
 
 
+def hybrid_candidates(w: Workload, hw: Hardware, devices: int, docs: documents.Documents, *,
+                      attention: tuple[str, ...] | None = None):
+  """(candidate, its planned work) for hybrid data parallelism over all `devices` as one
+  pool: each fsdp split, capacity C = seq_len / 2^k (k = 0..4, even, whose plan holds the
+  step's documents), kernel with a per-block form and remat policy."""
+  layouts = documents.hybrid_layouts(devices)
+  kernels = [k for k in (attention or ATTENTION[hw.kind]) if k not in ('splash', 'jax_nn')]
+  for k in range(5):
+    capacity = w.seq_len >> k
+    # Even (zigzag halves), and seq_len (then the eval row length) within the longest
+    # document the pool holds whole (training/hybrid/data.py).
+    if capacity < 2 or capacity % 2 or capacity * max(layouts) < w.seq_len:
+      break
+    try:
+      work = documents.hybrid_work(docs, devices, capacity, layouts)
+    except ValueError:   # a document longer than the largest group holds
+      continue
+    # batch_size counts documents (pieces of at most capacity x the largest group): the token
+    # budget over their mean length, a multiple of the pool (the eval rows shard over it).
+    pieces = documents.cut(docs.lengths, capacity * max(layouts))
+    n_docs = -(-max(round(w.global_tokens / float(np.mean(pieces))), 1) // devices) * devices
+    for fsdp in _divisors(devices):
+      for attn, remat in itertools.product(kernels, REMAT):
+        yield Candidate(devices // fsdp, fsdp, 1, 1, 'none', attn, remat, 1, capacity,
+                        layouts, n_docs), work
+
+
 def plan(w: Workload, hw: Hardware, devices: int, memory_bytes: float, *,
-         headroom: float = 0.9, **kwargs) -> list[Planned]:
+         headroom: float = 0.9, docs: documents.Documents | None = None,
+         hybrid: bool = True, **kwargs) -> list[Planned]:
   """All candidates, estimated; those that fit first, fastest first. Step times within 0.1%
   tie (the model cannot tell them apart); ties go to fewer micro-batches (larger matmuls), then
-  to less recomputation, then to less memory."""
+  to less recomputation, then to less memory. With `docs` (a step's document lengths), static
+  candidates are charged their busiest device's attention pairs and hybrid-DP candidates join
+  (`documents.py`)."""
   out = []
+  charged = {}
   for c in candidates(w, hw, devices, **kwargs):
-    e = estimate(c, w, hw)
+    cw = w
+    if docs is not None:
+      key = (c.data * c.fsdp, c.context, c.grad_accum)
+      if key not in charged:
+        charged[key] = documents.with_documents(
+            w, documents.static_pairs_per_token(c, w, docs), docs)
+      cw = charged[key]
+    e = estimate(c, cw, hw)
     out.append(Planned(c, e, e.memory['total'] <= headroom * memory_bytes))
+  if docs is not None and hybrid:
+    for c, work in hybrid_candidates(w, hw, devices, docs, attention=kwargs.get('attention')):
+      e = documents.hybrid_estimate(c, w, hw, docs, work)
+      out.append(Planned(c, e, e.memory['total'] <= headroom * memory_bytes))
   out.sort(key=lambda p: (not p.fits, float(f"{p.estimate.time['step']:.3g}"),
                           p.candidate.grad_accum, REMAT.index(p.candidate.remat),
                           p.estimate.memory['total']))
