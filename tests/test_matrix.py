@@ -15,9 +15,9 @@ a test waits at most for its own reference.
 Cost, measured as process CPU time on a shared 2-core machine: compile is most of it, 4-9 s
 per transformer or KV-routing run, 8-17 s CART, 12-21 s SambaY (the context-parallel ones
 dearest; disaggregated 20-50 s), about 4 minutes for the matrix's 27 runs (with the compile
-cache below) plus about 50 s for the one-device runs. The shapes are tiny (2 layers, 4 for SambaY, whose roles need them;
-d=32, seq_len 64, batch 16), `perf.peak_flops` is given (no matmul timing) and the only
-checkpoint is the final one.
+cache below) plus about 50 s for the one-device runs. The shapes are tiny (2 layers, 4 for
+SambaY, whose roles need them; d=32, seq_len 64, batch 16), `perf.peak_flops` is given (no
+matmul timing) and the only checkpoint is the final one.
 """
 
 import json
