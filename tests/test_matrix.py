@@ -14,10 +14,10 @@ a test waits at most for its own reference.
 
 Cost, measured as process CPU time on a shared 2-core machine: compile is most of it, 4-9 s
 per transformer or KV-routing run, 8-17 s CART, 12-21 s SambaY (the context-parallel ones
-dearest; disaggregated 20-60 s), about 6 minutes for the matrix plus the one-device runs
-(about 50 s of them). The shapes are tiny (2 layers, 4 for SambaY, whose roles need them;
-d=32, seq_len 64, batch 16), `perf.peak_flops` is given (no matmul timing) and the only
-checkpoint is the final one.
+dearest; disaggregated 20-50 s), about 4 minutes for the matrix's 27 runs (with the compile
+cache below) plus about 50 s for the one-device runs. The shapes are tiny (2 layers, 4 for
+SambaY, whose roles need them; d=32, seq_len 64, batch 16), `perf.peak_flops` is given (no
+matmul timing) and the only checkpoint is the final one.
 """
 
 import json
@@ -223,6 +223,34 @@ def reference(request, tmp_path_factory):
     proc.kill()
   proc.wait()
   log.close()
+
+
+# ------------------------------------------------------------------ the compile cache
+
+# jax config -> value while this module runs: a persistent compilation cache in a fresh folder.
+CACHE = {'jax_persistent_cache_min_compile_time_secs': 0.0,   # small programs too
+         'jax_persistent_cache_min_entry_size_bytes': 0}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """This process's runs share XLA executables by program: a pair whose program another pair
+  already compiled loads it instead (`auto` compiles what the impl it picks compiled; the
+  checkpoint's slicing and checksum programs, `init` and eval repeat across a family's
+  strategies): about a tenth of the module's CPU time. The cache is a fresh folder and is off
+  again for the rest of the session (other files check compile times and counts). A cached
+  executable is the same compiled program: the telemetry figures read from it are identical."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  saved = {k: getattr(jax.config, k) for k in (*CACHE, 'jax_compilation_cache_dir')}
+  for k, v in {**CACHE, 'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache'))
+               }.items():
+    jax.config.update(k, v)
+  cc.reset_cache()   # JAX decides whether to use the cache once, at the next compile
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
 
 
 # ------------------------------------------------------------------ the matrix
