@@ -328,3 +328,13 @@ def test_plan_cli_prints_ranked_rows_and_writes_json(tmp_path, capsys):
   assert all(r['time']['scan'] > 0 for r in d['rows'])
   with pytest.raises(SystemExit, match='model.nope'):
     plan_cli.main(['--config', 'configs/tiny.py', '--config.model.nope=1'])
+  # a length distribution: hybrid-DP rows join, with their keys to paste
+  assert plan_cli.main(['--config', 'configs/tiny.py', '--devices', '8', '--seq_len', '256',
+                        '--global_batch_tokens', '8192', '--hardware', 'cpu', '--compile',
+                        'never', '--doc_lengths', 'lognormal:64,1.0', '--json', str(out)]) == 0
+  assert 'documents lognormal:64,1.0 (median' in capsys.readouterr().out
+  rows = json.loads(out.read_text())['rows']
+  hybrid = [r for r in rows if r['overrides'].get('parallelism.hybrid_dp.enabled')]
+  assert hybrid and all(r['overrides']['batch_size'] % 8 == 0 for r in hybrid)
+  with pytest.raises(SystemExit, match='--doc_lengths'):
+    plan_cli.main(['--config', 'configs/tiny.py', '--doc_lengths', 'zipf:1,2'])

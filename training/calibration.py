@@ -203,7 +203,7 @@ def _attention_seconds(config, c, t, impl, kernel, devices, L, clock) -> tuple[f
   k, v = _put(k, kv_axes, cfg, mesh), _put(v, kv_axes, cfg, mesh)
   loss = lambda q, k, v: attend(q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
                                 q_positions=pos, kv_positions=pos, causal=True).sum()
-  seconds = _grad_time(loss, (q, k, v), repeats=2, clock=clock)
+  seconds = _grad_time(loss, (q, k, v), repeats=3, clock=clock)
   return seconds, rows * L * L / 2 * m.num_heads * m.head_dim
 
 
@@ -226,7 +226,7 @@ def _scan_seconds(config, c, t, devices, L, clock) -> tuple[float, float]:
   A = _put(A, (ax.ACT_MLP, None), cfg, mesh)
   seg = _put(np.ones((rows, L), np.int32), seq, cfg, mesh)
   loss = lambda x, dt, A, B, C: rec.scan(x, dt, A, B, C, segment_ids_BL=seg)[0].sum()
-  return _grad_time(loss, (x, dt, A, B, C), repeats=2, clock=clock), rows * flops
+  return _grad_time(loss, (x, dt, A, B, C), repeats=3, clock=clock), rows * flops
 
 
 def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
