@@ -125,8 +125,8 @@ def run_case(name: str, args, hw) -> dict:
   print(f'  kernels at this workload: matmul share {hw.matmul_efficiency:.2f}, scan share '
         f'{hw.scan_efficiency:.3g}, attention (impl, heads, kv heads, share) '
         f'{[(i, h, k, round(s, 3)) for i, h, k, s in hw.attention_layouts]}; context '
-        f'layouts (strategy, context, tensor, factor) '
-        f'{[(i, c, t, round(f, 2)) for i, c, t, f in hw.context_attention]}; scan layouts '
+        f'layouts (kernel, strategy, context, tensor, factor) '
+        f'{[(k, i, c, t, round(f, 2)) for k, i, c, t, f in hw.context_attention]}; scan layouts '
         f'{[(c, t, round(f, 2)) for c, t, f in hw.scan_layouts]}', flush=True)
   t0 = time.perf_counter()
   rows = autoplan.plan(config, devices=args.devices, memory_bytes=budget, seq_len=seq_len,

@@ -156,7 +156,7 @@ def test_measured_layouts_replace_the_modelled_context_costs():
   ring = Candidate(1, 1, 8, 1, 'ring', 'blockwise', 'none', 1)
   base = est.estimate(ring, w, hw).time
   assert base['comm_context'] > 0
-  measured = dataclasses.replace(hw, context_attention=(('ring', 8, 1, 2.0),),
+  measured = dataclasses.replace(hw, context_attention=(('blockwise', 'ring', 8, 1, 2.0),),
                                  scan_layouts=((8, 1, 3.0),))
   t = est.estimate(ring, w, measured).time
   assert 'comm_context' not in t                     # inside the measured attention time
@@ -168,13 +168,16 @@ def test_measured_layouts_replace_the_modelled_context_costs():
   # another strategy at the same split keeps the model
   other = Candidate(1, 1, 8, 1, 'token_ring', 'blockwise', 'none', 1)
   assert est.estimate(other, w, measured).time['comm_context'] > 0
+  # ... and so does another per-block kernel
+  dense = Candidate(1, 1, 8, 1, 'ring', 'xla', 'none', 1)
+  assert est.estimate(dense, w, measured).time['comm_context'] > 0
 
 
 def test_calibrate_layouts_measures_each_split(tmp_path):
   c = sambay_tiny.get_config()
   hw = calibration.calibrate_layouts(hardware.PROFILES['cpu'], c, devices=2, seq_len=64)
-  assert {(i, n, t) for i, n, t, _ in hw.context_attention} == {
-      (i, 2, 1) for i in search.CONTEXT_IMPLS}
+  assert {(k, i, n, t) for k, i, n, t, _ in hw.context_attention} == {
+      (k, i, 2, 1) for k in ('xla', 'blockwise') for i in search.CONTEXT_IMPLS}
   assert {(n, t) for n, t, _ in hw.scan_layouts} == {(2, 1), (1, 2)}
   assert all(0 < f < 100 for *_, f in hw.context_attention + hw.scan_layouts)
   hardware.save(hw, str(tmp_path / 'hw.json'))

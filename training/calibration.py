@@ -230,15 +230,17 @@ def _scan_seconds(config, c, t, devices, L, clock) -> tuple[float, float]:
 
 
 def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *, devices: int,
-                      seq_len: int, length: int = 0) -> hw_lib.Hardware:
+                      seq_len: int, length: int = 0,
+                      dense_cap_bytes: float = 2 ** 29) -> hw_lib.Hardware:
   """`hw` with each (context, tensor) split a candidate on `devices` can have measured on
   this process's devices: one row of seq_len tokens (capped at `length` if given: a ring's
   speed depends on its per-device chunk, so a shorter probe measures another kernel shape)
   on the split's c x t devices:
 
-    context_attention  (strategy, context, tensor, factor): one self-attention layer of the
-                       model's shape under the strategy, as seconds per causal FLOP over the
-                       same kernel's with the sequence whole (context 1, same tensor). It
+    context_attention  (kernel, strategy, context, tensor, factor): one self-attention
+                       layer of the model's shape under the strategy with that per-block
+                       kernel, as seconds per causal FLOP over the same kernel's with the
+                       sequence whole (context 1, same tensor). It
                        holds what the FLOP count does not: the ring's transfers, its
                        per-step merges, smaller blocks.
     scan_layouts       (context, tensor, factor): the family's recurrence scan (the
@@ -246,9 +248,9 @@ def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *,
                        sequence per device's.
 
   Factors compare seconds per FLOP of the whole computation (all its devices), so they hold
-  the split's overheads and not its parallel speed-up, which the model has. The kernel is the
-  one the single-device calibration found fastest at each head layout (`calibrate_workload`
-  first), else blockwise. On XLA:CPU fake devices share the cores, so time is process CPU
+  the split's overheads and not its parallel speed-up, which the model has. Every kernel a
+  ring can run is measured (the dense `xla` kernel only while its unsplit scores fit
+  `dense_cap_bytes`). On XLA:CPU fake devices share the cores, so time is process CPU
   seconds (the devices' summed work, steady on a shared machine); elsewhere wall time x the
   devices used. Needs the target's backend and `devices` local devices."""
   _check_backend(hw)
@@ -266,19 +268,21 @@ def calibrate_layouts(hw: hw_lib.Hardware, config: ml_collections.ConfigDict, *,
   def clock_for(n):   # seconds x devices: the computation's summed device time
     return time.process_time if cpu else (lambda: time.perf_counter() * n)
 
-  def kernel_for(t):
-    h, k = head_layout(m.num_heads, m.num_kv_heads, t)
-    mine = [(s, i) for i, hh, kk, s in hw.attention_layouts if (hh, kk) == (h, k)]
-    return max(mine)[1] if mine else 'blockwise'
-
+  # Every kernel a context-parallel candidate can run: a dense per-block kernel inside a ring
+  # has other overheads than a blockwise one (whole score tiles, no skipped blocks).
+  kernels = [k for k in search.ATTENTION[hw.kind] if k not in ('splash', 'jax_nn')]
   attention = []
   for t in sorted({t for c, t in splits if c > 1}):
-    kernel = kernel_for(t)
-    base_s, base_f = _attention_seconds(config, 1, t, 'none', kernel, devs, L, clock_for(t))
-    for c in sorted(c for c, tt in splits if tt == t and c > 1):
-      for impl in search.CONTEXT_IMPLS:
-        s, f = _attention_seconds(config, c, t, impl, kernel, devs, L, clock_for(c * t))
-        attention.append((impl, c, t, (s / f) / (base_s / base_f)))
+    for kernel in kernels:
+      # The dense kernel's unsplit baseline holds [heads, L, L] float32 scores: past
+      # `dense_cap_bytes` it is not measured, and its candidates keep the modelled time.
+      if kernel == 'xla' and 4 * L * L * m.num_heads / t > dense_cap_bytes:
+        continue
+      base_s, base_f = _attention_seconds(config, 1, t, 'none', kernel, devs, L, clock_for(t))
+      for c in sorted(c for c, tt in splits if tt == t and c > 1):
+        for impl in search.CONTEXT_IMPLS:
+          s, f = _attention_seconds(config, c, t, impl, kernel, devs, L, clock_for(c * t))
+          attention.append((kernel, impl, c, t, (s / f) / (base_s / base_f)))
   scans = []
   family = registry.get_family(m.name)
   if family.scan_probe is not None and family.uses_recurrence_seam:

@@ -205,8 +205,8 @@ def estimate(c: Candidate, w: Workload, hw: Hardware) -> Estimate:
     scan_s *= 1 + 4 / 9
   share = hw.attention_share(c.attention, *head_layout(w.heads, w.kv_heads, c.tensor))
   attn_s = attn / (hw.peak_flops * share)
-  context_factor = (hw.context_attention_factor(c.context_impl, c.context, c.tensor)
-                    if c.context > 1 else None)
+  context_factor = (hw.context_attention_factor(c.attention, c.context_impl, c.context,
+                                                c.tensor) if c.context > 1 else None)
   if context_factor is not None:
     attn_s *= context_factor
   share_mm, share_attn = RECOMPUTE[c.remat]

@@ -46,15 +46,17 @@ class Hardware:
   # step's transfer under that step's compute; XLA:CPU runs collectives synchronously).
   async_collectives: bool = True
   # Measured context-parallel layouts (training/calibration.calibrate_layouts), each a factor
-  # on the modelled time: ((strategy, context, tensor, factor), ...) for one attention layer
+  # on the modelled time: ((kernel, strategy, context, tensor, factor), ...) for one attention
+  # layer
   # (seconds per FLOP over the unsplit sequence's: transfers, merges and smaller blocks
   # included) and ((context, tensor, factor), ...) for the recurrence scan.
   context_attention: tuple = ()
   scan_layouts: tuple = ()
 
-  def context_attention_factor(self, impl: str, context: int, tensor: int) -> float | None:
-    for name, c, t, factor in self.context_attention:
-      if (name, c, t) == (impl, context, tensor):
+  def context_attention_factor(self, kernel: str, impl: str, context: int,
+                               tensor: int) -> float | None:
+    for k, name, c, t, factor in self.context_attention:
+      if (k, name, c, t) == (kernel, impl, context, tensor):
         return factor
     return None
 
