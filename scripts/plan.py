@@ -119,7 +119,8 @@ def main(argv=None):
     lengths = None
     if args.doc_lengths:
       from parallelism.planner import documents
-      lengths = documents.parse_lengths(args.doc_lengths, config=config)
+      lengths = documents.parse_lengths(args.doc_lengths,
+                                        corpus=lambda: autoplan.corpus_lengths(config))
     rows = autoplan.plan(config, devices=args.devices, memory_bytes=memory, seq_len=seq_len,
                          global_tokens=tokens, hw=hw, compile=args.compile, top=args.top,
                          doc_lengths=lengths)

@@ -258,7 +258,7 @@ def test_document_lengths_parse():
   assert len(documents.parse_lengths('lognormal:100,1.0')) > 1000
   assert documents.parse_lengths('pareto:32,1.2').min() >= 32
   c = tiny_config()
-  assert documents.parse_lengths('data', config=c).min() >= 2
+  assert documents.parse_lengths('data', corpus=lambda: autoplan.corpus_lengths(c)).min() >= 2
   with pytest.raises(ValueError, match='--doc_lengths'):
     documents.parse_lengths('weibull:1,2')
 
@@ -267,7 +267,7 @@ def test_a_length_distribution_brings_hybrid_dp_and_its_plan_trains(tmp_path):
   """With the corpus's document lengths the hybrid-DP candidates are ranked beside the static
   meshes, their compiled figure is the group program's, and the best of them trains."""
   c = tiny_config(**{'eval_every': -1, 'log_every': 1})
-  lengths = documents.parse_lengths('data', config=c)
+  lengths = autoplan.corpus_lengths(c)
   budget = 256 * 2**20
   rows = autoplan.plan(c, devices=8, memory_bytes=budget, seq_len=64, global_tokens=64 * 32,
                        hw=hardware.PROFILES['cpu'], top=1, max_compiles=2, doc_lengths=lengths)

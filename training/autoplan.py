@@ -96,6 +96,13 @@ def compile_memory(config: ml_collections.ConfigDict, devices) -> float:
   return float(perf.compiled_memory_bytes(program.compiled_train_step()))
 
 
+def corpus_lengths(config: ml_collections.ConfigDict, samples: int = 4096) -> np.ndarray:
+  """Token lengths of the configured corpus's train documents (at most `samples`)."""
+  from training.data import sources
+  src = sources.make_document_source(config, 'train')
+  return np.array([len(src[i]) for i in range(min(len(src), samples))], np.int64)
+
+
 def documents_for(config: ml_collections.ConfigDict, doc_lengths, global_tokens: int,
                   seed: int = 0) -> documents.Documents:
   """One step's documents drawn from `doc_lengths`, with the family's costs per token and per

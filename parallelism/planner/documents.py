@@ -42,16 +42,15 @@ class Documents:
   whole_groups: bool           # recurrent layers: a split document alone in its group
 
 
-def parse_lengths(spec: str, *, config=None, seed: int = 0, samples: int = 4096) -> np.ndarray:
+def parse_lengths(spec: str, *, corpus=None, seed: int = 0, samples: int = 4096) -> np.ndarray:
   """Document lengths from `spec`: a .npy file or a text file of integers (any separators),
   `lognormal:MEDIAN,SIGMA` or `pareto:SCALE,SHAPE` (seeded draws; Pareto as
-  ceil(SCALE x (1 + Lomax(SHAPE)))), or `data` (the configured corpus's train documents,
-  at most `samples` of them)."""
+  ceil(SCALE x (1 + Lomax(SHAPE)))), or `data`: `corpus()`, the configured corpus's lengths
+  (`training/autoplan.corpus_lengths`; this package reads no data)."""
   if spec == 'data':
-    from training.data import sources
-    src = sources.make_document_source(config, 'train')
-    n = min(len(src), samples)
-    out = np.array([len(src[i]) for i in range(n)], np.int64)
+    if corpus is None:
+      raise ValueError('--doc_lengths data needs the configured corpus')
+    out = np.asarray(corpus(), np.int64)
   elif spec.split(':')[0] in DISTRIBUTIONS and ':' in spec:
     name, _, args = spec.partition(':')
     try:
