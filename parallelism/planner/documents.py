@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 
+from parallelism.context import layout
 from parallelism.hybrid import planner as hybrid_lib
 from parallelism.planner.estimate import Candidate, Estimate, communication, estimate
 from parallelism.planner.hardware import Hardware
@@ -108,19 +109,14 @@ def _row_positions(lengths: np.ndarray, seq_len: int) -> np.ndarray:
   return rows
 
 
-def _zigzag_take(seq_len: int, context: int) -> list[np.ndarray]:
-  p = seq_len // (2 * context)
-  return [np.r_[i * p:(i + 1) * p, (2 * context - 1 - i) * p:(2 * context - i) * p]
-          for i in range(context)]
-
-
 def static_pairs_per_token(c: Candidate, w: Workload, docs: Documents) -> float:
   """Causal pairs per token the candidate's busiest device computes over the step (per
   micro-batch maxima, summed), over its tokens."""
   rows = _row_positions(docs.lengths, w.seq_len) + 1      # pairs of each query
   groups = c.data * c.fsdp
   per_micro = rows.shape[0] // (groups * c.grad_accum)
-  takes = _zigzag_take(w.seq_len, c.context)
+  # Context device i holds the i-th of c equal slices of the zigzag-ordered row.
+  takes = np.split(layout.zigzag_order(w.seq_len, c.context), c.context)
   busiest = 0.0
   for m in range(c.grad_accum):
     block = rows[m * groups * per_micro:(m + 1) * groups * per_micro]
@@ -145,6 +141,7 @@ class HybridWork:
   pairs: float         # its causal pairs, likewise
   micro_batches: int
   largest_group: list  # per micro-batch
+  mean_document: float  # tokens per document as the pipeline cuts them
 
 
 def cut(lengths: np.ndarray, limit: int) -> np.ndarray:
@@ -165,15 +162,13 @@ def hybrid_work(docs: Documents, devices: int, capacity: int, layouts) -> Hybrid
   fake = [np.zeros(int(s), np.int32) for s in lengths]
   tokens = pairs = 0.0
   largest = []
+  count = lambda b, linear, pair: hybrid_lib.buffer_flops(b, hybrid_lib.CostModel(linear, pair))
   for mb, (_, buffers) in zip(p.micro_batches, hybrid_lib.batch_buffers(p, fake)):
-    real = buffers['segment_ids'] > 0
-    t = real.sum(axis=1)
-    q = np.where(real, buffers['positions'] + 1, 0).sum(axis=1)
-    d = int(np.argmax(cost.linear * t + cost.pair * q))
-    tokens += float(t[d])
-    pairs += float(q[d])
+    d = int(np.argmax(hybrid_lib.buffer_flops(buffers, cost)))    # the busiest device
+    tokens += float(count(buffers, 1.0, 0.0)[d])
+    pairs += float(count(buffers, 0.0, 1.0)[d])
     largest.append(max(mb.layout))
-  return HybridWork(tokens, pairs, len(p.micro_batches), largest)
+  return HybridWork(tokens, pairs, len(p.micro_batches), largest, float(np.mean(lengths)))
 
 
 def hybrid_layouts(devices: int) -> tuple[int, ...]:
@@ -204,12 +199,10 @@ def hybrid_estimate(c: Candidate, w: Workload, hw: Hardware, docs: Documents,
   memory['state'] += w.params * 4 + (w.params * w.param_bytes if c.fsdp > 1 else 0)
   memory['total'] = memory['state'] + memory['activations'] + memory['logits']
   ring = 0.0
-  for g in work.largest_group:
-    if g > 1:
-      one = dataclasses.replace(w, global_tokens=c.capacity * c.devices)
-      ring_c = Candidate(c.devices // g, 1, g, 1, 'ring', c.attention, c.remat, 1)
-      ring += communication(ring_c, one, hw, e.time['compute'] / work.micro_batches).get(
-          'context', 0.0)
+  for g in set(work.largest_group) - {1}:   # each split micro-batch: a ring of its group
+    ring_c = Candidate(c.devices // g, 1, g, 1, 'ring', c.attention, c.remat, 1)
+    one = communication(ring_c, acc_w, hw, e.time['compute'] / work.micro_batches)
+    ring += work.largest_group.count(g) * one.get('context', 0.0)
   time = dict(e.time)
   time['comm_context'] = ring
   time['communication'] += ring

@@ -5,8 +5,6 @@ estimated (`estimate.py`), pruned by modelled memory and ranked by modelled step
 import dataclasses
 import itertools
 
-import numpy as np
-
 from parallelism.planner import documents
 from parallelism.planner.estimate import Candidate, Estimate, estimate
 from parallelism.planner.hardware import Hardware
@@ -78,8 +76,7 @@ def hybrid_candidates(w: Workload, hw: Hardware, devices: int, docs: documents.D
       continue
     # batch_size counts documents (pieces of at most capacity x the largest group): the token
     # budget over their mean length, a multiple of the pool (the eval rows shard over it).
-    pieces = documents.cut(docs.lengths, capacity * max(layouts))
-    n_docs = -(-max(round(w.global_tokens / float(np.mean(pieces))), 1) // devices) * devices
+    n_docs = -(-max(round(w.global_tokens / work.mean_document), 1) // devices) * devices
     for fsdp in _divisors(devices):
       for attn, remat in itertools.product(kernels, REMAT):
         yield Candidate(devices // fsdp, fsdp, 1, 1, 'none', attn, remat, 1, capacity,
